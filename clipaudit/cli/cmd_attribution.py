@@ -1,0 +1,3 @@
+"""CLI verbs: attribution (owned by the attribution module)."""
+
+from clipaudit.cli import app  # noqa: F401

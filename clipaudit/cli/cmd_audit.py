@@ -1,0 +1,3 @@
+"""CLI verbs: audit (owned by the audit module)."""
+
+from clipaudit.cli import app  # noqa: F401

@@ -1,0 +1,3 @@
+"""CLI verbs: report (owned by the report module)."""
+
+from clipaudit.cli import app  # noqa: F401

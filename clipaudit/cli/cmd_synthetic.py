@@ -1,0 +1,3 @@
+"""CLI verbs: synthetic (owned by the synthetic module)."""
+
+from clipaudit.cli import app  # noqa: F401
