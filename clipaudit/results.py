@@ -1,0 +1,241 @@
+"""The audit result: everything ``audit.json`` holds and the rules and report read.
+
+Plain frozen dataclasses, converted to and from JSON by ``to_dict``/``from_dict``.
+This is the contract between the audit (producer), the rule engine and the
+report (consumers): change a field here and bump ``SCHEMA_VERSIONS["audit"]``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+Status = Literal["pass", "warn", "fail"]
+FindingKind = Literal["shortcut", "forbidden-concept"]
+
+
+@dataclass(frozen=True)
+class FindingConfig:
+    """Thresholds that make a component a finding (they come from the rule file)."""
+
+    share_min: float = 0.10
+    """rho_min: smallest relevance share of a class's evidence worth a finding."""
+    alignment_max: float = 0.02
+    """alpha_max: a component aligned with its class at least this much is not a shortcut."""
+    clarity_min: float = 0.30
+    """A component less coherent than this is not described well enough to be a finding."""
+    forbidden: dict[str, list[str]] = field(default_factory=dict)
+    """Class name (or ``*`` for all classes) -> concepts that must not carry its evidence."""
+    expected: dict[str, list[str]] = field(default_factory=dict)
+    """Class name (or ``*``) -> concepts that legitimately carry its evidence (never findings)."""
+
+
+@dataclass(frozen=True)
+class SliceEffect:
+    """Ablation effect on the instances of one metadata slice (e.g. has_ruler=True)."""
+
+    column: str
+    value: str
+    n: int
+    score_delta: float
+    accuracy_before: float | None
+    accuracy_after: float | None
+    flipped: int
+
+
+@dataclass(frozen=True)
+class AblationEffect:
+    """Setting the component to zero (SAE error held fixed) on the audited data."""
+
+    component: int
+    class_name: str
+    score_delta: float
+    """Mean change of the class score over the class's instances."""
+    accuracy_before: float | None
+    accuracy_after: float | None
+    flipped: int
+    """Instances whose predicted class changed."""
+    slices: list[SliceEffect] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A component that carries a class's evidence while meaning something else."""
+
+    id: str
+    """Stable id ``<head>:<class>:<component>``."""
+    head: str
+    class_name: str
+    component: int
+    kind: FindingKind
+    rank: int
+    """1 = the largest share among this class's findings."""
+    share: float
+    alignment: float
+    clarity: float
+    concept: str
+    concept_score: float
+    top_instances: list[int] = field(default_factory=list)
+    """Instance ids (keys of ``AuditResult.instances``), most activating first."""
+    metadata_auc: dict[str, float] = field(default_factory=dict)
+    """ROC AUC of the component's activation against each binary metadata column."""
+    ablation: AblationEffect | None = None
+
+
+@dataclass(frozen=True)
+class ComponentPoint:
+    """One point of a class's relevance-vs-alignment scatter."""
+
+    component: int
+    share: float
+    alignment: float
+    clarity: float
+    concept: str
+
+
+@dataclass(frozen=True)
+class ClassAudit:
+    class_name: str
+    n_instances: int
+    accuracy: float | None
+    spurious_share: float
+    """Summed share of this class's findings."""
+    unexplained_share: float
+    """|A_err| / (sum_j |R_j| + |A_err| + |A_bias|) over the class's instances."""
+    components: list[ComponentPoint] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class FaithfulnessCurve:
+    method: str
+    """``act_x_grad``, ``logit_lens``, ``act_x_logit_lens``, ``activation`` or ``random``."""
+    steps: list[int]
+    scores: list[float]
+    """Mean class score after removing the top ``steps[i]`` components."""
+    auc: float
+    """Area under the normalised curve (lower: the ranking removes evidence faster)."""
+
+
+@dataclass(frozen=True)
+class HeadAudit:
+    name: str
+    """``probe`` or ``zero-shot`` (or a user-given name)."""
+    kind: Literal["linear-probe", "zero-shot"]
+    class_names: list[str]
+    accuracy: float | None
+    classes: list[ClassAudit] = field(default_factory=list)
+    findings: list[Finding] = field(default_factory=list)
+    faithfulness: list[FaithfulnessCurve] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ComponentInfo:
+    """What a component means (shared by every head)."""
+
+    component: int
+    concept: str
+    concept_score: float
+    clarity: float
+    top_instances: list[int] = field(default_factory=list)
+    direction: list[float] = field(default_factory=list)
+    """Unit decoder direction, so a baseline audit with another SAE can be matched."""
+
+
+@dataclass(frozen=True)
+class InstanceInfo:
+    id: int
+    path: str
+    label: str | None
+    thumbnail: str | None
+    """Path of a small PNG relative to the audit folder."""
+
+
+@dataclass(frozen=True)
+class RuleVerdict:
+    rule: str
+    """Rule id from the rule file (e.g. ``no-shortcuts``)."""
+    check: str
+    """Registered check name."""
+    status: Status
+    message: str
+    head: str | None = None
+    class_name: str | None = None
+    details: dict[str, Any] = field(default_factory=dict)
+    waived: str | None = None
+    """The waiver's reason when a failure was waived."""
+
+
+@dataclass(frozen=True)
+class AuditResult:
+    audit_id: str
+    provenance: dict[str, Any]
+    """backbone, hook, sae (sha256 + id), probe sha256, prompt set, data hash, seed, date."""
+    sae_metrics: dict[str, float]
+    heads: list[HeadAudit]
+    components: list[ComponentInfo] = field(default_factory=list)
+    instances: list[InstanceInfo] = field(default_factory=list)
+    verdicts: list[RuleVerdict] = field(default_factory=list)
+    rules_file: str | None = None
+
+    @property
+    def verdict(self) -> Status:
+        statuses = {v.status for v in self.verdicts if v.waived is None}
+        return "fail" if "fail" in statuses else "warn" if "warn" in statuses else "pass"
+
+    def head(self, name: str) -> HeadAudit:
+        for h in self.heads:
+            if h.name == name:
+                return h
+        raise KeyError(name)
+
+
+# ------------------------------------------------------------------ (de)serialisation
+
+
+def to_dict(obj: Any) -> Any:
+    """A dataclass tree as JSON-ready dicts and lists."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_dict(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, dict):
+        return {str(k): to_dict(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_dict(v) for v in obj]
+    if isinstance(obj, Path):
+        return str(obj)
+    if hasattr(obj, "item") and not isinstance(obj, (str, bytes)):
+        return obj.item()
+    return obj
+
+
+def from_dict(cls: type, data: Any) -> Any:
+    """Rebuild a dataclass tree written by ``to_dict`` (unknown keys are errors)."""
+    return _convert(cls, data)
+
+
+def _convert(tp: Any, data: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(data, dict):
+            raise ValueError(f"expected an object for {tp.__name__}, got {type(data).__name__}")
+        hints = typing.get_type_hints(tp)
+        names = {f.name for f in dataclasses.fields(tp)}
+        unknown = set(data) - names
+        if unknown:
+            raise ValueError(f"unknown keys for {tp.__name__}: {sorted(unknown)}")
+        return tp(**{k: _convert(hints[k], v) for k, v in data.items()})
+    if origin in (typing.Union, types.UnionType):
+        if data is None:
+            return None
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _convert(args[0], data)
+    if origin is list:
+        (arg,) = typing.get_args(tp)
+        return [_convert(arg, v) for v in data]
+    if origin is dict:
+        _, arg = typing.get_args(tp)
+        return {k: _convert(arg, v) for k, v in data.items()}
+    return data
