@@ -239,3 +239,31 @@ def _convert(tp: Any, data: Any) -> Any:
         _, arg = typing.get_args(tp)
         return {k: _convert(arg, v) for k, v in data.items()}
     return data
+
+
+# ------------------------------------------------------------------ audit folder
+
+AUDIT_FNAME = "audit.json"
+THUMBNAILS_DNAME = "thumbnails"
+
+
+def save_audit(result: AuditResult, audit_dpath: Path | str) -> Path:
+    """Write ``<audit_dpath>/audit.json`` (versioned; provenance in the header)."""
+    from clipaudit.artifacts import write_json
+
+    fpath = Path(audit_dpath) / AUDIT_FNAME
+    return write_json(fpath, "audit", {"result": to_dict(result)}, provenance=result.provenance)
+
+
+def load_audit(audit_dpath: Path | str) -> AuditResult:
+    """Read an audit folder (or its audit.json) written by ``save_audit``."""
+    from clipaudit.artifacts import read_json
+    from clipaudit.errors import ArtifactError
+
+    path = Path(audit_dpath)
+    fpath = path / AUDIT_FNAME if path.is_dir() else path
+    doc = read_json(fpath, "audit")
+    try:
+        return from_dict(AuditResult, doc["result"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise ArtifactError(f"{fpath}: malformed audit result ({e})") from None
