@@ -39,6 +39,7 @@ SCHEMA_VERSIONS: dict[str, int] = {
     "audit": 1,
     "synthetic-dataset": 1,
     "tiny-clip": 1,
+    "component-descriptions": 1,
 }
 
 _META_KEY = "clipaudit"
