@@ -32,6 +32,7 @@ SCHEMA_VERSIONS: dict[str, int] = {
     "activation-cache": 1,
     "cache-shard": 1,
     "cache-index": 1,
+    "cache-plan": 1,
     "sae": 1,
     "probe": 1,
     "prompt-set": 1,
