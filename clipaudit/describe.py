@@ -1,0 +1,379 @@
+"""What SAE components mean (DESIGN.md section 2, "Component description").
+
+For each component j:
+
+- its top-m activating instances over a reference set, found in one streaming
+  pass (``top_activations``);
+- its semantic embedding s_j: the mean of the reference model's L2-normalised image
+  embeddings of those instances, normalised again (normalising the mean changes no
+  cosine; normalising each embedding first weighs every instance equally, as CLIP
+  similarity does);
+- alignment(j, text) = cos(s_j, T(text)) - cos(s_j, T("")), T the reference
+  model's text encoder;
+- class alignment alpha[j, c] = max of alignment(j, t) over class c's texts
+  (prompts or names, used verbatim);
+- concept label = argmax of alignment over a vocabulary, with its score. A
+  concept's text embedding T(concept) is the normalised mean of the normalised
+  embeddings of every phrasing (the concept and its synonyms) in every template:
+  prompt ensembling, as the zero-shot head does. The baseline stays T("") as in
+  DESIGN.md; a constant baseline per component leaves the argmax unchanged;
+- clarity = mean pairwise cosine (distinct pairs) of the reference embeddings of
+  the top-m instances.
+
+A component that never fired (or whose top instances have no reference
+embedding) is dead: its semantic embedding is zero, its concept "" and its
+scores NaN; clarity is NaN below two instances.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from clipaudit.artifacts import atomic_path, load_tensors, save_tensors
+from clipaudit.concepts import ConceptVocabulary
+from clipaudit.errors import InputError, MismatchError
+from clipaudit.progress import NULL_REPORTER, Reporter
+
+log = logging.getLogger(__name__)
+
+TextEncoder = Callable[[list[str]], Tensor]
+"""Texts -> unnormalised embeddings [len(texts), D] (``Backbone.encode_text`` fits)."""
+
+_CHUNK = 1024
+"""Components per chunk when gathering top-instance embeddings ([chunk, m, D] floats)."""
+
+
+# ------------------------------------------------------------------ top activations
+
+
+@dataclass(frozen=True)
+class TopActivations:
+    """The m most activating instances of every component."""
+
+    ids: Tensor
+    """long [n_latents, m]: instance ids, most activating first (ties: lower id
+    first); -1 where the component fired on fewer than m instances."""
+    values: Tensor
+    """float [n_latents, m]: their activations, descending; 0 where ``ids`` is -1."""
+    counts: Tensor
+    """long [n_latents]: number of instances each component fired on (activation > 0)."""
+
+    def instances(self, component: int) -> list[int]:
+        """Ids of the component's top instances, most activating first."""
+        row = self.ids[component]
+        return row[row >= 0].tolist()
+
+
+class TopActivationsAccumulator:
+    """Streaming top-m per component: memory O(n_latents x m + batch), whatever N is.
+
+    Each ``update`` merges the batch's firings with the current top-m of the
+    components it touches; the top-m of a union is the top-m of the union of
+    top-m's, so the result equals a dense sort over all instances.
+    """
+
+    def __init__(self, n_latents: int, m: int = 20) -> None:
+        if n_latents < 1 or m < 1:
+            raise InputError(f"top activations need n_latents >= 1 and m >= 1 "
+                             f"(got n_latents={n_latents}, m={m})")
+        self.m = m
+        self.ids = torch.full((n_latents, m), -1, dtype=torch.long)
+        self.values = torch.full((n_latents, m), -math.inf)
+        self.counts = torch.zeros(n_latents, dtype=torch.long)
+
+    def update(self, ids: Tensor, codes: Any) -> None:
+        """Add a batch: instance ids long [b] (unique) and sparse codes with
+        ``.indices`` long [b, k] and ``.values`` float [b, k]."""
+        n_latents = self.ids.shape[0]
+        indices, values = codes.indices.detach().cpu(), codes.values.detach().cpu().float()
+        ids = ids.detach().cpu().long()
+        if indices.shape != values.shape or indices.dim() != 2 or indices.shape[0] != ids.shape[0]:
+            raise ValueError(f"codes must be [b, k] with b = len(ids); got indices "
+                             f"{tuple(indices.shape)}, values {tuple(values.shape)}, ids {len(ids)}")
+        if torch.unique(ids).numel() != ids.numel():
+            raise ValueError("instance ids repeat within a batch (max-pool tokens per instance first)")
+        fired = values > 0
+        lat, val = indices[fired], values[fired]
+        iid = ids[:, None].expand_as(indices)[fired]
+        if lat.numel() == 0:
+            return
+        if int(lat.min()) < 0 or int(lat.max()) >= n_latents:
+            raise ValueError(f"component index out of range [0, {n_latents})")
+        self.counts += torch.bincount(lat, minlength=n_latents)
+        touched = torch.unique(lat)
+        old_ids, old_vals = self.ids[touched], self.values[touched]
+        kept = old_ids >= 0
+        lat = torch.cat([touched[:, None].expand_as(old_ids)[kept], lat])
+        val = torch.cat([old_vals[kept], val])
+        iid = torch.cat([old_ids[kept], iid])
+        # order by (component asc, value desc, id asc) with three stable sorts, last key first
+        order = torch.sort(iid, stable=True).indices
+        order = order[torch.sort(val[order], descending=True, stable=True).indices]
+        order = order[torch.sort(lat[order], stable=True).indices]
+        lat, val, iid = lat[order], val[order], iid[order]
+        rank = torch.arange(lat.numel()) - torch.searchsorted(lat, lat)
+        top = rank < self.m
+        # a component's number of entries only grows, so every old slot is rewritten
+        self.ids[lat[top], rank[top]] = iid[top]
+        self.values[lat[top], rank[top]] = val[top]
+
+    def result(self) -> TopActivations:
+        values = torch.where(self.ids >= 0, self.values, torch.zeros(()))
+        return TopActivations(self.ids.clone(), values, self.counts.clone())
+
+
+def top_activations(batches: Iterable[tuple[Tensor, Any]], n_latents: int,
+                    m: int = 20) -> TopActivations:
+    """Top-m activating instances per component in one pass over
+    ``(instance ids long [b], codes)`` batches (codes: ``.indices``/``.values`` [b, k],
+    e.g. ``clipaudit.sae.SparseCodes``; spatial-token codes max-pooled per instance)."""
+    acc = TopActivationsAccumulator(n_latents, m)
+    for ids, codes in batches:
+        acc.update(ids, codes)
+    return acc.result()
+
+
+# ------------------------------------------------------------------ descriptions
+
+
+@dataclass(frozen=True)
+class ComponentDescriptions:
+    """What each component means, in a reference CLIP's embedding space."""
+
+    semantic: Tensor
+    """float [n_latents, D]: unit semantic embeddings s_j; zero rows for dead components."""
+    clarity: Tensor
+    """float [n_latents]: mean pairwise cosine of the top instances; NaN below two."""
+    concept: list[str]
+    """Concept label per component ("" for dead components)."""
+    concept_score: Tensor
+    """float [n_latents]: alignment of the label; NaN for dead components."""
+    class_alignment: Tensor
+    """float [n_latents, C]: alpha[j, c], max alignment over class c's texts; NaN if dead."""
+    class_names: list[str]
+    """The C classes, in ``class_alignment``'s column order."""
+    vocabulary: str
+    """Name of the concept vocabulary (merged names joined by ``+``)."""
+    empty_text: Tensor
+    """float [D]: unit T(""), the alignment baseline."""
+    top: TopActivations
+    """The top instances the descriptions were computed from."""
+    provenance: dict[str, Any] = field(default_factory=dict)
+    """Reference model and anything else the caller wants recorded."""
+
+    def alignment(self, text_embeds: Tensor) -> Tensor:
+        """alignment(j, t) [n_latents, T] for reference-model text embeddings [T, D]
+        (unnormalised is fine); NaN rows for dead components."""
+        return _alignment(self.semantic, _unit(text_embeds.float()), self.empty_text)
+
+
+def describe_components(top: TopActivations, ref_image_embeds: Tensor,
+                        text_encoder: TextEncoder, vocabulary: ConceptVocabulary,
+                        class_texts: dict[str, list[str]], *,
+                        templates: Sequence[str] = ("{}",)) -> ComponentDescriptions:
+    """Semantic embedding, clarity, concept label and class alignment per component.
+
+    ``ref_image_embeds`` [N, D] holds the reference model's image embeddings indexed
+    by instance id (zero rows: no embedding; such instances are left out).
+    ``templates`` render each concept phrasing (``"a photo of {}"``); class texts are
+    used verbatim.
+    """
+    for t in templates:
+        if "{}" not in t:
+            raise InputError(f"concept template {t!r} has no '{{}}' for the concept")
+    if not templates:
+        raise InputError("at least one concept template is needed (default: '{}')")
+    semantic, clarity = semantic_embeddings(top, ref_image_embeds)
+    dim = semantic.shape[1]
+    empty = _encode(text_encoder, [""], dim)[0]
+
+    concept_embeds = _concept_embeddings(vocabulary, text_encoder, templates, dim)
+    concept_align = _alignment(semantic, concept_embeds, empty)
+    score, best = concept_align.max(dim=1)
+    dead = semantic.norm(dim=1) == 0
+    concept = ["" if d else vocabulary.concepts[i] for i, d in zip(best.tolist(), dead.tolist())]
+
+    class_names = list(class_texts)
+    for name in class_names:
+        if not class_texts[name]:
+            raise InputError(f"class {name!r} has no texts to align components with")
+    alpha = torch.empty(semantic.shape[0], 0)
+    if class_names:
+        flat = [t for name in class_names for t in class_texts[name]]
+        class_align = _alignment(semantic, _encode(text_encoder, flat, dim), empty)
+        bounds = torch.tensor([0, *(len(class_texts[n]) for n in class_names)]).cumsum(0)
+        alpha = torch.stack([class_align[:, a:b].max(dim=1).values
+                             for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())], dim=1)
+    return ComponentDescriptions(
+        semantic=semantic, clarity=clarity, concept=concept, concept_score=score,
+        class_alignment=alpha, class_names=class_names, vocabulary=vocabulary.name,
+        empty_text=empty, top=top,
+    )
+
+
+def semantic_embeddings(top: TopActivations, ref_image_embeds: Tensor) -> tuple[Tensor, Tensor]:
+    """(s [n_latents, D] unit or zero, clarity [n_latents]) from the top instances'
+    reference embeddings; chunked so memory stays O(chunk x m x D)."""
+    ref = _unit(ref_image_embeds.float())
+    n_ref = ref.shape[0]
+    if top.ids.numel() and int(top.ids.max()) >= n_ref:
+        raise MismatchError(f"top activations name instance id {int(top.ids.max())} but the "
+                            f"reference embeddings hold only {n_ref} rows (ids index rows)")
+    has_ref = ref.norm(dim=1) > 0
+    semantic = torch.zeros(top.ids.shape[0], ref.shape[1])
+    clarity = torch.full((top.ids.shape[0],), math.nan)
+    for start in range(0, top.ids.shape[0], _CHUNK):
+        ids = top.ids[start:start + _CHUNK]
+        valid = ids >= 0
+        safe = ids.clamp(min=0)
+        valid &= has_ref[safe]
+        total = (ref[safe] * valid[..., None]).sum(dim=1)  # [c, D], sum of unit vectors
+        n = valid.sum(dim=1).float()
+        semantic[start:start + _CHUNK] = _unit(total)
+        # sum of all pairwise cosines = |sum u|^2 - n (the n self-pairs), over n(n-1) pairs
+        pairs = n * (n - 1)
+        clarity[start:start + _CHUNK] = torch.where(
+            n >= 2, (total.pow(2).sum(dim=1) - n) / pairs.clamp(min=1), torch.tensor(math.nan))
+    return semantic, clarity
+
+
+def _concept_embeddings(vocabulary: ConceptVocabulary, text_encoder: TextEncoder,
+                        templates: Sequence[str], dim: int) -> Tensor:
+    """[V, D] unit: per concept, the normalised mean over phrasings x templates."""
+    texts, owner = [], []
+    for i, concept in enumerate(vocabulary.concepts):
+        for phrase in vocabulary.phrases(concept):
+            for template in templates:
+                texts.append(template.replace("{}", phrase))
+                owner.append(i)
+    embeds = _encode(text_encoder, texts, dim)
+    sums = torch.zeros(len(vocabulary.concepts), dim).index_add_(0, torch.tensor(owner), embeds)
+    return _unit(sums)
+
+
+def _encode(text_encoder: TextEncoder, texts: list[str], dim: int) -> Tensor:
+    embeds = text_encoder(texts).detach().float().cpu()
+    if embeds.shape != (len(texts), dim):
+        raise MismatchError(f"reference text encoder returned {tuple(embeds.shape)} for "
+                            f"{len(texts)} texts; the image embeddings have width {dim}")
+    return _unit(embeds)
+
+
+def _alignment(semantic: Tensor, texts_unit: Tensor, empty_unit: Tensor) -> Tensor:
+    align = semantic @ texts_unit.T - (semantic @ empty_unit)[:, None]
+    align[semantic.norm(dim=1) == 0] = math.nan
+    return align
+
+
+def _unit(x: Tensor) -> Tensor:
+    """Rows scaled to unit norm; zero rows stay zero."""
+    return x / x.norm(dim=-1, keepdim=True).clamp(min=1e-12)
+
+
+# ------------------------------------------------------------------ storage
+
+_TENSOR_FIELDS = ("semantic", "clarity", "concept_score", "class_alignment", "empty_text")
+
+
+def save_descriptions(fpath: Path | str, descriptions: ComponentDescriptions,
+                      provenance: dict[str, Any] | None = None) -> Path:
+    """Write descriptions and their top activations to one versioned safetensors file."""
+    d = descriptions
+    tensors = {name: getattr(d, name) for name in _TENSOR_FIELDS}
+    tensors |= {"top_ids": d.top.ids, "top_values": d.top.values, "top_counts": d.top.counts}
+    meta = {"concept": d.concept, "class_names": d.class_names, "vocabulary": d.vocabulary,
+            "description_provenance": d.provenance}
+    return save_tensors(fpath, "component-descriptions", tensors, meta,
+                        provenance or d.provenance)
+
+
+def load_descriptions(fpath: Path | str) -> ComponentDescriptions:
+    """Read a file written by ``save_descriptions``."""
+    f = load_tensors(fpath, "component-descriptions")
+    t, meta = f.tensors, f.meta
+    top = TopActivations(t["top_ids"], t["top_values"], t["top_counts"])
+    return ComponentDescriptions(
+        **{name: t[name] for name in _TENSOR_FIELDS}, concept=list(meta["concept"]),
+        class_names=list(meta["class_names"]), vocabulary=meta["vocabulary"], top=top,
+        provenance=dict(meta.get("description_provenance") or {}),
+    )
+
+
+# ------------------------------------------------------------------ images
+
+
+@torch.no_grad()
+def encode_reference_images(backbone: Any, items: Any, *, batch_size: int = 64,
+                            num_workers: int = 0,
+                            reporter: Reporter = NULL_REPORTER) -> Tensor:
+    """Image embeddings [max id + 1, D] of a reference model other than the audited
+    CLIP (``backbone``: a ``clipaudit.backbone.Backbone``), row = instance id.
+
+    ``items``: DataFrame with ``id`` and ``path`` columns. Images that cannot be
+    decoded, and ids not in ``items``, get zero rows (``describe_components``
+    leaves them out).
+    """
+    from clipaudit.data import iter_decoded
+
+    _require_columns(items, ("id", "path"))
+    n_rows = int(items["id"].max()) + 1 if len(items) else 0
+    out = torch.zeros(n_rows, backbone.embed_dim)
+    model, device = backbone.model, backbone.device
+    task = reporter.task("Encoding images with the reference model", total=len(items))
+    try:
+        for batch in iter_decoded(items, backbone.preprocess, batch_size=batch_size,
+                                  num_workers=num_workers):
+            for iid, reason in batch.skipped:
+                log.warning("reference model: skipping instance %s (%s)", iid, reason)
+            if len(batch.ids):
+                embeds = model.encode_image(batch.images.to(device))
+                out[batch.ids.long()] = embeds.float().cpu()
+            task.advance(len(batch.ids) + len(batch.skipped))
+    finally:
+        task.close()
+    return out
+
+
+def write_thumbnails(ids: Iterable[int], items: Any, out_dpath: Path | str,
+                     size: int = 96) -> dict[int, str]:
+    """Small PNGs ``<out_dpath>/<id>.png`` (longest side ``size``) for the report.
+
+    Returns id -> path relative to ``out_dpath``'s parent (``thumbnails/17.png``),
+    for the ids whose image could be decoded; others (and -1 padding) are logged
+    and left out. Existing thumbnails are overwritten.
+    """
+    from clipaudit.data import ImageDecodeError, decode_image
+
+    _require_columns(items, ("id", "path"))
+    out_dpath = Path(out_dpath)
+    out_dpath.mkdir(parents=True, exist_ok=True)
+    path_of = dict(zip(items["id"].astype(int), items["path"].astype(str)))
+    written: dict[int, str] = {}
+    for iid in dict.fromkeys(int(i) for i in ids if int(i) >= 0):
+        if iid not in path_of:
+            log.warning("thumbnail: instance %d is not in the index", iid)
+            continue
+        try:  # decoded exactly as for the model: EXIF orientation, alpha on white, 16-bit
+            thumb = decode_image(path_of[iid])
+        except ImageDecodeError as e:
+            log.warning("thumbnail: skipping instance %d (%s)", iid, e)
+            continue
+        thumb.thumbnail((size, size))
+        with atomic_path(out_dpath / f"{iid}.png") as tmp:
+            thumb.save(tmp, format="PNG")
+        written[iid] = f"{out_dpath.name}/{iid}.png"
+    return written
+
+
+def _require_columns(items: Any, columns: Sequence[str]) -> None:
+    missing = [c for c in columns if c not in getattr(items, "columns", ())]
+    if missing:
+        raise InputError(f"instance table lacks column(s) {', '.join(missing)}")
