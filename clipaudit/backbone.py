@@ -342,3 +342,28 @@ def _preprocess_cfg(model: Any) -> dict[str, Any]:
 
     cfg = dict(get_model_preprocess_cfg(model))
     return {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.items()}
+
+
+def spec_from_provenance(provenance: dict[str, Any]) -> BackboneSpec:
+    """The spec that loads the backbone a clipaudit artifact was made with."""
+    model = str(provenance.get("model") or TINY_MODEL_NAME)
+    weights = str(provenance.get("weights") or "")
+    seed = int(weights.removeprefix("random-seed")) if weights.startswith("random-seed") else 0
+    if model == TINY_MODEL_NAME:
+        return BackboneSpec()
+    if provenance.get("config"):
+        ckpt = provenance.get("checkpoint")
+        return BackboneSpec(model=model, config=Path(provenance["config"]),
+                            checkpoint=Path(ckpt) if ckpt else None, seed=seed)
+    return BackboneSpec(model=model, pretrained=provenance.get("pretrained"), seed=seed)
+
+
+def load_backbone_for(provenance: dict[str, Any], device: str | torch.device = "cpu") -> Backbone:
+    """Load the backbone an artifact records, refusing one whose identity changed."""
+    from clipaudit.errors import MismatchError
+
+    backbone = load_backbone(spec_from_provenance(provenance), device)
+    if provenance.get("id") and backbone.id != provenance["id"]:
+        raise MismatchError(f"the model recorded as {provenance['id']!r} now loads as "
+                            f"{backbone.id!r} (its weights or config changed)")
+    return backbone

@@ -21,7 +21,7 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from clipaudit.artifacts import load_tensors, require_match, save_tensors
+from clipaudit.artifacts import load_tensors, require_match, save_tensors, sha256_file
 from clipaudit.errors import ArtifactError, InputError
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,7 @@ def load_probe(fpath: Path | str, *, expect_backbone_id: str | None = None,
         require_match("backbone", expect_backbone_id, backbone_id, fpath)
     extra = {k: v for k, v in meta.items()
              if k not in {"class_names", "normalisation", "embed_dim"}}
+    extra["sha256"] = sha256_file(fpath)
     return LinearProbe(weight, bias, [str(n) for n in names], norm,
                        t.get("mean"), t.get("std"), meta=extra)
 
@@ -235,3 +236,23 @@ def _multinomial_weights(coef: np.ndarray, intercept: np.ndarray) -> tuple[torch
     if w.shape[0] == 1:
         w, b = torch.cat([-w / 2, w / 2]), torch.cat([-b / 2, b / 2])
     return w, b
+
+
+def fit_probe_on_cache(cache_dpath: Path | str, *, label_column: str = "label",
+                       config: ProbeConfig = ProbeConfig()) -> ProbeFit:
+    """Fit a probe on a cache's image embeddings and one of its index columns."""
+    from clipaudit.cache import open_cache
+
+    cache = open_cache(cache_dpath)
+    index = cache.ok_index.reset_index(drop=True)
+    if label_column not in index.columns:
+        raise InputError(f"{cache_dpath}: no column {label_column!r} in the cache index "
+                         f"(columns: {', '.join(map(str, index.columns))})")
+    known = index[label_column].notna().to_numpy()
+    if known.sum() < 2:
+        raise InputError(f"{cache_dpath}: column {label_column!r} has no labels to fit a probe on")
+    embeds = cache.load_embeds()[torch.from_numpy(known)]
+    provenance = {"backbone": cache.provenance["backbone"], "hook": cache.provenance["hook"],
+                  "data_sha256": cache.provenance.get("data_sha256"), "label_column": label_column}
+    return fit_probe(embeds, index.loc[known, label_column].astype(str).tolist(), config,
+                     provenance=provenance)

@@ -1,3 +1,80 @@
-"""CLI verbs: attribution (owned by the attribution module)."""
+"""CLI verbs: fit-probe, explain."""
 
-from clipaudit.cli import app  # noqa: F401
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import typer
+from rich.table import Table
+
+from clipaudit.cli import app
+from clipaudit.cli._common import out, print_json, user_errors
+
+
+@app.command("fit-probe")
+@user_errors
+def fit_probe_cmd(
+    cache: Path = typer.Argument(..., help="Activation cache folder (clipaudit extract)."),
+    out_fpath: Path = typer.Option(..., "--out", "-o", help="Probe file to write (.safetensors)."),
+    label_column: str = typer.Option("label", help="Index column holding the class labels."),
+    normalisation: str = typer.Option("l2", help="Input normalisation: none, l2 or standardize."),
+    seed: int = typer.Option(0, help="Seed for the held-out split and the solver."),
+    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+) -> None:
+    """Fit a multinomial logistic-regression probe on cached image embeddings."""
+    from clipaudit.errors import InputError
+    from clipaudit.heads import NORMALISATIONS, ProbeConfig, fit_probe_on_cache, save_probe
+
+    if normalisation not in NORMALISATIONS:
+        raise InputError(f"--normalisation {normalisation!r}: expected one of {', '.join(NORMALISATIONS)}")
+    fit = fit_probe_on_cache(cache, label_column=label_column,
+                             config=ProbeConfig(normalisation=normalisation, seed=seed))
+    save_probe(fit.probe, out_fpath)
+    if as_json:
+        print_json({"probe": str(out_fpath), **fit.metrics})
+        return
+    table = Table("class", "held-out accuracy", title=f"probe -> {out_fpath}")
+    for name, acc in fit.metrics["heldout_accuracy_per_class"].items():
+        table.add_row(name, f"{acc:.3f}")
+    table.add_row("[bold]all", f"[bold]{fit.metrics['heldout_accuracy']:.3f}")
+    out.print(table)
+    out.print(f"C = {fit.metrics['C']:g} (cross-validated), {fit.metrics['n_train']} train / "
+              f"{fit.metrics['n_test']} held-out instances")
+
+
+@app.command("explain")
+@user_errors
+def explain_cmd(
+    images: list[Path] = typer.Argument(..., help="Image files to explain."),
+    sae_fpath: Path = typer.Option(..., "--sae", help="SAE file (clipaudit train-sae)."),
+    probe: Path = typer.Option(None, "--probe", help="Probe file."),
+    prompts: Path = typer.Option(None, "--prompts", help="Zero-shot prompt-set YAML."),
+    top: int = typer.Option(5, help="Components shown per class."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """Print each image's prediction and its top components per class."""
+    from clipaudit.audit import make_heads
+    from clipaudit.backbone import load_backbone_for
+    from clipaudit.explain import explain_image
+    from clipaudit.hooks import HookPoint
+    from clipaudit.sae import load_sae
+
+    sae = load_sae(sae_fpath)
+    backbone = load_backbone_for(sae.meta["backbone"])
+    sae = load_sae(sae_fpath, expect_backbone_id=backbone.id)
+    head = make_heads(probe, prompts, backbone)[0]
+    hook = HookPoint(**sae.meta["hook"])
+    explanations = [explain_image(f, sae, head, backbone, hook, top=top) for f in images]
+    if as_json:
+        print_json([asdict(e) for e in explanations])
+        return
+    for e in explanations:
+        table = Table("class", "score", "component", "activation", "attribution",
+                      title=f"{e.image}: predicted [bold]{e.prediction}[/]")
+        for cls in e.classes:
+            for i, comp in enumerate(cls.top):
+                table.add_row(cls.class_name if i == 0 else "", f"{cls.score:.4f}" if i == 0 else "",
+                              str(comp.component), f"{comp.activation:.3f}", f"{comp.attribution:+.4f}")
+            table.add_row("", "", "SAE error", "", f"{cls.error:+.4f}", end_section=True)
+        out.print(table)

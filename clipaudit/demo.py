@@ -1,0 +1,67 @@
+"""``clipaudit demo``: the whole pipeline on the bundled tiny CLIP and a planted
+ruler -> malignant shortcut from the synthetic dermatology world.
+
+make data set -> extract -> train SAE -> fit probe -> prompt set -> audit both
+heads under rules/dermatology.yaml -> audit.json, report.html, report.pdf,
+junit.xml, summary.md. The rules are meant to fail: the probe relies on rulers.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from clipaudit.audit import AuditConfig, AuditOutcome, run_audit
+from clipaudit.progress import NULL_REPORTER, Reporter
+from clipaudit.resources import package_data_dpath
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class DemoConfig:
+    out_dpath: Path = Path("clipaudit-demo")
+    """Folder for the data set, cache, SAE, probe and the audit."""
+    n_images: int = 2000
+    artifact: str = "ruler"
+    target_class: str = "malignant"
+    rate: float = 0.9
+    """Share of ruler images that are malignant (0.5 = no shortcut)."""
+    sae_expansion: int = 8
+    sae_k: int = 16
+    sae_steps: int = 3000
+    seed: int = 0
+    pdf: bool = True
+
+
+def demo_prompts_fpath() -> Path:
+    return package_data_dpath() / "prompts" / "dermatology.yaml"
+
+
+def run_demo(config: DemoConfig = DemoConfig(), *, reporter: Reporter = NULL_REPORTER) -> AuditOutcome:
+    from clipaudit.cache import ExtractConfig, extract, open_cache
+    from clipaudit.heads import ProbeConfig, fit_probe_on_cache, save_probe
+    from clipaudit.hooks import VisionTower
+    from clipaudit.sae import SAETrainConfig, save_sae, train_sae
+    from clipaudit.synthetic import make_planted_dataset
+
+    out = Path(config.out_dpath)
+    data = make_planted_dataset(out / "data", artifact=config.artifact, target_class=config.target_class,
+                                rate=config.rate, n=config.n_images, seed=config.seed)
+    result = extract(data.manifest_fpath, out / "cache", ExtractConfig(num_workers=1), reporter=reporter)
+    cache = open_cache(result.dpath)
+    from clipaudit.backbone import load_backbone_for
+
+    backbone = load_backbone_for(cache.provenance["backbone"])
+    trained = train_sae(cache, SAETrainConfig(expansion=config.sae_expansion, k=config.sae_k,
+                                              steps=config.sae_steps, seed=config.seed),
+                        reporter=reporter, embed_readout=VisionTower(backbone.model).readout_cls)
+    save_sae(trained.sae, out / "sae.safetensors")
+    fit = fit_probe_on_cache(cache.dpath, config=ProbeConfig(seed=config.seed))
+    save_probe(fit.probe, out / "probe.safetensors")
+    audit_config = AuditConfig(rules="dermatology", vocabularies=("dermatology",),
+                               seed=config.seed, pdf=config.pdf)
+    return run_audit(cache.dpath, out / "sae.safetensors", out / "audit",
+                     probe=out / "probe.safetensors", prompts=demo_prompts_fpath(),
+                     config=audit_config, backbone=backbone, reporter=reporter)

@@ -1,0 +1,119 @@
+"""Which relied-on components are shortcuts: findings from relevance and meaning.
+
+Component j is a shortcut candidate for class c when it carries a large share of
+the class's evidence (rho[j, c] >= share_min), is poorly aligned with the class
+(alpha[j, c] < alignment_max) and is coherent (clarity >= clarity_min). A
+candidate whose concept label is forbidden for the class is a forbidden-concept
+finding; a candidate whose label is expected for the class is not a finding.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import pandas as pd
+import torch
+
+from clipaudit.results import ComponentPoint, Finding, FindingConfig
+
+
+@dataclass(frozen=True)
+class Candidate:
+    component: int
+    class_name: str
+    share: float
+    alignment: float
+    clarity: float
+    concept: str
+    concept_score: float
+    kind: str
+
+
+def _concept_listed(concept: str, listing: dict[str, list[str]], class_name: str) -> bool:
+    """Whole-phrase, case-insensitive: 'hair' matches 'dark hair', not 'chair'."""
+    label = f" {' '.join(concept.lower().replace('-', ' ').split())} "
+    terms = listing.get("*", []) + listing.get(class_name, [])
+    return any(f" {' '.join(t.lower().replace('-', ' ').split())} " in label for t in terms if t.strip())
+
+
+def select_candidates(share_jc: torch.Tensor, alignment_jc: torch.Tensor, clarity_j: torch.Tensor,
+                      concepts: Sequence[str], concept_scores: torch.Tensor,
+                      class_names: Sequence[str], config: FindingConfig) -> list[Candidate]:
+    """Findings for every class, largest share first within a class."""
+    out = []
+    for c, name in enumerate(class_names):
+        for j in torch.nonzero(share_jc[:, c] >= config.share_min).flatten().tolist():
+            alignment, clarity = float(alignment_jc[j, c]), float(clarity_j[j])
+            if math.isnan(alignment) or math.isnan(clarity):
+                continue
+            if alignment >= config.alignment_max or clarity < config.clarity_min:
+                continue
+            concept = concepts[j]
+            if _concept_listed(concept, config.expected, name):
+                continue
+            kind = "forbidden-concept" if _concept_listed(concept, config.forbidden, name) else "shortcut"
+            out.append(Candidate(j, name, float(share_jc[j, c]), alignment, clarity, concept,
+                                 float(concept_scores[j]), kind))
+    out.sort(key=lambda cand: (class_names.index(cand.class_name), -cand.share))
+    return out
+
+
+def metadata_aucs(activation_n: np.ndarray, metadata: pd.DataFrame) -> dict[str, float]:
+    """ROC AUC of a component's activation against each binary metadata column."""
+    from sklearn.metrics import roc_auc_score
+
+    out = {}
+    for column in metadata.columns:
+        values = metadata[column].dropna()
+        if values.nunique() != 2:
+            continue
+        positive = _positive_value(values)
+        target = (metadata[column] == positive).to_numpy()
+        known = metadata[column].notna().to_numpy()
+        try:
+            out[str(column)] = float(roc_auc_score(target[known], activation_n[known]))
+        except ValueError:  # a single class after dropping missing values
+            continue
+    return out
+
+
+def _positive_value(values: pd.Series):
+    uniq = sorted(values.unique(), key=str)
+    for candidate in (True, 1, "True", "true", "yes", "1"):
+        if candidate in uniq:
+            return candidate
+    return uniq[-1]
+
+
+def make_finding(head: str, cand: Candidate, rank: int, top_instances: list[int],
+                 aucs: dict[str, float], ablation) -> Finding:
+    return Finding(
+        id=f"{head}:{cand.class_name}:{cand.component}", head=head, class_name=cand.class_name,
+        component=cand.component, kind=cand.kind, rank=rank, share=cand.share,
+        alignment=cand.alignment, clarity=cand.clarity, concept=cand.concept,
+        concept_score=cand.concept_score, top_instances=top_instances, metadata_auc=aucs,
+        ablation=ablation,
+    )
+
+
+def scatter_points(share_c: torch.Tensor, alignment_c: torch.Tensor, clarity_j: torch.Tensor,
+                   concepts: Sequence[str], limit: int, must_include: Sequence[int]) -> list[ComponentPoint]:
+    """The components with the largest |share| for one class (plus every finding)."""
+    order = share_c.abs().argsort(descending=True)[:limit].tolist()
+    chosen = list(dict.fromkeys([*must_include, *order]))
+    points = []
+    for j in chosen:
+        if share_c[j] == 0:
+            continue
+        points.append(ComponentPoint(component=j, share=float(share_c[j]),
+                                     alignment=_finite(alignment_c[j]), clarity=_finite(clarity_j[j]),
+                                     concept=concepts[j]))
+    return points
+
+
+def _finite(x: torch.Tensor) -> float:
+    value = float(x)
+    return 0.0 if math.isnan(value) else value
