@@ -1,3 +1,31 @@
-"""CLI verbs: report (owned by the report module)."""
+"""CLI verbs: report (re-render report.html / report.pdf from a finished audit)."""
 
-from clipaudit.cli import app  # noqa: F401
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from clipaudit.cli import app
+from clipaudit.cli._common import out, print_json, user_errors
+
+
+@app.command("report")
+@user_errors
+def report(
+    audit_dpath: Path = typer.Argument(..., help="Audit folder (holds audit.json)."),
+    html: bool = typer.Option(True, "--html/--no-html", help="Write report.html."),
+    pdf: bool = typer.Option(True, "--pdf/--no-pdf", help="Write report.pdf."),
+    as_json: bool = typer.Option(False, "--json", help="Print the written paths as JSON."),
+) -> None:
+    """Render the HTML and PDF reports of a finished audit, without recomputing anything."""
+    from clipaudit.report import write_report
+
+    paths = write_report(audit_dpath, html=html, pdf=pdf)
+    if as_json:
+        print_json({"html": str(paths.html) if paths.html else None,
+                    "pdf": str(paths.pdf) if paths.pdf else None})
+        return
+    for fpath in (paths.html, paths.pdf):
+        if fpath is not None:
+            out.print(str(fpath))

@@ -1,0 +1,384 @@
+"""Report: AuditResult -> ReportData -> HTML / PDF, on an audit folder built by hand.
+
+The browser test lives in test_report_browser.py and reuses ``make_audit_folder``.
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import io
+import json
+import random
+import re
+import shutil
+import subprocess
+import xml.etree.ElementTree as ET
+from dataclasses import FrozenInstanceError
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+from PIL import Image
+from typer.testing import CliRunner
+
+from clipaudit.cli import app
+from clipaudit.report import build_report_data, render_html, write_report
+from clipaudit.report.render import _csp_hash
+from clipaudit.report.svg import ScatterPoint, nice_ticks, scatter_svg
+from clipaudit.results import (
+    AblationEffect,
+    AuditResult,
+    ClassAudit,
+    ComponentInfo,
+    ComponentPoint,
+    FaithfulnessCurve,
+    Finding,
+    HeadAudit,
+    InstanceInfo,
+    RuleVerdict,
+    SliceEffect,
+    load_audit,
+    save_audit,
+)
+
+EVIL = "<script>alert(1)</script>"
+CLASSES = ["benign", "malignant", EVIL]
+METHODS = ["act_x_grad", "logit_lens", "act_x_logit_lens", "activation", "random"]
+
+
+# ------------------------------------------------------------------ the hand-made audit
+
+def _write_thumbnails(audit_dpath: Path, n: int) -> list[InstanceInfo]:
+    (audit_dpath / "thumbnails").mkdir(parents=True, exist_ok=True)
+    instances = []
+    for i in range(n):
+        img = Image.new("RGB", (96, 80), (40 + 20 * i, 200 - 15 * i, 90))
+        img.paste((250, 250, 250), (10 + i, 30, 80, 40))  # a "ruler"
+        rel = f"thumbnails/{i:04d}.png"
+        img.save(audit_dpath / rel)
+        instances.append(InstanceInfo(id=i, path=f"/data/lesions/{i:04d}.jpg",
+                                      label=CLASSES[i % 3], thumbnail=rel))
+    # One instance whose thumbnail was never copied: the report must still render.
+    instances.append(InstanceInfo(id=n, path="/data/lesions/gone.jpg", label="malignant",
+                                  thumbnail="thumbnails/gone.png"))
+    return instances
+
+
+def _finding(head: str, class_name: str, component: int, rank: int, concept: str,
+             share: float, ablation: bool = True) -> Finding:
+    effect = AblationEffect(
+        component=component, class_name=class_name, score_delta=-0.21, accuracy_before=0.91,
+        accuracy_after=0.64, flipped=7,
+        slices=[SliceEffect("has_ruler", "True", 20, -0.4, 0.95, 0.55, 7),
+                SliceEffect("has_ruler", "False", 30, -0.02, 0.88, 0.87, 0)])
+    return Finding(
+        id=f"{head}:{class_name}:{component}", head=head, class_name=class_name,
+        component=component, kind="forbidden-concept" if concept == "ruler" else "shortcut",
+        rank=rank, share=share, alignment=-0.031, clarity=0.72, concept=concept,
+        concept_score=0.143, top_instances=[0, 3, 6, 9, 12, 1, 4],
+        metadata_auc={"has_ruler": 0.94, "skin_tone_dark": 0.53},
+        ablation=effect if ablation else None)
+
+
+def _head(name: str, kind: str, findings: list[Finding], rng: random.Random) -> HeadAudit:
+    classes = []
+    for c in CLASSES:
+        points = [ComponentPoint(component=j, share=rng.uniform(-0.05, 0.12),
+                                 alignment=rng.uniform(-0.08, 0.1), clarity=rng.uniform(0, 1),
+                                 concept=rng.choice(["lesion", "skin", "ruler", "<b>ink</b>"]))
+                  for j in range(40)]
+        mine = [f for f in findings if f.class_name == c]
+        classes.append(ClassAudit(class_name=c, n_instances=50, accuracy=0.87,
+                                  spurious_share=sum(f.share for f in mine),
+                                  unexplained_share=0.08, components=points))
+    curves = [FaithfulnessCurve(method=m, steps=list(range(0, 11)),
+                                scores=[1.0 - (0.09 - 0.015 * k) * s for s in range(11)],
+                                auc=0.4 + 0.1 * k)
+              for k, m in enumerate(METHODS)]
+    return HeadAudit(name=name, kind=kind, class_names=list(CLASSES), accuracy=0.86,
+                     classes=classes, findings=findings, faithfulness=curves)
+
+
+def make_audit_result(instances: list[InstanceInfo]) -> AuditResult:
+    rng = random.Random(0)
+    probe = _head("probe", "linear-probe", [
+        _finding("probe", "malignant", 7, 1, "ruler", 0.31),
+        _finding("probe", "malignant", 21, 2, "band-aid", 0.12, ablation=False),
+        _finding("probe", EVIL, 3, 1, EVIL, 0.18),
+    ], rng)
+    zero_shot = _head("zero-shot", "zero-shot", [
+        _finding("zero-shot", "malignant", 7, 1, "ruler", 0.11),
+    ], rng)
+    verdicts = [
+        RuleVerdict(rule="no-forbidden-concepts", check="forbidden-concept", status="fail",
+                    message="component 7 (ruler) carries 31.0% of the class evidence",
+                    head="probe", class_name="malignant"),
+        RuleVerdict(rule="no-shortcuts", check="shortcut", status="warn",
+                    message=f"component 3 ({EVIL}) carries 18.0%", head="probe",
+                    class_name=EVIL),
+        RuleVerdict(rule="no-shortcuts", check="shortcut", status="pass", message="no finding",
+                    head="zero-shot", class_name="benign"),
+        RuleVerdict(rule="max-unexplained", check="unexplained-share", status="fail",
+                    message="unexplained share 8% > 5%", head="zero-shot",
+                    class_name="benign", waived="known SAE limitation, ticket #12"),
+    ]
+    return AuditResult(
+        audit_id="audit-2025-test-01",
+        provenance={"backbone": {"id": "tiny-vit-a@sha256:abcd", "model": "tiny-vit-a",
+                                 "pretrained": None, "weights": "sha256:" + "ab" * 32},
+                    "hook": {"layer": 1, "token": "cls"},
+                    "sae": {"id": "sae-1", "sha256": "cd" * 32},
+                    "probe": {"sha256": "ef" * 32}, "data_hash": "12" * 32, "seed": 0,
+                    "date": "2025-01-01T00:00:00+00:00", "clipaudit_version": "0.1.0"},
+        sae_metrics={"fvu": 0.121, "l0": 32.0, "dead_fraction": 0.0123},
+        heads=[probe, zero_shot],
+        components=[ComponentInfo(component=7, concept="ruler", concept_score=0.14,
+                                  clarity=0.72, top_instances=[0, 3])],
+        instances=instances, verdicts=verdicts, rules_file="rules/dermatology.yaml",
+    )
+
+
+def make_audit_folder(audit_dpath: Path) -> AuditResult:
+    """A finished audit folder: audit.json plus PNG thumbnails (one missing on purpose)."""
+    result = make_audit_result(_write_thumbnails(audit_dpath, 14))
+    save_audit(result, audit_dpath)
+    return result
+
+
+@pytest.fixture
+def audit_dpath(tmp_path: Path) -> Path:
+    make_audit_folder(tmp_path / "audit")
+    return tmp_path / "audit"
+
+
+# ------------------------------------------------------------------ helpers
+
+class _Collect(HTMLParser):
+    """Tags, their attributes and the page's visible text (script text kept apart)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: list[tuple[str, dict[str, str | None]]] = []
+        self.scripts: list[str] = []
+        self._in_script = False
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append((tag, dict(attrs)))
+        self._in_script = tag == "script"
+
+    def handle_endtag(self, tag):
+        self._in_script = False
+
+    def handle_data(self, data):
+        if self._in_script:
+            self.scripts.append(data)
+
+
+def _parse(page: str) -> _Collect:
+    parser = _Collect()
+    parser.feed(page)
+    return parser
+
+
+def _decode_data_uri(uri: str) -> Image.Image:
+    header, payload = uri.split(",", 1)
+    assert header in ("data:image/png;base64", "data:image/jpeg;base64"), header
+    return Image.open(io.BytesIO(base64.b64decode(payload)))
+
+
+# ------------------------------------------------------------------ report data
+
+def test_report_data_carries_verdict_findings_and_comparison(audit_dpath):
+    result = load_audit(audit_dpath)
+    data = build_report_data(result, audit_dpath)
+    assert data.verdict == "fail"
+    # The waived failure is listed but is not a reason for the verdict.
+    assert [(r.status, r.rule) for r in data.reasons] == [
+        ("fail", "no-forbidden-concepts"), ("warn", "no-shortcuts")]
+    assert data.verdict_rows[-1].waived is not None
+    assert len(data.finding_rows) == sum(len(h.findings) for h in result.heads)
+    assert {r.concept for r in data.finding_rows} == {"ruler", "band-aid", EVIL}
+    assert data.class_names == tuple(CLASSES)
+    assert data.comparison_heads == ("probe", "zero-shot")
+    malignant = next(r for r in data.comparison_rows if r.class_name == "malignant")
+    assert [c.spurious_share.value for c in malignant.cells] == pytest.approx([0.43, 0.11])
+    assert [c.n_findings for c in malignant.cells] == [2, 1]
+    probe = data.heads[0]
+    assert [c.status for c in probe.classes] == ["pass", "fail", "warn"]
+    assert [r.method for r in probe.faithfulness_rows] == METHODS
+    keys = [kv.key for kv in data.provenance]
+    assert keys[:2] == ["backbone.id", "backbone.model"]
+    assert {"sae.sha256", "probe.sha256", "data_hash", "seed", "date"} <= set(keys)
+    with pytest.raises(FrozenInstanceError):
+        data.verdict = "pass"  # type: ignore[misc]
+
+
+def test_thumbnails_are_downsized_inline_and_missing_ones_are_placeholders(audit_dpath):
+    big = Image.new("RGBA", (512, 300), (10, 120, 200, 128))
+    big.save(audit_dpath / "thumbnails" / "0000.png")
+    data = build_report_data(load_audit(audit_dpath), audit_dpath)
+    card = data.heads[0].classes[1].cards[0]
+    assert card.concept == "ruler"
+    assert len(card.thumbnails) == 6
+    first = _decode_data_uri(card.thumbnails[0].src)
+    assert max(first.size) == 64 and first.size[0] > first.size[1]
+    assert first.mode in ("RGB", "P")
+    # instance 12 has a thumbnail on disk, 14 (not among the top 6) would be the missing one
+    assert all(t.src for t in card.thumbnails)
+    result = load_audit(audit_dpath)
+    moved = [*result.instances[:-1],
+             InstanceInfo(id=0, path="x", label="benign", thumbnail="../../etc/passwd")]
+    escaped = build_report_data(
+        AuditResult(**{**result.__dict__, "instances": moved}), audit_dpath)
+    assert escaped.heads[0].classes[1].cards[0].thumbnails[0].src is None
+
+
+def test_missing_thumbnail_file_becomes_a_placeholder(audit_dpath):
+    (audit_dpath / "thumbnails" / "0003.png").unlink()
+    data = build_report_data(load_audit(audit_dpath), audit_dpath)
+    thumbs = data.heads[0].classes[1].cards[0].thumbnails
+    assert [t.src is None for t in thumbs] == [False, True, False, False, False, False]
+    page = render_html(data)
+    assert page.count("image missing") >= 1
+
+
+# ------------------------------------------------------------------ SVG
+
+def test_scatter_svg_is_wellformed_escaped_and_sized_by_clarity():
+    points = [ScatterPoint(1, 0.3, -0.05, 0.9, "<b>ruler</b> & co", True),
+              ScatterPoint(2, 0.02, 0.04, 0.1, "skin", False),
+              ScatterPoint(3, -0.01, 0.01, 0.5, "lesion", False)]
+    svg = str(scatter_svg(points, EVIL))
+    root = ET.fromstring(svg)  # well-formed XML: escaped text cannot open tags
+    ns = {"s": "http://www.w3.org/2000/svg"}
+    circles = root.findall("s:circle", ns)
+    assert len(circles) == 3
+    radius = {c.find("s:title", ns).text.split()[1]: float(c.get("r")) for c in circles}
+    assert radius["1"] > radius["3"] > radius["2"]
+    assert circles[-1].get("fill") == "#c62828"  # the finding is drawn last, highlighted
+    assert "<b>" not in svg and "&lt;b&gt;ruler&lt;/b&gt; &amp; co" in svg
+    assert root.get("aria-label") == f"Relevance share vs alignment for class {EVIL}"
+    labels = "".join(root.itertext())
+    assert "relevance share" in labels and "alignment with the class" in labels
+
+
+@pytest.mark.parametrize("lo,hi", [(0.0, 1.0), (-0.083, 0.126), (3.0, 3.0001), (-5, 120)])
+def test_nice_ticks_cover_the_range_in_round_steps(lo, hi):
+    ticks = nice_ticks(lo, hi)
+    assert 2 <= len(ticks) <= 11
+    assert all(lo - 1e-12 <= t <= hi + 1e-12 for t in ticks)
+    steps = {round(b - a, 12) for a, b in zip(ticks, ticks[1:])}
+    assert len(steps) == 1 and min(steps) > 0
+
+
+# ------------------------------------------------------------------ HTML
+
+def test_html_escapes_user_text_and_loads_nothing_external(audit_dpath):
+    page = render_html(build_report_data(load_audit(audit_dpath), audit_dpath))
+    assert EVIL not in page
+    assert html.escape(EVIL) in page
+    parsed = _parse(page)
+    scripts = [attrs for tag, attrs in parsed.tags if tag == "script"]
+    assert len(scripts) == 1 and "src" not in scripts[0]
+    # Only our script may run: the CSP pins its hash.
+    csp = next(a["content"] for t, a in parsed.tags if a.get("http-equiv") ==
+               "Content-Security-Policy")
+    assert f"'{_csp_hash(parsed.scripts[0])}'" in csp and "default-src 'none'" in csp
+    for tag, attrs in parsed.tags:
+        for key in ("src", "href"):
+            value = attrs.get(key)
+            assert value is None or value.startswith(("data:", "#")), (tag, key, value)
+    assert not re.search(r"url\((?!data:)", page)
+    imgs = [a for t, a in parsed.tags if t == "img"]
+    assert imgs and all(a["src"].startswith("data:image/") for a in imgs)
+    options = [a["value"] for t, a in parsed.tags if t == "option"]
+    assert options == ["", *CLASSES]
+
+
+def test_print_mode_drops_script_and_controls(audit_dpath):
+    data = build_report_data(load_audit(audit_dpath), audit_dpath)
+    page = render_html(data, print_mode=True)
+    tags = {t for t, _ in _parse(page).tags}
+    assert "script" not in tags and "select" not in tags and "button" not in tags
+    assert "ruler" in page and "FAIL" in page
+
+
+def test_write_report_is_repeatable_and_touches_only_its_output(audit_dpath):
+    before = {p.name: p.read_bytes() for p in audit_dpath.rglob("*") if p.is_file()}
+    paths = write_report(audit_dpath, html=True, pdf=False)
+    assert paths.pdf is None and paths.html == audit_dpath / "report.html"
+    first = paths.html.read_text()
+    write_report(audit_dpath / "audit.json", html=True, pdf=False)
+    assert paths.html.read_text() == first
+    after = {p.name: p.read_bytes() for p in audit_dpath.rglob("*") if p.is_file()}
+    assert after.pop("report.html") and after == before  # no temp files, inputs unchanged
+    assert len(first) < 400_000
+
+
+# ------------------------------------------------------------------ CLI
+
+def test_cli_report_prints_the_paths_it_wrote(audit_dpath):
+    res = CliRunner().invoke(app, ["report", str(audit_dpath), "--no-pdf", "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout) == {"html": str(audit_dpath / "report.html"), "pdf": None}
+    assert (audit_dpath / "report.html").is_file()
+    assert not (audit_dpath / "report.pdf").exists()
+
+
+@pytest.mark.parametrize("damage", ["missing", "corrupt", "wrong-kind", "malformed"])
+def test_cli_report_refuses_a_broken_audit_with_exit_2(audit_dpath, damage):
+    fpath = audit_dpath / "audit.json"
+    if damage == "missing":
+        fpath.unlink()
+    elif damage == "corrupt":
+        fpath.write_text('{"kind": "audit", ')
+    else:
+        doc = json.loads(fpath.read_text())
+        if damage == "wrong-kind":
+            doc["kind"] = "sae"
+        else:
+            doc["result"]["heads"][0]["colour"] = "red"
+        fpath.write_text(json.dumps(doc))
+    res = CliRunner().invoke(app, ["report", str(audit_dpath), "--no-pdf"])
+    assert res.exit_code == 2
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1 and "audit.json" in lines[0], res.stderr
+    assert not (audit_dpath / "report.html").exists()
+
+
+def test_cli_report_needs_something_to_write(audit_dpath):
+    res = CliRunner().invoke(app, ["report", str(audit_dpath), "--no-html", "--no-pdf"])
+    assert res.exit_code == 2 and "nothing to write" in res.stderr
+
+
+# ------------------------------------------------------------------ PDF
+
+def _poppler(tool: str) -> str:
+    path = shutil.which(tool)
+    if path is None:
+        pytest.fail(f"{tool} not found: install Debian's poppler-utils (scripts/test.sh does)")
+    return path
+
+
+@pytest.mark.slow
+def test_pdf_pages_are_nonblank_and_text_carries_verdict_and_labels(audit_dpath, tmp_path):
+    pdftoppm, pdftotext = _poppler("pdftoppm"), _poppler("pdftotext")
+    paths = write_report(audit_dpath, html=False, pdf=True)
+    assert paths.html is None and paths.pdf.read_bytes().startswith(b"%PDF-")
+    subprocess.run([pdftoppm, "-png", "-r", "40", str(paths.pdf), str(tmp_path / "page")],
+                   check=True)
+    pages = sorted(tmp_path.glob("page-*.png"))
+    n_heads = len(load_audit(audit_dpath).heads)
+    assert len(pages) >= 1 + n_heads  # the overview, then each head starts a new page
+    for page in pages:
+        gray = Image.open(page).convert("L")
+        dark = sum(gray.histogram()[:200])
+        assert dark > 0.002 * gray.width * gray.height, f"{page.name} is blank"
+    text = subprocess.run([pdftotext, "-layout", str(paths.pdf), "-"], check=True,
+                          capture_output=True, text=True).stdout
+    assert "Verdict: FAIL" in text
+    assert "ruler" in text and "band-aid" in text
+    assert EVIL in text
+    assert "clipaudit audit audit-2025-test-01" in text  # running header
+    assert re.search(rf"\b1\s*/\s*{len(pages)}\b", text)  # page numbers
