@@ -13,6 +13,7 @@ and bias terms sum to ``y_c - b_c``. ``LinearForm`` is that map.
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -202,8 +203,10 @@ def fit_probe(embeds_nD: torch.Tensor, labels: Sequence[str], config: ProbeConfi
     idx_train, idx_test = train_test_split(np.arange(len(y)), test_size=config.test_fraction,
                                            random_state=config.seed, stratify=y)
     cv = LogisticRegressionCV(Cs=list(config.cs), cv=config.folds, class_weight="balanced",
-                              max_iter=config.max_iter, random_state=config.seed)
-    cv.fit(x[idx_train], y[idx_train])
+                              scoring="neg_log_loss", max_iter=config.max_iter, random_state=config.seed)
+    with warnings.catch_warnings():  # sklearn's announcements about future attribute layouts
+        warnings.simplefilter("ignore", FutureWarning)
+        cv.fit(x[idx_train], y[idx_train])
     best_c = float(np.atleast_1d(cv.C_)[0])
     pred = cv.predict(x[idx_test])
     per_class = {name: float((pred[y[idx_test] == i] == i).mean())

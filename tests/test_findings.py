@@ -1,0 +1,48 @@
+import numpy as np
+import pandas as pd
+import torch
+
+from clipaudit.findings import metadata_aucs, select_candidates
+from clipaudit.results import FindingConfig
+
+
+def _inputs():
+    share = torch.tensor([[0.5, 0.0], [0.2, 0.3], [0.05, 0.6], [0.3, 0.1]])
+    alignment = torch.tensor([[0.10, 0.0], [-0.01, 0.0], [0.0, 0.2], [0.0, 0.0]])
+    clarity = torch.tensor([0.9, 0.8, 0.9, 0.1])
+    concepts = ["malignant lesion", "ruler", "benign nevus", "hair"]
+    return share, alignment, clarity, concepts, torch.ones(4)
+
+
+def test_candidates_need_share_low_alignment_and_clarity():
+    share, alignment, clarity, concepts, scores = _inputs()
+    cands = select_candidates(share, alignment, clarity, concepts, scores, ["malignant", "benign"],
+                              FindingConfig(share_min=0.15, alignment_max=0.05, clarity_min=0.3))
+    got = {(c.class_name, c.component) for c in cands}
+    # 0: aligned with malignant; 3: not coherent; 2 for benign: aligned; 1: the ruler
+    assert got == {("malignant", 1), ("benign", 1)}
+    assert all(c.kind == "shortcut" for c in cands)
+
+
+def test_forbidden_and_expected_concepts():
+    share, alignment, clarity, concepts, scores = _inputs()
+    config = FindingConfig(share_min=0.15, alignment_max=0.05, clarity_min=0.3,
+                           forbidden={"*": ["ruler"]}, expected={"benign": ["Ruler"]})
+    cands = select_candidates(share, alignment, clarity, concepts, scores, ["malignant", "benign"], config)
+    assert [(c.class_name, c.kind) for c in cands] == [("malignant", "forbidden-concept")]
+
+
+def test_concept_lists_match_whole_phrases_only():
+    share = torch.tensor([[0.5]])
+    args = (torch.tensor([[0.0]]), torch.tensor([0.9]), ["chair"], torch.ones(1), ["x"])
+    cands = select_candidates(share, *args, FindingConfig(share_min=0.1, forbidden={"*": ["hair"]}))
+    assert cands[0].kind == "shortcut"
+
+
+def test_metadata_auc_is_one_for_a_perfect_detector_and_skips_non_binary_columns():
+    meta = pd.DataFrame({"has_ruler": [True, False, True, False], "tone": ["a", "b", "c", "a"],
+                         "flag": [1, 0, 0, 1]})
+    act = np.array([3.0, 0.0, 2.0, 0.1])
+    aucs = metadata_aucs(act, meta)
+    assert aucs["has_ruler"] == 1.0 and "tone" not in aucs
+    assert aucs["flag"] == 0.75  # positives 3.0 and 0.1 vs negatives 0.0 and 2.0: 3 of 4 pairs
