@@ -108,6 +108,12 @@ class TopActivationsAccumulator:
         if int(lat.min()) < 0 or int(lat.max()) >= n_latents:
             raise ValueError(f"component index out of range [0, {n_latents})")
         self.counts += torch.bincount(lat, minlength=n_latents)
+        # a firing below a component's current m-th value can never enter its top-m (that
+        # value only grows); dropping them first makes most batches cheap once buffers fill
+        enters = val >= self.values[lat, -1]
+        lat, val, iid = lat[enters], val[enters], iid[enters]
+        if lat.numel() == 0:
+            return
         touched = torch.unique(lat)
         old_ids, old_vals = self.ids[touched], self.values[touched]
         kept = old_ids >= 0
@@ -221,21 +227,19 @@ def describe_components(top: TopActivations, ref_image_embeds: Tensor,
 
 def semantic_embeddings(top: TopActivations, ref_image_embeds: Tensor) -> tuple[Tensor, Tensor]:
     """(s [n_latents, D] unit or zero, clarity [n_latents]) from the top instances'
-    reference embeddings; chunked so memory stays O(chunk x m x D)."""
-    ref = _unit(ref_image_embeds.float())
-    n_ref = ref.shape[0]
+    reference embeddings; only their rows are read, chunk by chunk, so memory stays
+    O(chunk x m x D) beside ``ref_image_embeds``."""
+    n_ref, dim = ref_image_embeds.shape
     if top.ids.numel() and int(top.ids.max()) >= n_ref:
         raise MismatchError(f"top activations name instance id {int(top.ids.max())} but the "
                             f"reference embeddings hold only {n_ref} rows (ids index rows)")
-    has_ref = ref.norm(dim=1) > 0
-    semantic = torch.zeros(top.ids.shape[0], ref.shape[1])
+    semantic = torch.zeros(top.ids.shape[0], dim)
     clarity = torch.full((top.ids.shape[0],), math.nan)
     for start in range(0, top.ids.shape[0], _CHUNK):
         ids = top.ids[start:start + _CHUNK]
-        valid = ids >= 0
-        safe = ids.clamp(min=0)
-        valid &= has_ref[safe]
-        total = (ref[safe] * valid[..., None]).sum(dim=1)  # [c, D], sum of unit vectors
+        rows = ref_image_embeds[ids.clamp(min=0)].float()  # [c, m, D]
+        valid = (ids >= 0) & (rows.norm(dim=-1) > 0)  # zero rows: no reference embedding
+        total = (_unit(rows) * valid[..., None]).sum(dim=1)  # [c, D], sum of unit vectors
         n = valid.sum(dim=1).float()
         semantic[start:start + _CHUNK] = _unit(total)
         # sum of all pairwise cosines = |sum u|^2 - n (the n self-pairs), over n(n-1) pairs
