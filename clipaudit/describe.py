@@ -184,14 +184,18 @@ class ComponentDescriptions:
 def describe_components(top: TopActivations, ref_image_embeds: Tensor,
                         text_encoder: TextEncoder, vocabulary: ConceptVocabulary,
                         class_texts: dict[str, list[str]], *,
-                        templates: Sequence[str] = ("{}",)) -> ComponentDescriptions:
+                        templates: Sequence[str] = ("{}",),
+                        provenance: dict[str, Any] | None = None) -> ComponentDescriptions:
     """Semantic embedding, clarity, concept label and class alignment per component.
 
     ``ref_image_embeds`` [N, D] holds the reference model's image embeddings indexed
     by instance id (zero rows: no embedding; such instances are left out).
     ``templates`` render each concept phrasing (``"a photo of {}"``); class texts are
-    used verbatim.
+    used verbatim. ``provenance`` (e.g. the reference model's) is kept, with the
+    vocabulary, templates and m added.
     """
+    if not vocabulary.concepts:
+        raise InputError(f"concept vocabulary {vocabulary.name!r} has no concepts")
     for t in templates:
         if "{}" not in t:
             raise InputError(f"concept template {t!r} has no '{{}}' for the concept")
@@ -222,6 +226,8 @@ def describe_components(top: TopActivations, ref_image_embeds: Tensor,
         semantic=semantic, clarity=clarity, concept=concept, concept_score=score,
         class_alignment=alpha, class_names=class_names, vocabulary=vocabulary.name,
         empty_text=empty, top=top,
+        provenance={**(provenance or {}), "vocabulary": vocabulary.name,
+                    "templates": list(templates), "m": int(top.ids.shape[1])},
     )
 
 

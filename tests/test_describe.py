@@ -231,11 +231,16 @@ def test_descriptions_round_trip(tmp_path: Path):
     top, ref, encoder, vocab, classes = _setup()
     top = top_activations([(torch.arange(3), SimpleNamespace(
         indices=torch.tensor([[0], [1], [0]]), values=torch.tensor([[2.0], [1.0], [3.0]])))], 4, 4)
-    desc = describe_components(top, ref, encoder, vocab, classes)
-    fpath = save_descriptions(tmp_path / "components.safetensors", desc, {"reference": "x"})
+    desc = describe_components(top, ref, encoder, vocab, classes,
+                               provenance={"reference": {"id": "ref@1"}})
+    assert desc.provenance == {"reference": {"id": "ref@1"}, "vocabulary": "test",
+                               "templates": ["{}"], "m": 4}
+    fpath = save_descriptions(tmp_path / "components.safetensors", desc)
     back = load_descriptions(fpath)
     assert back.concept == desc.concept and back.class_names == desc.class_names
-    assert back.vocabulary == desc.vocabulary
+    assert back.vocabulary == desc.vocabulary and back.provenance == desc.provenance
+    assert torch.equal(back.top.values, desc.top.values)
+    assert torch.equal(back.top.counts, desc.top.counts)
     for name in ("semantic", "clarity", "concept_score", "class_alignment", "empty_text"):
         torch.testing.assert_close(getattr(back, name), getattr(desc, name), equal_nan=True)
     assert torch.equal(back.top.ids, desc.top.ids)
