@@ -252,11 +252,15 @@ def test_scatter_svg_is_wellformed_escaped_and_sized_by_clarity():
     svg = str(scatter_svg(points, EVIL))
     root = ET.fromstring(svg)  # well-formed XML: escaped text cannot open tags
     ns = {"s": "http://www.w3.org/2000/svg"}
-    circles = root.findall("s:circle", ns)
+    circles = list(root.iter("{http://www.w3.org/2000/svg}circle"))
     assert len(circles) == 3
-    radius = {c.find("s:title", ns).text.split()[1]: float(c.get("r")) for c in circles}
-    assert radius["1"] > radius["3"] > radius["2"]
-    assert circles[-1].get("fill") == "#c62828"  # the finding is drawn last, highlighted
+    radius = {c.find("s:title", ns).text.split()[0]: float(c.get("r")) for c in circles}
+    assert radius["#1"] > radius["#3"] > radius["#2"]
+    highlighted = [g for g in root.findall("s:g", ns) if g.get("fill") == "#c62828"]
+    # The finding is drawn last (on top), in the highlight colour, and labelled.
+    assert [c.find("s:title", ns).text.split()[0] for c in highlighted[0]] == ["#1"]
+    assert circles[-1] is highlighted[0][0]
+    assert "#1 <b>ruler</b> & co" in "".join(highlighted[1].itertext())
     assert "<b>" not in svg and "&lt;b&gt;ruler&lt;/b&gt; &amp; co" in svg
     assert root.get("aria-label") == f"Relevance share vs alignment for class {EVIL}"
     labels = "".join(root.itertext())
@@ -380,5 +384,7 @@ def test_pdf_pages_are_nonblank_and_text_carries_verdict_and_labels(audit_dpath,
     assert "Verdict: FAIL" in text
     assert "ruler" in text and "band-aid" in text
     assert EVIL in text
-    assert "clipaudit audit audit-2025-test-01" in text  # running header
-    assert re.search(rf"\b1\s*/\s*{len(pages)}\b", text)  # page numbers
+    page_texts = text.split("\f")[:len(pages)]
+    for i, page_text in enumerate(page_texts, start=1):  # running header and page numbers
+        assert "clipaudit audit audit-2025-test-01" in page_text, f"page {i} lacks the header"
+        assert re.search(rf"\b{i}\s*/\s*{len(pages)}\b", page_text), f"page {i} unnumbered"

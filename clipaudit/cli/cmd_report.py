@@ -13,7 +13,8 @@ from clipaudit.cli._common import out, print_json, user_errors
 @app.command("report")
 @user_errors
 def report(
-    audit_dpath: Path = typer.Argument(..., help="Audit folder (holds audit.json)."),
+    audit_dpath: Path = typer.Argument(..., metavar="AUDIT_DIR",
+                                       help="Audit folder (holds audit.json)."),
     html: bool = typer.Option(True, "--html/--no-html", help="Write report.html."),
     pdf: bool = typer.Option(True, "--pdf/--no-pdf", help="Write report.pdf."),
     as_json: bool = typer.Option(False, "--json", help="Print the written paths as JSON."),

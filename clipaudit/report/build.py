@@ -47,8 +47,9 @@ _STATUS_ORDER: dict[str, int] = {"fail": 0, "warn": 1, "pass": 2}
 STRONG_AUC = 0.8
 """An AUC this far from chance (>= 0.8 or <= 0.2) is highlighted as confirming metadata."""
 # Provenance keys shown first, in this order; the rest follow alphabetically.
-_PROVENANCE_ORDER = ("backbone", "hook", "sae", "probe", "prompt_set", "data", "data_hash",
-                     "seed", "date", "clipaudit_version")
+_PROVENANCE_ORDER = ("backbone", "hook", "sae", "heads", "probe", "prompt_set", "data_sha256",
+                     "data_hash", "cache", "reference", "vocabularies", "rules", "seed", "date",
+                     "clipaudit_version")
 
 
 # ------------------------------------------------------------------ formatting
@@ -260,6 +261,8 @@ def _class_names(result: AuditResult) -> tuple[str, ...]:
 def _flatten(prefix: str, value: Any) -> list[KeyValue]:
     if isinstance(value, Mapping) and value:
         return [kv for k, v in value.items() for kv in _flatten(f"{prefix}.{k}", v)]
+    if isinstance(value, (list, tuple)) and any(isinstance(v, Mapping) for v in value):
+        return [kv for i, v in enumerate(value) for kv in _flatten(f"{prefix}[{i}]", v)]
     return [KeyValue(prefix, _plain(value))]
 
 

@@ -143,8 +143,27 @@ def _radius(clarity: float) -> float:
     return 2.0 + 6.0 * c
 
 
-def scatter_svg(points: Sequence[ScatterPoint], class_name: str) -> Markup:
-    """Relevance share (y) against class alignment (x); size = clarity; findings in red."""
+def _finite_point(p: ScatterPoint) -> bool:
+    return math.isfinite(p.share) and math.isfinite(p.alignment)
+
+
+def _point(f: _Frame, p: ScatterPoint, tooltip: bool) -> str:
+    if not _finite_point(p):
+        return ""
+    circle = f'<circle cx="{_n(f.x(p.alignment))}" cy="{_n(f.y(p.share))}" r="{_radius(p.clarity):.1f}"'
+    if not tooltip:
+        return circle + "/>"
+    return (f'{circle}><title>#{p.component} {_esc(p.concept)}: share {p.share:.3f}, '
+            f'alignment {p.alignment:+.3f}, clarity {p.clarity:.2f}</title></circle>')
+
+
+def scatter_svg(points: Sequence[ScatterPoint], class_name: str, *,
+                tooltips: int = 100) -> Markup:
+    """Relevance share (y) against class alignment (x); size = clarity; findings in red.
+
+    Findings and the ``tooltips`` points of largest |share| get a hover tooltip; the
+    crowd near zero does not, which halves the size of a 300-point chart.
+    """
     width, height = 440, 300
     label = f"Relevance share vs alignment for class {class_name}"
     if not points:
@@ -158,21 +177,21 @@ def scatter_svg(points: Sequence[ScatterPoint], class_name: str) -> Markup:
                  'stroke="#9aa3b2" stroke-dasharray="3 3"/>')
     parts.append(f'<line x1="{f.left}" y1="{zero_y}" x2="{width - f.right}" y2="{zero_y}" '
                  'stroke="#9aa3b2" stroke-dasharray="3 3"/>')
-    # Findings last, so they are drawn on top of the crowd.
-    for p in sorted(points, key=lambda p: p.is_finding):
-        if not (math.isfinite(p.share) and math.isfinite(p.alignment)):
-            continue
-        cx, cy = _n(f.x(p.alignment)), _n(f.y(p.share))
-        style = (f'fill="{FINDING_COLOR}" fill-opacity="0.85" stroke="#7f0000"' if p.is_finding
-                 else f'fill="{OTHER_COLOR}" fill-opacity="0.45"')
-        tip = (f"component {p.component} ({_esc(p.concept)}): share {p.share:.3f}, "
-               f"alignment {p.alignment:+.3f}, clarity {p.clarity:.2f}")
-        parts.append(f'<circle cx="{cx}" cy="{cy}" r="{_radius(p.clarity):.1f}" {style}>'
-                     f'<title>{tip}</title></circle>')
-        if p.is_finding:
-            parts.append(f'<text x="{_n(f.x(p.alignment) + _radius(p.clarity) + 2)}" '
-                         f'y="{cy}" dy="3" fill="{FINDING_COLOR}">#{p.component} '
-                         f'{_esc(p.concept)}</text>')
+    # Styles live on two groups (not on each of hundreds of points); findings come
+    # last, so they are drawn on top of the crowd.
+    others = [p for p in points if not p.is_finding]
+    findings = [p for p in points if p.is_finding]
+    by_share = sorted(others, key=lambda p: -abs(p.share) if _finite_point(p) else 0.0)
+    explained = {id(p) for p in by_share[:tooltips]}
+    parts.append(f'<g fill="{OTHER_COLOR}" fill-opacity="0.45">')
+    parts += [_point(f, p, id(p) in explained) for p in others]
+    parts.append(f'</g><g fill="{FINDING_COLOR}" fill-opacity="0.85" stroke="#7f0000">')
+    parts += [_point(f, p, True) for p in findings]
+    parts.append(f'</g><g fill="{FINDING_COLOR}">')
+    parts += [f'<text x="{_n(f.x(p.alignment) + _radius(p.clarity) + 2)}" y="{_n(f.y(p.share))}" '
+              f'dy="3">#{p.component} {_esc(p.concept)}</text>'
+              for p in findings if _finite_point(p)]
+    parts.append("</g>")
     return _svg(width, height, label, parts)
 
 
