@@ -1,3 +1,85 @@
-"""CLI verbs: extract (owned by the extract module)."""
+"""CLI verb: extract (images -> activation cache)."""
 
-from clipaudit.cli import app  # noqa: F401
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from clipaudit.backbone import TINY_MODEL_NAME, BackboneSpec
+from clipaudit.cache import ExtractConfig, ExtractResult, extract
+from clipaudit.cli import app
+from clipaudit.cli._common import RichReporter, err, out, print_json, user_errors
+from clipaudit.data import load_image_source
+from clipaudit.errors import InputError
+from clipaudit.hooks import HookPoint
+
+
+@app.command("extract")
+@user_errors
+def extract_cmd(
+    data: Path = typer.Argument(..., help="Image folder (one sub-folder per class) or a "
+                                          ".csv/.parquet manifest."),
+    out_dpath: Path = typer.Option(..., "--out", "-o", help="Cache folder (created or resumed)."),
+    model: str | None = typer.Option(None, help=f"open_clip model name [default: {TINY_MODEL_NAME}]."),
+    pretrained: str | None = typer.Option(None, help="open_clip pretrained tag or weights file."),
+    checkpoint: Path | None = typer.Option(None, help="Local weights file (with --model-config)."),
+    model_config: Path | None = typer.Option(None, help="open_clip model-config JSON."),
+    layer: int = typer.Option(-1, help="Block after which the residual is read (-1: last)."),
+    token: str = typer.Option("cls", help="cls or spatial."),
+    batch_size: int = typer.Option(64, envvar="CLIPAUDIT_BATCH_SIZE"),
+    workers: int = typer.Option(2, envvar="CLIPAUDIT_WORKERS", help="Decoding processes."),
+    device: str = typer.Option("auto", envvar="CLIPAUDIT_DEVICE", help="auto, cpu, cuda, cuda:N."),
+    shard_size: int = typer.Option(2048, help="Images per shard file."),
+    dtype: str = typer.Option("float32", help="Stored dtype: float32 or float16."),
+    worker_index: int = typer.Option(0, help="This worker's index (writes shards i, i+n, ...)."),
+    worker_count: int = typer.Option(1, help="Number of independent workers."),
+    path_column: str = typer.Option("path", help="Manifest column with image paths."),
+    label_column: str = typer.Option("label", help="Manifest column with labels (optional)."),
+    max_image_pixels: int | None = typer.Option(
+        None, envvar="CLIPAUDIT_MAX_IMAGE_PIXELS", help="Refuse larger images (bomb limit)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Decode images and store the activations at the hook point plus image embeddings."""
+    if pretrained and not model:
+        raise InputError("--pretrained needs --model NAME")
+    spec = BackboneSpec(model=model or TINY_MODEL_NAME, pretrained=pretrained,
+                        checkpoint=checkpoint, config=model_config)
+    config = ExtractConfig(
+        backbone=spec, hook=HookPoint(layer, token), batch_size=batch_size,  # type: ignore[arg-type]
+        num_workers=workers, shard_size=shard_size, device=device, store_dtype=dtype,
+        worker_index=worker_index, worker_count=worker_count, max_image_pixels=max_image_pixels)
+    source = load_image_source(data, path_column=path_column, label_column=label_column)
+    with RichReporter(quiet=quiet or as_json) as reporter:
+        result = extract(source, out_dpath, config, reporter=reporter)
+    if as_json:
+        print_json(_as_dict(result))
+    else:
+        out.print(_summary(result))
+        if not result.complete:
+            err.print("the index is written by the worker that finishes the last shard")
+
+
+def _as_dict(result: ExtractResult) -> dict:
+    cache = result.cache
+    return {
+        "out": str(result.dpath), "complete": result.complete, "n_planned": result.n_planned,
+        "n_ok": result.n_ok, "n_skipped": result.n_skipped,
+        "skipped_reasons": result.skipped_reasons, "n_shards": result.n_shards,
+        "shards_written": result.shards_written, "shards_resumed": result.shards_resumed,
+        "provenance": cache.provenance if cache else None,
+    }
+
+
+def _summary(result: ExtractResult) -> str:
+    reasons = ", ".join(f"{k} {v}" for k, v in result.skipped_reasons.items())
+    skipped = f"{result.n_skipped} skipped" + (f" ({reasons})" if reasons else "")
+    shards = f"{result.shards_written} shards written, {result.shards_resumed} already there"
+    if result.cache is not None:
+        hook = result.cache.provenance["hook"]
+        where = (f"cache {result.dpath} complete (model {result.cache.provenance['backbone']['id']}"
+                 f", layer {hook['layer']}, token {hook['token']}, d {result.cache.d})")
+    else:
+        where = f"cache {result.dpath} incomplete (other workers' shards missing)"
+    return f"{result.n_ok} images extracted, {skipped}; {shards}; {where}"

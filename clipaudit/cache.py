@@ -1,0 +1,353 @@
+"""The activation cache: h at the hook point and the image embeddings, in shards.
+
+Layout of a cache folder::
+
+    manifest.json              kind "activation-cache": provenance, layout, complete flag
+    plan.parquet               every planned item (id, path, label, metadata)
+    shards/shard-00000.safetensors   acts, embeds, ids of the decoded rows of ids
+                               [k * shard_size, (k + 1) * shard_size); per-row status,
+                               reason and content hash in its header
+    index.parquet              plan + sha256, status, reason (written on completion)
+
+A shard is written atomically, so it exists complete or not at all; a rerun skips
+the shards that exist, which makes a killed run resumable at shard granularity.
+Each shard is decoded and encoded in fixed batch boundaries, so a resumed cache
+equals an uninterrupted one. Worker i of n writes shards i, i + n, ...; whichever
+worker finds every shard present writes the index.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+import torch
+
+from clipaudit.artifacts import (
+    read_json,
+    read_parquet,
+    read_tensor_meta,
+    save_tensors,
+    write_json,
+    write_parquet,
+)
+from clipaudit.backbone import Backbone, BackboneSpec, load_backbone
+from clipaudit.cache_reader import ActivationCache, open_cache, shard_fpath
+from clipaudit.data import ImageSource, iter_decoded, load_image_source, reason_category
+from clipaudit.errors import InputError, MismatchError
+from clipaudit.hooks import HookPoint, VisionTower
+from clipaudit.progress import NULL_REPORTER, Reporter
+
+__all__ = ["ActivationCache", "ExtractConfig", "ExtractResult", "extract", "open_cache"]
+
+log = logging.getLogger(__name__)
+
+STORE_DTYPES = {"float32": torch.float32, "float16": torch.float16}
+_CACHE_FILES = {"manifest.json", "plan.parquet", "index.parquet", "shards"}
+
+
+@dataclass(frozen=True)
+class ExtractConfig:
+    """How to extract an activation cache."""
+
+    backbone: BackboneSpec = BackboneSpec()
+    """The CLIP to run (ignored when ``extract`` is given a loaded backbone)."""
+    hook: HookPoint = HookPoint()
+    """Layer and token of the residual stream to store."""
+    batch_size: int = 64
+    """Images per forward pass. Changing it between runs of one cache is allowed."""
+    num_workers: int = 2
+    """Decoding worker processes (0: decode in the main process)."""
+    shard_size: int = 2048
+    """Images per shard file: the unit of resumption, of parallel writing and of the
+    memory ``iter_batches`` needs (spatial caches: keep shard_size x tokens x d small)."""
+    device: str = "auto"
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:1``, ..."""
+    store_dtype: str = "float32"
+    """``float32`` or ``float16`` (halves the cache; values are read back as float32)."""
+    worker_index: int = 0
+    """This worker's index among ``worker_count``; it writes shards i, i + n, ..."""
+    worker_count: int = 1
+    """Independent workers writing disjoint shards of one cache."""
+    max_image_pixels: int | None = None
+    """Decompression-bomb limit; None: $CLIPAUDIT_MAX_IMAGE_PIXELS or Pillow's default."""
+
+    def validate(self) -> None:
+        if self.batch_size <= 0 or self.shard_size <= 0 or self.num_workers < 0:
+            raise InputError(f"batch size ({self.batch_size}) and shard size "
+                             f"({self.shard_size}) must be positive, workers "
+                             f"({self.num_workers}) >= 0")
+        if self.store_dtype not in STORE_DTYPES:
+            raise InputError(f"store dtype {self.store_dtype!r} is not one of "
+                             f"{', '.join(STORE_DTYPES)}")
+        if not 0 <= self.worker_index < self.worker_count:
+            raise InputError(f"worker index {self.worker_index} is out of range for "
+                             f"{self.worker_count} workers (valid: 0..{self.worker_count - 1})")
+
+
+@dataclass(frozen=True)
+class ExtractResult:
+    """What one ``extract`` run did. Counts cover this worker's shards."""
+
+    dpath: Path
+    n_planned: int
+    """Items in the whole cache."""
+    n_ok: int
+    n_skipped: int
+    skipped_reasons: dict[str, int]
+    """Reason category (``truncated``, ``not an image``, ...) -> number of files skipped."""
+    n_shards: int
+    shards_written: int
+    """Shards this run computed."""
+    shards_resumed: int
+    """Shards of this worker already present from an earlier run (not recomputed)."""
+    complete: bool
+    """True when every shard exists and the index is written."""
+    cache: ActivationCache | None
+    """The finished cache (None while other workers' shards are missing)."""
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} asked for, but CUDA is not available here")
+    return resolved
+
+
+def extract(source: ImageSource | str | Path, out_dpath: str | Path,
+            config: ExtractConfig = ExtractConfig(), *, reporter: Reporter = NULL_REPORTER,
+            backbone: Backbone | None = None) -> ExtractResult:
+    """Extract (or resume) the activation cache of ``source`` into ``out_dpath``.
+
+    Refuses (``MismatchError``) a folder that holds a cache of another model, hook
+    point, preprocessing, data set or layout, naming both values.
+    """
+    config.validate()
+    dpath = Path(out_dpath)
+    if not isinstance(source, ImageSource):
+        source = load_image_source(source)
+    if backbone is None:
+        backbone = load_backbone(config.backbone, resolve_device(config.device))
+    elif config.device != "auto":
+        backbone.to(resolve_device(config.device))
+    tower = VisionTower(backbone.model)
+    provenance = {"backbone": backbone.provenance, "hook": config.hook.as_dict(tower.n_blocks),
+                  "data_sha256": source.source_sha256,
+                  "preprocess": backbone.provenance.get("preprocess")}
+    layout = {"shard_size": config.shard_size, "store_dtype": config.store_dtype,
+              "max_image_pixels": config.max_image_pixels}
+    manifest = _prepare(dpath, source, config, provenance, layout, tower, backbone)
+    n_shards = manifest["n_shards"]
+    mine = list(range(config.worker_index, n_shards, config.worker_count))
+    pending = [k for k in mine if not shard_fpath(dpath, k).is_file()]
+    _remove_stale_tmp(dpath, pending)
+    if pending:
+        _encode_shards(source.items, pending, dpath, config, provenance, tower, backbone,
+                       reporter)
+    counts = Counter(_shard_statuses(dpath, mine))
+    complete = all(shard_fpath(dpath, k).is_file() for k in range(n_shards))
+    if complete and not manifest.get("complete"):
+        _finalize(dpath, manifest, reporter)
+    n_ok = counts.pop("ok", 0)
+    return ExtractResult(
+        dpath=dpath, n_planned=manifest["n_planned"], n_ok=n_ok,
+        n_skipped=sum(counts.values()), skipped_reasons=dict(sorted(counts.items())),
+        n_shards=n_shards, shards_written=len(pending), shards_resumed=len(mine) - len(pending),
+        complete=complete, cache=open_cache(dpath) if complete else None,
+    )
+
+
+# ---------------------------------------------------------------- setup
+
+
+def _describe(key: str, value: Any) -> str:
+    if key == "hook":
+        return f"layer {value['layer']}, token {value['token']}"
+    if key == "backbone":
+        return str(value.get("id"))
+    return repr(value)
+
+
+def _check_same(dpath: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
+    labels = {"backbone": "model", "hook": "hook point", "preprocess": "preprocessing",
+              "data_sha256": "data set (hash of paths, labels, metadata)",
+              "shard_size": "shard size", "store_dtype": "store dtype",
+              "max_image_pixels": "image pixel limit"}
+    for key, what in labels.items():
+        before, now = old.get(key), new.get(key)
+        if key == "backbone":
+            before, now = (before or {}).get("id"), now.get("id")
+        if before != now:
+            raise MismatchError(
+                f"{dpath}: holds a cache of {what} {_describe(key, old.get(key))}; this run "
+                f"asks for {_describe(key, new.get(key))}. Extract into another --out folder, "
+                "or rerun with the cache's options")
+
+
+def _prepare(dpath: Path, source: ImageSource, config: ExtractConfig, provenance: dict,
+             layout: dict, tower: VisionTower, backbone: Backbone) -> dict[str, Any]:
+    """Check an existing cache matches this run, or start a new one; return its manifest."""
+    manifest_fpath = dpath / "manifest.json"
+    if manifest_fpath.is_file():
+        manifest = read_json(manifest_fpath, "activation-cache")
+        _check_same(dpath, {**manifest["provenance"], **manifest["layout"]},
+                    {**provenance, **layout})
+        return manifest
+    if dpath.exists() and not dpath.is_dir():
+        raise InputError(f"{dpath}: exists and is not a folder")
+    if dpath.is_dir() and any(not p.name.startswith(".") and p.name not in _CACHE_FILES
+                              for p in dpath.iterdir()):
+        raise InputError(f"{dpath}: folder is not empty and holds no clipaudit cache; "
+                         "extract into a new or empty folder")
+    n = len(source.items)
+    try:
+        write_parquet(dpath / "plan.parquet", "cache-plan", source.items, provenance=provenance)
+    except (TypeError, ValueError) as e:  # pyarrow's ArrowInvalid/ArrowTypeError subclass these
+        raise InputError(f"{source.root}: a metadata column cannot be stored in Parquet "
+                         f"({str(e)[:200]})") from None
+    width = tower.width
+    n_tokens = None if config.hook.token == "cls" else _n_patch_tokens(tower)
+    payload = {
+        "layout": layout, "n_planned": n, "n_shards": -(-n // config.shard_size),
+        "d": width, "embed_dim": backbone.embed_dim, "token": config.hook.token,
+        "n_tokens": n_tokens, "source": {"root": str(source.root), "n_items": n},
+        "created_with": dataclasses.asdict(config), "complete": False,
+    }
+    write_json(manifest_fpath, "activation-cache", payload, provenance=provenance)
+    return read_json(manifest_fpath, "activation-cache")
+
+
+def _n_patch_tokens(tower: VisionTower) -> int:
+    grid = tower.visual.grid_size
+    return int(grid[0] * grid[1])
+
+
+def _remove_stale_tmp(dpath: Path, pending: list[int]) -> None:
+    # A kill -9 during a shard write leaves its temporary file behind; only this
+    # worker's pending shards are touched, so other workers' writes are safe.
+    for k in pending:
+        final = shard_fpath(dpath, k)
+        for tmp in final.parent.glob(f".{final.name}.*.tmp"):
+            tmp.unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- encoding
+
+
+class _ShardBuffer:
+    """Rows of one shard as they come in, written as one file when the shard is done."""
+
+    def __init__(self, k: int, first_id: int, n_planned: int):
+        self.k, self.first_id, self.n_planned = k, first_id, n_planned
+        self.acts: list[torch.Tensor] = []
+        self.embeds: list[torch.Tensor] = []
+        self.ids: list[torch.Tensor] = []
+        self.status: list[str] = ["ok"] * n_planned
+        self.reason: list[str | None] = [None] * n_planned
+        self.sha256: list[str | None] = [None] * n_planned
+        self.n_seen = 0
+
+    def write(self, dpath: Path, provenance: dict, config: ExtractConfig) -> None:
+        assert self.n_seen == self.n_planned, (self.k, self.n_seen, self.n_planned)
+        ids = torch.cat(self.ids) if self.ids else torch.empty(0, dtype=torch.int64)
+        tensors = {"acts": torch.cat(self.acts), "embeds": torch.cat(self.embeds), "ids": ids}
+        meta = {"shard": self.k, "first_id": self.first_id, "n_planned": self.n_planned,
+                "n_ok": int(ids.numel()), "status": self.status, "reason": self.reason,
+                "sha256": self.sha256, "batch_size": config.batch_size,
+                "written_by": {"worker_index": config.worker_index,
+                               "worker_count": config.worker_count}}
+        save_tensors(shard_fpath(dpath, self.k), "cache-shard", tensors, meta, provenance)
+
+
+def _encode_shards(items: pd.DataFrame, pending: list[int], dpath: Path, config: ExtractConfig,
+                   provenance: dict, tower: VisionTower, backbone: Backbone,
+                   reporter: Reporter) -> None:
+    size, n = config.shard_size, len(items)
+    batches = [list(range(s, min(s + config.batch_size, (k + 1) * size, n)))
+               for k in pending for s in range(k * size, min((k + 1) * size, n),
+                                               config.batch_size)]
+    device, dtype = backbone.device, STORE_DTYPES[config.store_dtype]
+    hook = config.hook
+    decoded = iter_decoded(items, backbone.preprocess, batches=batches,
+                           num_workers=config.num_workers, max_pixels=config.max_image_pixels,
+                           pin_memory=device.type == "cuda")
+    buffers = {k: _ShardBuffer(k, k * size, min(size, n - k * size)) for k in pending}
+    n_skipped = 0
+    with reporter.task("extract", total=sum(len(b) for b in batches)) as task:
+        for batch, rows in zip(decoded, batches):
+            buf = buffers[rows[0] // size]
+            if batch.ids.numel():
+                with torch.inference_mode():
+                    cap = tower.capture(batch.images.to(device, non_blocking=True), hook)
+                buf.acts.append(cap.acts.to(dtype).cpu())
+                buf.embeds.append(cap.embeds.to(dtype).cpu())
+                buf.ids.append(batch.ids)
+            elif not buf.acts:  # keep the tensor shapes of an all-skipped batch
+                buf.acts.append(torch.empty(0, *_acts_tail(tower, hook), dtype=dtype))
+                buf.embeds.append(torch.empty(0, backbone.embed_dim, dtype=dtype))
+            for item_id, reason in batch.skipped:
+                buf.status[item_id - buf.first_id] = "skipped"
+                buf.reason[item_id - buf.first_id] = reason
+            for item_id, digest in batch.sha256.items():
+                buf.sha256[item_id - buf.first_id] = digest
+            buf.n_seen += len(rows)
+            n_skipped += len(batch.skipped)
+            if buf.n_seen == buf.n_planned:
+                buffers.pop(buf.k).write(dpath, provenance, config)
+            task.advance(len(rows), skipped=n_skipped)
+    assert not buffers, f"shards left unwritten: {sorted(buffers)}"
+
+
+def _acts_tail(tower: VisionTower, hook: HookPoint) -> tuple[int, ...]:
+    if hook.token == "cls":
+        return (tower.width,)
+    return (_n_patch_tokens(tower), tower.width)
+
+
+# ---------------------------------------------------------------- completion
+
+
+def _shard_statuses(dpath: Path, shards: list[int]) -> list[str]:
+    """``ok`` or the reason category of every planned row of ``shards`` present on disk."""
+    out = []
+    for k in shards:
+        fpath = shard_fpath(dpath, k)
+        if fpath.is_file():
+            meta = read_tensor_meta(fpath) or {}
+            out += ["ok" if s == "ok" else reason_category(r or "unknown")
+                    for s, r in zip(meta.get("status", []), meta.get("reason", []))]
+    return out
+
+
+def _finalize(dpath: Path, manifest: dict[str, Any], reporter: Reporter) -> None:
+    """Write the index from the plan and the shards' headers, then mark the cache complete."""
+    plan, _ = read_parquet(dpath / "plan.parquet", "cache-plan")
+    status, reason, sha256 = [], [], []
+    with reporter.task("index", total=manifest["n_shards"]) as task:
+        for k in range(manifest["n_shards"]):
+            meta = read_tensor_meta(shard_fpath(dpath, k)) or {}
+            status += meta["status"]
+            reason += meta["reason"]
+            sha256 += meta["sha256"]
+            task.advance()
+    assert len(status) == len(plan), (len(status), len(plan))
+    index = plan.assign(sha256=sha256, status=status, reason=reason)
+    write_parquet(dpath / "index.parquet", "cache-index", index,
+                  provenance=manifest["provenance"])
+    counts = Counter(reason_category(r) for r in reason if r is not None)
+    payload = {k: v for k, v in manifest.items() if k not in
+               ("kind", "schema_version", "clipaudit_version", "created", "provenance")}
+    payload.update(complete=True, n_ok=status.count("ok"), n_skipped=len(status) -
+                   status.count("ok"), skipped_reasons=dict(sorted(counts.items())))
+    write_json(dpath / "manifest.json", "activation-cache", payload,
+               provenance=manifest["provenance"])
