@@ -300,6 +300,24 @@ def test_html_escapes_user_text_and_loads_nothing_external(audit_dpath):
     assert options == ["", *CLASSES]
 
 
+def test_an_audit_with_little_in_it_still_renders(tmp_path):
+    nan = float("nan")
+    head = HeadAudit(name="probe", kind="linear-probe", class_names=["a"], accuracy=None,
+                     classes=[ClassAudit("a", 0, None, 0.0, nan, components=[
+                         ComponentPoint(0, nan, 0.1, 0.5, "x"),
+                         ComponentPoint(1, 0.2, 0.1, nan, "y")])],
+                     faithfulness=[FaithfulnessCurve("random", [0, 1], [nan, 0.5], nan)])
+    result = AuditResult(audit_id="tiny", provenance={}, sae_metrics={}, heads=[head])
+    data = build_report_data(result, tmp_path)
+    assert data.verdict == "pass" and data.comparison_heads == () and data.finding_rows == ()
+    assert data.heads[0].classes[0].unexplained_share.value is None
+    for print_mode in (False, True):
+        page = render_html(data, print_mode=print_mode)
+        assert "No rules were checked." in page and "No SAE metrics recorded." in page
+        ET.fromstring(str(data.heads[0].classes[0].scatter_svg))
+        ET.fromstring(str(data.heads[0].faithfulness_svg))
+
+
 def test_print_mode_drops_script_and_controls(audit_dpath):
     data = build_report_data(load_audit(audit_dpath), audit_dpath)
     page = render_html(data, print_mode=True)
