@@ -1,0 +1,109 @@
+"""Concept matching: case-insensitive, word-based, synonym-aware.
+
+A concept label matches a listed term when the term's words appear as consecutive
+words of the label, ignoring case and punctuation: ``ruler`` matches ``ruler`` and
+``measuring ruler``; ``band-aid`` matches ``band aid`` and ``Band-Aid``; ``ink``
+does not match ``pink skin``. Synonym groups (``synonyms: {ruler: [scale bar]}``)
+make every member of a group stand for all of them; groups sharing a member merge.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable, Mapping
+
+Words = tuple[str, ...]
+
+_WORD_RE = re.compile(r"[^\W_]+")
+
+
+def words_of(text: str) -> Words:
+    """The lower-cased words of ``text`` (hyphens, underscores and punctuation split)."""
+    return tuple(_WORD_RE.findall(text.casefold()))
+
+
+def phrase_in(term: Words, label: Words) -> bool:
+    """Whether ``term`` occurs as consecutive words of ``label``."""
+    if not term or len(term) > len(label):
+        return False
+    return any(label[i:i + len(term)] == term for i in range(len(label) - len(term) + 1))
+
+
+class SynonymGroups:
+    """Union-find over normalised terms: each term knows every phrasing of its concept."""
+
+    def __init__(self, synonyms: Mapping[str, Iterable[str]]):
+        self._parent: dict[Words, Words] = {}
+        self._spellings: dict[Words, set[str]] = {}
+        for key, values in synonyms.items():
+            for value in values:
+                self._union(self._add(key), self._add(value))
+        self._members: dict[Words, set[Words]] = {}
+        for term in self._parent:
+            self._members.setdefault(self._find(term), set()).add(term)
+
+    def _add(self, spelling: str) -> Words:
+        words = words_of(spelling)
+        self._spellings.setdefault(words, set()).add(spelling.strip().casefold())
+        return words
+
+    def spellings(self, term: Words) -> set[str]:
+        """How the rule file spelled ``term`` (lower-cased), and its words joined by spaces."""
+        return {" ".join(term), *self._spellings.get(term, ())}
+
+    def _find(self, term: Words) -> Words:
+        self._parent.setdefault(term, term)
+        while self._parent[term] != term:
+            self._parent[term] = self._parent[self._parent[term]]
+            term = self._parent[term]
+        return term
+
+    def _union(self, a: Words, b: Words) -> None:
+        root_a, root_b = self._find(a), self._find(b)
+        if root_a != root_b:
+            self._parent[max(root_a, root_b)] = min(root_a, root_b)
+
+    def expand(self, term: str) -> set[Words]:
+        """``term`` and every synonym of it, as word tuples."""
+        words = words_of(term)
+        if words not in self._parent:
+            return {words}
+        return set(self._members[self._find(words)])
+
+
+class ConceptMatcher:
+    """Decides whether a concept label is one of a list of terms (with synonyms)."""
+
+    def __init__(self, synonyms: Mapping[str, Iterable[str]] | None = None):
+        self._groups = SynonymGroups(synonyms or {})
+
+    def expand(self, terms: Iterable[str]) -> set[Words]:
+        out: set[Words] = set()
+        for term in terms:
+            out |= self._groups.expand(term)
+        return {t for t in out if t}
+
+    def spellings(self, terms: Iterable[str]) -> set[str]:
+        """Every spelling of ``terms`` and their synonyms, lower-cased."""
+        out = {t.strip().casefold() for t in terms}
+        for words in self.expand(terms):
+            out |= self._groups.spellings(words)
+        return {s for s in out if s}
+
+    def first_match(self, label: str, terms: Iterable[str]) -> str | None:
+        """The first of ``terms`` that ``label`` matches (directly or via a synonym)."""
+        label_words = words_of(label)
+        for term in terms:
+            if any(phrase_in(t, label_words) for t in self._groups.expand(term)):
+                return term
+        return None
+
+    def matches(self, label: str, terms: Iterable[str]) -> bool:
+        return self.first_match(label, terms) is not None
+
+
+def concept_matches(label: str, terms: Iterable[str],
+                    synonyms: Mapping[str, Iterable[str]] | None = None) -> bool:
+    """Whether concept ``label`` is one of ``terms`` (case-insensitive, whole words,
+    ``synonyms`` as in a rule file's ``concepts.synonyms``)."""
+    return ConceptMatcher(synonyms).matches(label, terms)

@@ -1,0 +1,242 @@
+"""The rule-file model: what a rule file may say, validated strictly by pydantic.
+
+Every model forbids unknown keys and coerces nothing (a quoted ``"0.15"`` is not a
+number). Field docstrings become the descriptions of the shipped JSON Schema
+(``rules/schema.json``), so an editor shows them. Check entries are validated
+against the parameters of their registered check (see ``registry``); this module
+only holds what every rule file shares.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, model_validator
+
+from clipaudit.gate.matching import ConceptMatcher
+from clipaudit.results import FindingConfig
+
+ALL_CLASSES = "*"
+"""Key of ``concepts.forbidden``/``expected`` that applies to every class."""
+
+RULE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+
+def _require_date(value: Any) -> Any:
+    # YAML gives a date for an unquoted 2027-01-31; accept an ISO string as well, but not
+    # a datetime or a number (pydantic's lax date would read 0 as 1970-01-01).
+    if isinstance(value, dt.datetime):
+        raise ValueError(f"expected a date like 2027-01-31, got a date and time ({value})")
+    if isinstance(value, dt.date):
+        return value
+    if isinstance(value, str):
+        try:
+            return dt.date.fromisoformat(value)
+        except ValueError:
+            pass
+    raise ValueError(f"expected a date like 2027-01-31, got {value!r}")
+
+
+def _require_path(value: Any) -> Any:
+    if isinstance(value, Path):
+        return value
+    if isinstance(value, str) and value.strip():
+        return Path(value)
+    raise ValueError(f"expected a path (a non-empty string), got {value!r}")
+
+
+IsoDate = Annotated[dt.date, BeforeValidator(_require_date)]
+FilePath = Annotated[Path, BeforeValidator(_require_path)]
+Share = Annotated[float, Field(ge=0.0, le=1.0)]
+Term = Annotated[str, Field(min_length=1)]
+RuleId = Annotated[str, Field(pattern=RULE_ID_PATTERN)]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True, frozen=True, allow_inf_nan=False,
+                              use_attribute_docstrings=True, populate_by_name=False)
+
+
+class Thresholds(StrictModel):
+    """Which components become findings (DESIGN.md section 2, Findings)."""
+
+    share_min: Share = 0.10
+    """A component carrying at least this share of a class's evidence is a candidate."""
+    alignment_max: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.02
+    """A component aligned with its class at least this much is not a shortcut."""
+    clarity_min: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.30
+    """A component less coherent than this is not described well enough to be a finding."""
+
+
+class Concepts(StrictModel):
+    """Concept lists per class name (``"*"``: every class); matched case-insensitively
+    on whole words, so ``ruler`` also matches ``measuring ruler``."""
+
+    forbidden: dict[str, list[Term]] = {}
+    """Concepts that must never carry a class's evidence."""
+    expected: dict[str, list[Term]] = {}
+    """Concepts that legitimately carry a class's evidence (never findings)."""
+    synonyms: dict[Term, list[Term]] = {}
+    """Concept -> other phrasings that mean the same (``ruler: [scale bar]``)."""
+
+
+class MetadataRules(StrictModel):
+    """Metadata columns whose prediction by a finding confirms a shortcut."""
+
+    artifact_columns: list[Term] = []
+    """Binary columns marking acquisition artifacts (``has_ruler``); globs like ``has_*``."""
+    protected_columns: list[Term] = []
+    """Binary columns of protected attributes (``skin_tone=dark``, ``sex=female``); globs."""
+    auc_min: Annotated[float, Field(ge=0.5, le=1.0)] = 0.9
+    """A finding whose activation predicts such a column with ROC AUC >= this is confirmed."""
+
+
+class BaselineOptions(StrictModel):
+    """How findings are compared with the baseline audit."""
+
+    min_cosine: Annotated[float, Field(gt=0.0, le=1.0)] = 0.9
+    """Where the SAE changed, components match when their decoder directions have at
+    least this cosine similarity (same SAE: components match by id)."""
+    waive_known: bool = True
+    """Findings already in the baseline do not fail other checks (CI fails only on new ones)."""
+
+
+class Waiver(StrictModel):
+    """A documented exception: failures it matches pass, with its reason, until it expires."""
+
+    reason: Annotated[str, Field(min_length=3)]
+    """Why this is acceptable (shown in every report and summary)."""
+    component: Annotated[int, Field(ge=0)] | None = None
+    """SAE component id the waiver covers."""
+    concept: Term | None = None
+    """Concept label the waiver covers (synonyms apply)."""
+    rule: RuleId | None = None
+    """Rule id the waiver covers (alone: the whole rule, e.g. a known SAE-quality issue)."""
+    head: Term | None = None
+    """Only for this head (``probe``, ``zero-shot``)."""
+    class_name: Term | None = Field(default=None, alias="class")
+    """Only for this class."""
+    expires: IsoDate | None = None
+    """Last day the waiver applies (inclusive); afterwards the failure is back."""
+
+    @model_validator(mode="after")
+    def _says_what_it_covers(self) -> Waiver:
+        if self.component is None and self.concept is None and self.rule is None:
+            raise ValueError("a waiver needs at least one of 'component', 'concept' or 'rule'")
+        return self
+
+    def is_active(self, today: dt.date) -> bool:
+        return self.expires is None or today <= self.expires
+
+
+class CheckSpec(StrictModel):
+    """One rule: a registered check with its parameters. Each check adds its own."""
+
+    id: RuleId
+    """Rule id, unique in the rule set (``no-shortcuts``); names the JUnit test case."""
+    check: str
+    """Registered check name (``clipaudit rules list``)."""
+    severity: Literal["fail", "warn"] = "fail"
+    """What a violation does: ``fail`` fails the gate (exit code 1), ``warn`` only reports."""
+    description: str | None = None
+    """Shown next to the verdict."""
+    heads: list[Term] | None = None
+    """Only these heads (default: every head)."""
+    classes: list[Term] | None = None
+    """Only these classes (default: every class)."""
+
+
+class RuleSet(StrictModel):
+    """A rule file after ``extends`` is resolved. Build with ``load_ruleset``/``parse_ruleset``."""
+
+    version: Literal[1]
+    """Rule-file format version."""
+    extends: str | None = None
+    """Rule set this one builds on: a shipped name (``default``) or a path relative to this
+    file. Mappings merge, lists of concepts, columns and waivers add up, and a check with
+    an id the parent uses replaces the parent's."""
+    description: str | None = None
+    """What this rule set is for."""
+    disable: list[RuleId] = []
+    """Ids of checks of the extended rule set to drop."""
+    thresholds: Thresholds = Thresholds()
+    concepts: Concepts = Concepts()
+    metadata: MetadataRules = MetadataRules()
+    checks: list[CheckSpec] = []
+    """The rules to evaluate."""
+    waivers: list[Waiver] = []
+    """Documented exceptions."""
+    baseline: FilePath | None = None
+    """Audit folder (or audit.json) to compare with, relative to this rule file."""
+    baseline_options: BaselineOptions = BaselineOptions()
+
+    _sources: tuple[Path, ...] = PrivateAttr(default=())
+    _name: str = PrivateAttr(default="<rules>")
+    _matcher: ConceptMatcher | None = PrivateAttr(default=None)
+
+    @model_validator(mode="after")
+    def _unique_ids(self) -> RuleSet:
+        seen: dict[str, int] = {}
+        for i, spec in enumerate(self.checks):
+            if spec.id in seen:
+                raise ValueError(f"duplicate rule id {spec.id!r} (checks[{seen[spec.id]}] "
+                                 f"and checks[{i}])")
+            seen[spec.id] = i
+        return self
+
+    # ---------------------------------------------------------------- provenance
+
+    @property
+    def name(self) -> str:
+        """Shipped name (``dermatology``) or the rule file's path as given."""
+        return self._name
+
+    @property
+    def sources(self) -> tuple[Path, ...]:
+        """The files this rule set was read from, the file given first, then its parents."""
+        return self._sources
+
+    # ---------------------------------------------------------------- concepts
+
+    @property
+    def matcher(self) -> ConceptMatcher:
+        """Concept matching with this rule set's synonyms."""
+        if self._matcher is None:
+            self._matcher = ConceptMatcher(self.concepts.synonyms)
+        return self._matcher
+
+    def concepts_for(self, lists: dict[str, list[str]], class_name: str) -> list[str]:
+        return [*lists.get(ALL_CLASSES, []), *lists.get(class_name, [])]
+
+    def forbidden_match(self, class_name: str, concept: str) -> str | None:
+        """The forbidden term ``concept`` matches for ``class_name``, if any."""
+        return self.matcher.first_match(concept,
+                                        self.concepts_for(self.concepts.forbidden, class_name))
+
+    def concept_status(self, class_name: str,
+                       concept: str) -> Literal["forbidden", "expected"] | None:
+        """``forbidden`` wins over ``expected``; None when the concept is on neither list."""
+        if self.forbidden_match(class_name, concept) is not None:
+            return "forbidden"
+        expected = self.concepts_for(self.concepts.expected, class_name)
+        return "expected" if self.matcher.matches(concept, expected) else None
+
+    def finding_config(self) -> FindingConfig:
+        """Thresholds and concept lists for the audit. Lists are lower-case and include
+        every synonym; ``concept_status`` is the matching the rules use (whole words)."""
+        t = self.thresholds
+        return FindingConfig(
+            share_min=t.share_min, alignment_max=t.alignment_max, clarity_min=t.clarity_min,
+            forbidden=self._expanded(self.concepts.forbidden),
+            expected=self._expanded(self.concepts.expected),
+        )
+
+    def _expanded(self, lists: dict[str, list[str]]) -> dict[str, list[str]]:
+        matcher = self.matcher
+        return {cls: sorted(matcher.spellings(terms)) for cls, terms in lists.items()}
+
+    def iter_checks(self, check: str | None = None) -> Iterator[CheckSpec]:
+        return (s for s in self.checks if check is None or s.check == check)
