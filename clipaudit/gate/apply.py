@@ -1,0 +1,56 @@
+"""Re-judging a finished audit folder with a rule set (``clipaudit rules apply``)."""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+from clipaudit.gate.engine import evaluate, exit_code
+from clipaudit.gate.loader import load_ruleset
+from clipaudit.gate.model import RuleSet
+from clipaudit.gate.outputs import JUNIT_FNAME, SUMMARY_FNAME, write_junit, write_summary
+from clipaudit.results import AUDIT_FNAME, AuditResult, load_audit, save_audit
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class GateRun:
+    """An audit judged by a rule set, and where the verdicts were written."""
+
+    result: AuditResult
+    """The audit with the new verdicts and ``rules_file``."""
+    exit_code: int
+    """0: no failing rule; 1: a failing rule (2 is raised as a ClipAuditError)."""
+    audit_fpath: Path
+    junit_fpath: Path
+    summary_fpath: Path
+    baseline_dpath: Path | None
+    """The baseline audit compared with, if any."""
+
+
+def apply_rules(audit_dpath: Path | str, rules: str | Path | RuleSet, *,
+                baseline: Path | str | None = None, junit_fpath: Path | str | None = None,
+                summary_fpath: Path | str | None = None,
+                today: dt.date | None = None) -> GateRun:
+    """Evaluate ``rules`` on the audit in ``audit_dpath`` and rewrite its verdicts.
+
+    ``baseline`` (an audit folder) overrides the rule set's ``baseline``. Writes
+    audit.json, junit.xml and summary.md (by default into ``audit_dpath``).
+    """
+    audit_dpath = Path(audit_dpath)
+    ruleset = rules if isinstance(rules, RuleSet) else load_ruleset(rules)
+    result = load_audit(audit_dpath)
+    baseline_dpath = Path(baseline) if baseline is not None else ruleset.baseline
+    baseline_result = load_audit(baseline_dpath) if baseline_dpath is not None else None
+    verdicts = evaluate(result, ruleset, baseline=baseline_result, today=today)
+    result = dataclasses.replace(result, verdicts=verdicts, rules_file=ruleset.name)
+    audit_fpath = audit_dpath / AUDIT_FNAME if audit_dpath.is_dir() else audit_dpath
+    save_audit(result, audit_fpath.parent)
+    junit = write_junit(result, junit_fpath or audit_fpath.parent / JUNIT_FNAME)
+    summary = write_summary(result, summary_fpath or audit_fpath.parent / SUMMARY_FNAME)
+    log.info("rules %s on audit %s: %s", ruleset.name, result.audit_id, result.verdict)
+    return GateRun(result, exit_code(verdicts), audit_fpath, junit, summary, baseline_dpath)

@@ -1,0 +1,226 @@
+"""The built-in checks. Each fails exactly when its threshold is crossed:
+``max_*`` limits are inclusive (a value equal to the limit passes), ``*_min``
+triggers are inclusive (a value equal to the trigger counts)."""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from typing import Annotated, Any
+
+from pydantic import Field, model_validator
+
+from clipaudit.gate.model import CheckSpec, Share, Term
+from clipaudit.gate.registry import CheckOutcome, Scope, Violation, register_check
+from clipaudit.results import Finding
+
+
+def _label(f: Finding) -> str:
+    return f"component {f.component} ({f.concept})"
+
+
+# ------------------------------------------------------------------ shortcut-share
+
+
+class ShortcutShareParams(CheckSpec):
+    """Fails when one finding carries more than ``max_share`` of a class's evidence."""
+
+    max_share: Share
+    """Largest relevance share one finding may carry (a share equal to it passes)."""
+    alignment_max: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
+    """Only findings aligned with their class below this count (default: every finding;
+    ``thresholds.alignment_max`` already decided which components are findings)."""
+
+
+@register_check("shortcut-share", params=ShortcutShareParams)
+def shortcut_share(spec: ShortcutShareParams, scope: Scope) -> CheckOutcome:
+    """A poorly aligned component carries too large a share of a class's evidence."""
+    findings = [f for f in scope.findings()
+                if spec.alignment_max is None or f.alignment < spec.alignment_max]
+    violations = [
+        Violation(f"{_label(f)} carries {f.share:.3f} of the evidence "
+                  f"(alignment {f.alignment:.3f}; limit {spec.max_share:g})",
+                  f, f.share, spec.max_share)
+        for f in findings if f.share > spec.max_share
+    ]
+    largest = max((f.share for f in findings), default=0.0)
+    return CheckOutcome(
+        violations,
+        f"{len(findings)} finding(s); largest share {largest:.3f} (limit {spec.max_share:g})",
+        {"n_findings": len(findings), "largest_share": largest, "max_share": spec.max_share},
+    )
+
+
+# ------------------------------------------------------------------ forbidden-concept
+
+
+class ForbiddenConceptParams(CheckSpec):
+    """Fails when a finding's concept is forbidden for its class (``concepts.forbidden``)."""
+
+    min_share: Share = 0.0
+    """Only forbidden findings carrying at least this share count."""
+
+
+@register_check("forbidden-concept", params=ForbiddenConceptParams)
+def forbidden_concept(spec: ForbiddenConceptParams, scope: Scope) -> CheckOutcome:
+    """A finding encodes a concept the rule set forbids for the class."""
+    assert scope.class_name is not None
+    violations = []
+    for f in scope.findings():
+        term = scope.ruleset.forbidden_match(scope.class_name, f.concept)
+        if term is not None and f.share >= spec.min_share:
+            violations.append(Violation(
+                f"{_label(f)} is forbidden ({term!r}) and carries {f.share:.3f} of the evidence",
+                f, f.share, spec.min_share))
+    forbidden = scope.ruleset.concepts_for(scope.ruleset.concepts.forbidden, scope.class_name)
+    return CheckOutcome(
+        violations, f"no finding encodes a forbidden concept ({len(forbidden)} listed)",
+        {"forbidden": forbidden, "min_share": spec.min_share},
+    )
+
+
+# ------------------------------------------------------------------ unexplained-share
+
+
+class UnexplainedShareParams(CheckSpec):
+    """Fails when the SAE leaves too much of a class's evidence unexplained."""
+
+    max_share: Share
+    """Largest unexplained share (error term) allowed (a share equal to it passes)."""
+
+
+@register_check("unexplained-share", params=UnexplainedShareParams)
+def unexplained_share(spec: UnexplainedShareParams, scope: Scope) -> CheckOutcome:
+    """The SAE's error term carries too much of a class's evidence to trust the audit."""
+    assert scope.class_audit is not None
+    value = scope.class_audit.unexplained_share
+    violations = [] if value <= spec.max_share else [Violation(
+        f"the SAE leaves {value:.3f} of the evidence unexplained (limit {spec.max_share:g})",
+        None, value, spec.max_share)]
+    return CheckOutcome(violations, f"unexplained share {value:.3f} (limit {spec.max_share:g})",
+                        {"unexplained_share": value, "max_share": spec.max_share})
+
+
+# ------------------------------------------------------------------ sae-quality
+
+
+class SaeQualityParams(CheckSpec):
+    """Fails when the SAE reconstructs the activations too poorly to audit with."""
+
+    max_fvu: Annotated[float, Field(ge=0.0)] | None = None
+    """Largest fraction of variance unexplained allowed (``sae_metrics.fvu``)."""
+    max_dead_fraction: Share | None = None
+    """Largest fraction of components that never fire (``sae_metrics.dead_fraction``)."""
+
+    @model_validator(mode="after")
+    def _has_a_limit(self) -> SaeQualityParams:
+        if self.max_fvu is None and self.max_dead_fraction is None:
+            raise ValueError("set max_fvu, max_dead_fraction or both")
+        return self
+
+
+@register_check("sae-quality", params=SaeQualityParams, scope="audit")
+def sae_quality(spec: SaeQualityParams, scope: Scope) -> CheckOutcome:
+    """The SAE's reconstruction quality is below the rule set's minimum."""
+    metrics = scope.result.sae_metrics
+    limits = {"fvu": spec.max_fvu, "dead_fraction": spec.max_dead_fraction}
+    violations, seen = [], {}
+    for metric, limit in limits.items():
+        if limit is None:
+            continue
+        value = metrics.get(metric)
+        seen[metric] = value
+        if value is None:
+            violations.append(Violation(f"the audit reports no SAE {metric}", None, None, limit))
+        elif value > limit:
+            violations.append(Violation(f"SAE {metric} {value:.3f} (limit {limit:g})",
+                                        None, value, limit))
+    summary = ", ".join(f"{m} {v:.3f} (limit {limits[m]:g})" for m, v in seen.items()
+                        if v is not None)
+    return CheckOutcome(violations, summary or "no SAE metrics",
+                        {"metrics": seen, "limits": {k: v for k, v in limits.items() if v is not None}})
+
+
+# ------------------------------------------------------------------ metadata-confirmed
+
+
+class MetadataConfirmedParams(CheckSpec):
+    """Fails when a finding's activation predicts an artifact or protected metadata column."""
+
+    auc_min: Annotated[float, Field(ge=0.5, le=1.0)] | None = None
+    """ROC AUC at which a column counts as predicted (default: ``metadata.auc_min``)."""
+    columns: list[Term] | None = None
+    """Columns (globs) to look at (default: ``metadata.artifact_columns`` and
+    ``protected_columns``)."""
+    symmetric: bool = True
+    """Also count an AUC of 1 - auc_min or less (the component fires on the absence)."""
+
+
+def _column_matcher(patterns: list[str]) -> Any:
+    lowered = [p.casefold() for p in patterns]
+    return lambda column: any(fnmatch.fnmatchcase(column.casefold(), p) for p in lowered)
+
+
+@register_check("metadata-confirmed", params=MetadataConfirmedParams)
+def metadata_confirmed(spec: MetadataConfirmedParams, scope: Scope) -> CheckOutcome:
+    """A finding's activation predicts a metadata column marked as artifact or protected."""
+    rules = scope.ruleset.metadata
+    auc_min = spec.auc_min if spec.auc_min is not None else rules.auc_min
+    patterns = spec.columns if spec.columns is not None else \
+        [*rules.artifact_columns, *rules.protected_columns]
+    if not patterns:
+        return CheckOutcome([], "no artifact or protected columns configured", skipped=True)
+    listed = _column_matcher(patterns)
+    violations, looked_at = [], set()
+    for f in scope.findings():
+        scored = [(c, auc, max(auc, 1.0 - auc) if spec.symmetric else auc)
+                  for c, auc in f.metadata_auc.items() if listed(c) and math.isfinite(auc)]
+        looked_at.update(c for c, _, _ in scored)
+        hits = sorted((s for s in scored if s[2] >= auc_min), key=lambda s: -s[2])
+        if hits:
+            column, auc, strength = hits[0]
+            violations.append(Violation(
+                f"{_label(f)} predicts {column} (AUC {auc:.3f}; trigger {auc_min:g})",
+                f, strength, auc_min))
+    summary = (f"no finding predicts {', '.join(sorted(looked_at))} with AUC >= {auc_min:g}"
+               if looked_at else f"no finding has a score for the listed columns "
+               f"({', '.join(patterns)})")
+    return CheckOutcome(violations, summary, {"auc_min": auc_min, "columns": patterns,
+                                              "columns_scored": sorted(looked_at)})
+
+
+# ------------------------------------------------------------------ baseline-regression
+
+
+class BaselineRegressionParams(CheckSpec):
+    """Fails when a finding is absent from the baseline audit (a new shortcut)."""
+
+    min_share: Share = 0.0
+    """Only new findings carrying at least this share count."""
+    require_baseline: bool = False
+    """Without a baseline: fail (true) or pass as skipped (false)."""
+
+
+@register_check("baseline-regression", params=BaselineRegressionParams)
+def baseline_regression(spec: BaselineRegressionParams, scope: Scope) -> CheckOutcome:
+    """A finding is new: no component of the baseline audit matches it."""
+    if scope.baseline is None:
+        if spec.require_baseline:
+            return CheckOutcome([Violation("no baseline audit given (require_baseline)")],
+                                "no baseline audit")
+        return CheckOutcome([], "no baseline audit given", skipped=True)
+    violations, matches = [], []
+    for f in scope.findings():
+        match = scope.baseline.match(f)
+        matches.append({"finding": f.id, **match.to_dict()})
+        if not match.matched and f.share >= spec.min_share:
+            violations.append(Violation(
+                f"new: {_label(f)} carries {f.share:.3f} and is not in baseline "
+                f"{scope.baseline.baseline_id}", f, f.share, spec.min_share))
+    n_known = sum(m["matched"] for m in matches)
+    return CheckOutcome(
+        violations, f"{n_known} of {len(matches)} finding(s) known in baseline "
+        f"{scope.baseline.baseline_id} (matched by {scope.baseline.method})",
+        {"baseline": scope.baseline.baseline_id, "method": scope.baseline.method,
+         "matches": matches, "min_share": spec.min_share},
+    )
