@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from clipaudit.cli import app
-from clipaudit.errors import ClipAuditError, InputError, RuleFileError
+from clipaudit.errors import InputError, RuleFileError
 from clipaudit.gate import (
     CheckOutcome,
     CheckSpec,
@@ -128,6 +128,7 @@ def test_finding_config_carries_thresholds_and_expanded_concepts():
     ({"checks": [{"id": "a", "check": "forbidden-concept"},
                  {"id": "a", "check": "forbidden-concept"}]}, "duplicate rule id 'a'"),
     ({"waivers": [{"rule": "missing", "reason": "because"}]}, "waivers[0].rule: no rule"),
+    ({"checks": []}, "checks: the rule set runs no checks"),
 ])
 def test_errors_name_file_path_and_problem(tmp_path, patch, expected):
     fpath = write_rules(tmp_path, {**VALID, **patch}, name="x.yaml")
@@ -277,10 +278,12 @@ _values = st.recursive(_scalars, lambda inner: st.one_of(
 def _assert_clean(fpath: Path) -> None:
     try:
         assert isinstance(load_ruleset(fpath), RuleSet)
-    except ClipAuditError as e:
-        assert str(e)
+        expected_exit = 0
+    except RuleFileError as e:
+        assert str(e).startswith(str(fpath))
+        expected_exit = 2
     result = runner.invoke(app, ["rules", "check", str(fpath)])
-    assert result.exit_code in (0, 2), result.output
+    assert result.exit_code == expected_exit, result.output
     assert result.exception is None or isinstance(result.exception, SystemExit)
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 from pathlib import Path
 
 import typer
@@ -36,16 +37,22 @@ def check_cmd(
             raise
         print_json({"file": str(file), "valid": False, "errors": str(e).splitlines()})
         raise typer.Exit(EXIT_USAGE) from None
+    expired = [w for w in ruleset.waivers if not w.is_active(datetime.date.today())]
     summary = {"file": str(file), "valid": True, "sources": [str(p) for p in ruleset.sources],
                "rules": [{"id": c.id, "check": c.check, "severity": c.severity}
                          for c in ruleset.checks],
-               "waivers": len(ruleset.waivers)}
+               "waivers": len(ruleset.waivers),
+               "expired_waivers": [w.model_dump(mode="json", by_alias=True, exclude_none=True)
+                                   for w in expired]}
     if json_out:
         print_json(summary)
         return
     chain = " -> ".join(p.name for p in ruleset.sources)
     out.print(f"{file}: valid ({len(ruleset.checks)} rules, {len(ruleset.waivers)} waivers; "
               f"{chain})", markup=False)
+    for w in expired:
+        err.print(f"note: waiver '{w.reason}' expired on {w.expires}; it no longer applies",
+                  markup=False)
 
 
 @rules_app.command("list")

@@ -62,12 +62,12 @@ def check_audit_trust(result: AuditResult, what: str = "audit") -> None:
     sae, backbone = result.provenance.get("sae"), result.provenance.get("backbone")
     sae = sae if isinstance(sae, dict) else {}
     backbone = backbone if isinstance(backbone, dict) else {}
-    for ours, theirs, label in ((sae.get("backbone_id"), backbone.get("id"), "backbone"),
-                                (sae.get("hook"), result.provenance.get("hook"), "hook point")):
-        if ours is not None and theirs is not None and ours != theirs:
-            raise MismatchError(f"{what} {result.audit_id}: the SAE was trained for {label} "
-                                f"{ours!r}, the audit ran {label} {theirs!r}; its findings "
-                                "cannot be trusted")
+    # (The hook point is checked when the SAE is loaded; provenance spells it per stage.)
+    ours, theirs = sae.get("backbone_id"), backbone.get("id")
+    if ours is not None and theirs is not None and ours != theirs:
+        raise MismatchError(f"{what} {result.audit_id}: the SAE was trained for backbone "
+                            f"{ours!r}, the audit ran backbone {theirs!r}; its findings "
+                            "cannot be trusted")
     names = [h.name for h in result.heads]
     if len(set(names)) != len(names):
         raise ArtifactError(f"{what} {result.audit_id}: head names repeat ({names})")

@@ -44,7 +44,7 @@ def load_ruleset(name_or_path: str | Path) -> RuleSet:
     """
     fpath = _resolve(name_or_path, base_dpath=Path.cwd(), referrer=None)
     merged, sources = _load_merged(fpath, chain=())
-    ruleset = _validate(merged, fpath)
+    ruleset = _validate_complete(merged, fpath)
     is_shipped = isinstance(name_or_path, str) and name_or_path in list_rulesets()
     ruleset._sources = sources
     ruleset._name = str(name_or_path) if is_shipped else str(Path(name_or_path))
@@ -63,7 +63,7 @@ def parse_ruleset(data: Any, source: str = "<rules>", base_dpath: Path | None = 
         _check_waiver_rules(own, raw, fpath)
     else:
         _check_waiver_rules(raw, raw, fpath)
-    ruleset = _validate(raw, fpath)
+    ruleset = _validate_complete(raw, fpath)
     ruleset._sources = sources
     ruleset._name = source
     return ruleset
@@ -184,6 +184,15 @@ def _validated_raw(data: Any, fpath: Path, base_dpath: Path) -> dict[str, Any]:
     if isinstance(raw.get("baseline"), str):
         raw["baseline"] = str((base_dpath / raw["baseline"]).resolve())
     return raw
+
+
+def _validate_complete(data: dict[str, Any], fpath: Path) -> RuleSet:
+    """The merged rule set; one that runs no check would pass every audit, so it is refused."""
+    ruleset = _validate(data, fpath)
+    if not ruleset.checks:
+        raise RuleFileError(f"{display_path(fpath)}: checks: the rule set runs no checks, so "
+                            "it would pass any audit (add checks, or 'extends: default')")
+    return ruleset
 
 
 def _validate(data: dict[str, Any], fpath: Path) -> RuleSet:

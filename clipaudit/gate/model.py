@@ -176,6 +176,7 @@ class RuleSet(StrictModel):
     _sources: tuple[Path, ...] = PrivateAttr(default=())
     _name: str = PrivateAttr(default="<rules>")
     _matcher: ConceptMatcher | None = PrivateAttr(default=None)
+    _memo: dict[tuple[str, str, str], Any] = PrivateAttr(default_factory=dict)
 
     @model_validator(mode="after")
     def _unique_ids(self) -> RuleSet:
@@ -213,16 +214,23 @@ class RuleSet(StrictModel):
 
     def forbidden_match(self, class_name: str, concept: str) -> str | None:
         """The forbidden term ``concept`` matches for ``class_name``, if any."""
-        return self.matcher.first_match(concept,
-                                        self.concepts_for(self.concepts.forbidden, class_name))
+        return self._first_match("forbidden", class_name, concept)
 
     def concept_status(self, class_name: str,
                        concept: str) -> Literal["forbidden", "expected"] | None:
         """``forbidden`` wins over ``expected``; None when the concept is on neither list."""
-        if self.forbidden_match(class_name, concept) is not None:
+        if self._first_match("forbidden", class_name, concept) is not None:
             return "forbidden"
-        expected = self.concepts_for(self.concepts.expected, class_name)
-        return "expected" if self.matcher.matches(concept, expected) else None
+        return "expected" if self._first_match("expected", class_name, concept) else None
+
+    def _first_match(self, kind: str, class_name: str, concept: str) -> str | None:
+        # Memoised: an audit asks about the same (class, concept) once per rule.
+        key = (kind, class_name, concept)
+        if key not in self._memo:
+            lists = self.concepts.forbidden if kind == "forbidden" else self.concepts.expected
+            self._memo[key] = self.matcher.first_match(concept,
+                                                       self.concepts_for(lists, class_name))
+        return self._memo[key]
 
     def finding_config(self) -> FindingConfig:
         """Thresholds and concept lists for the audit. Lists are lower-case and include
