@@ -135,7 +135,7 @@ def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | 
         sae_metrics={k: float(v) for k, v in (sae.meta.get("metrics") or {}).items()
                      if isinstance(v, (int, float)) and v is not None},
         heads=head_audits, components=components, instances=instances,
-        rules_file=str(config.rules),
+        rules_file=ruleset.name,
     )
     verdicts = evaluate(result, ruleset, baseline=baseline)
     result = dataclasses.replace(result, verdicts=verdicts)

@@ -52,9 +52,10 @@ def select_candidates(share_jc: torch.Tensor, alignment_jc: torch.Tensor, clarit
             if alignment >= config.alignment_max or clarity < config.clarity_min:
                 continue
             concept = concepts[j]
-            if _concept_listed(concept, config.expected, name):
-                continue
-            kind = "forbidden-concept" if _concept_listed(concept, config.forbidden, name) else "shortcut"
+            forbidden = _concept_listed(concept, config.forbidden, name)
+            if not forbidden and _concept_listed(concept, config.expected, name):
+                continue  # forbidden wins over expected, as in the rule engine
+            kind = "forbidden-concept" if forbidden else "shortcut"
             out.append(Candidate(j, name, float(share_jc[j, c]), alignment, clarity, concept,
                                  float(concept_scores[j]), kind))
     out.sort(key=lambda cand: (class_names.index(cand.class_name), -cand.share))

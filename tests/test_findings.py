@@ -27,9 +27,13 @@ def test_candidates_need_share_low_alignment_and_clarity():
 def test_forbidden_and_expected_concepts():
     share, alignment, clarity, concepts, scores = _inputs()
     config = FindingConfig(share_min=0.15, alignment_max=0.05, clarity_min=0.3,
-                           forbidden={"*": ["ruler"]}, expected={"benign": ["Ruler"]})
+                           forbidden={"malignant": ["ruler"]}, expected={"benign": ["Ruler"]})
     cands = select_candidates(share, alignment, clarity, concepts, scores, ["malignant", "benign"], config)
     assert [(c.class_name, c.kind) for c in cands] == [("malignant", "forbidden-concept")]
+    both = FindingConfig(share_min=0.15, alignment_max=0.05, clarity_min=0.3,
+                         forbidden={"*": ["ruler"]}, expected={"*": ["ruler"]})
+    cands = select_candidates(share, alignment, clarity, concepts, scores, ["malignant", "benign"], both)
+    assert {c.kind for c in cands} == {"forbidden-concept"} and len(cands) == 2  # forbidden wins
 
 
 def test_concept_lists_match_whole_phrases_only():
