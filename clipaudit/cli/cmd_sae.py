@@ -1,3 +1,113 @@
-"""CLI verbs: sae (owned by the sae module)."""
+"""CLI verbs: train-sae (activation cache -> SAE file) and sae-info (what an SAE file is)."""
 
-from clipaudit.cli import app  # noqa: F401
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.markup import escape
+
+from clipaudit.cli import app
+from clipaudit.cli._common import RichReporter, err, out, print_json, user_errors
+
+
+@app.command("train-sae")
+@user_errors
+def train_sae_cmd(
+    cache: Path = typer.Argument(..., help="Activation cache folder (clipaudit extract)."),
+    out_fpath: Path = typer.Option(..., "--out", "-o", help="SAE file to write (.safetensors)."),
+    expansion: int = typer.Option(8, help="Latents = expansion x d (unless --n-latents)."),
+    n_latents: int | None = typer.Option(None, help="Dictionary size (overrides --expansion)."),
+    k: int = typer.Option(32, help="Active latents per row."),
+    steps: int | None = typer.Option(None, help="Optimisation steps (overrides --epochs)."),
+    epochs: float | None = typer.Option(
+        None, help="Passes over the data [default: 10, at least 1000 steps]."),
+    batch_size: int = typer.Option(1024, envvar="CLIPAUDIT_SAE_BATCH_SIZE"),
+    lr: float | None = typer.Option(None, help="Adam learning rate [default: scaled to size]."),
+    seed: int = typer.Option(0, help="Seed for initialisation and batch order."),
+    device: str | None = typer.Option(None, envvar="CLIPAUDIT_DEVICE",
+                                      help="cpu, cuda, cuda:N [default: CUDA when present]."),
+    embed_check: bool = typer.Option(True, help="Measure the image-embedding cosine (needs "
+                                                "the cache's model)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Train a TopK SAE on an activation cache and print its metrics."""
+    from clipaudit.sae import SAETrainConfig
+    from clipaudit.sae.train import train_sae_on_cache
+
+    config = SAETrainConfig(n_latents=n_latents, expansion=expansion, k=k, steps=steps,
+                            epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
+    with RichReporter(quiet=quiet or as_json) as reporter:
+        result = train_sae_on_cache(cache, out_fpath, config, embed_check=embed_check,
+                                    reporter=reporter)
+    sae = result.sae
+    if as_json:
+        print_json({"out": str(out_fpath), "d": sae.d, "n_latents": sae.n_latents, "k": sae.k,
+                    "steps": result.steps, "seed": seed, "metrics": result.metrics.as_dict()})
+        return
+    out.print(f"SAE {sae.n_latents} latents, k={sae.k}, d={sae.d}, {result.steps} steps "
+              f"-> {out_fpath}", markup=False)
+    out.print(_metrics_text(result.metrics.as_dict()), markup=False)
+
+
+@app.command("sae-info")
+@user_errors
+def sae_info_cmd(
+    fpath: Path = typer.Argument(..., help="SAE file or folder (clipaudit, SAELens, saev, "
+                                           "attributing-clip)."),
+    cache: Path | None = typer.Option(None, help="Also measure the SAE on this cache."),
+    fmt: str | None = typer.Option(None, "--format", help="clipaudit, saelens, saev or "
+                                   "attributing-clip [default: detected]."),
+    k: int | None = typer.Option(None, help="k for checkpoints that do not store it."),
+    scale: float | None = typer.Option(None, help="Input scale the checkpoint was trained with."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+) -> None:
+    """Print what an SAE file is, its stored metrics and (with --cache) its FVU there."""
+    from clipaudit.sae import embed_readout_for, sae_info
+
+    source = readout = None
+    if cache is not None:
+        from clipaudit.cache import open_cache
+
+        source = open_cache(cache)
+        readout = embed_readout_for(source.provenance)
+    with RichReporter(quiet=quiet or as_json) as reporter:
+        info = sae_info(fpath, fmt=fmt, k=k, scale=scale, source=source, embed_readout=readout,
+                        reporter=reporter)
+    if as_json:
+        print_json(info.as_dict())
+        return
+    out.print(_info_text(info, cache), markup=False)
+    for warning in info.warnings:
+        err.print(f"[yellow]warning:[/] {escape(warning)}", markup=True)
+
+
+def _info_text(info, cache: Path | None) -> str:
+    backbone = (info.backbone or {}).get("id", "unknown (not recorded)")
+    hook = (f"layer {info.hook.get('layer')}, {info.hook.get('token')}" if info.hook
+            else "unknown (not recorded)")
+    lines = [f"{info.path}: {info.source_format} TopK SAE, d={info.d}, {info.n_latents} "
+             f"latents, k={info.k}{'' if info.relu else ' (top-k without ReLU)'}",
+             f"  input scale {info.scale:.6g} ({info.normalisation or 'none'}), seed {info.seed}",
+             f"  backbone {backbone}; hook {hook}"]
+    lines += [f"  note: {note}" for note in info.notes]
+    if info.stored_metrics is not None:
+        lines += [f"stored metrics (training data, {info.stored_metrics.n_rows} rows):",
+                  _metrics_text(info.stored_metrics.as_dict())]
+    if info.cache_metrics is not None:
+        lines += [f"on {cache} ({info.cache_metrics.n_rows} rows):",
+                  _metrics_text(info.cache_metrics.as_dict())]
+    return "\n".join(lines)
+
+
+def _metrics_text(metrics: dict) -> str:
+    lines = [f"  FVU            {metrics['fvu']:.4f}",
+             f"  cosine         {metrics['cosine']:.4f}",
+             f"  L0             {metrics['l0']:.2f}",
+             f"  dead fraction  {metrics['dead_fraction']:.2%}"]
+    embed = metrics.get("embed_cosine")
+    lines.append(f"  embed cosine   {embed:.4f}" if embed is not None
+                 else "  embed cosine   n/a (hook point is not the last block's CLS token)")
+    return "\n".join(lines)

@@ -1,0 +1,319 @@
+"""Other people's SAE checkpoints, converted exactly into clipaudit's TopKSAE.
+
+- ``attributing-clip``: the paper's reference code (maxdreyer/attributing-clip,
+  ``model_training/sae.py``): a Lightning checkpoint whose ``state_dict`` holds
+  weight-normed ``encoder.0`` (Linear d->m with bias) and ``decoder`` (Linear m->d,
+  no bias, norm per column); no pre-encoder bias; top-k on raw pre-activations, no ReLU.
+- ``saelens``: a folder with ``cfg.json`` + ``sae_weights.safetensors`` (W_enc [d, m],
+  b_enc, W_dec [m, d], b_dec); top-k then ReLU; ``apply_b_dec_to_input`` and
+  ``normalize_activations`` honoured.
+- ``saev``: ``sae.pt``, one JSON header line then a torch state dict (W_enc [d, m],
+  b_enc, W_dec [m, d], b_dec); top-k without ReLU.
+
+An encoder that does not subtract b_dec is folded exactly into clipaudit's form:
+W (x) + b = W (x - b_dec) + (b + W b_dec). Torch files are read with
+``torch.load(weights_only=True)`` only, so nothing is ever unpickled.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from clipaudit.errors import ArtifactError, InputError
+from clipaudit.sae.model import TopKSAE
+
+log = logging.getLogger(__name__)
+
+_UNIT_NORM_TOL = 1e-3
+
+
+@dataclass(frozen=True)
+class ImportOptions:
+    """What a foreign checkpoint may not say about itself."""
+
+    k: int | None = None
+    """Top-k where the file does not store it (the reference code), or to read a ReLU SAE
+    as TopK-k (exact for rows with at most k positive pre-activations)."""
+    apply_b_dec_to_input: bool | None = None
+    """saev only: whether its encoder subtracts b_dec (None: decided from the header)."""
+    scale: float | None = None
+    """Input normalisation the checkpoint was trained with (inputs multiplied by it);
+    None: what the file says, else 1."""
+
+
+def torch_load_safely(source: Path | io.BytesIO, fpath: Path) -> Any:
+    """``torch.load(weights_only=True)``: tensors and plain containers, never objects."""
+    try:
+        return torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError...
+        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
+        raise ArtifactError(
+            f"{fpath}: cannot be read safely with torch.load(weights_only=True) ({first}); "
+            "clipaudit never unpickles objects: re-save only the tensors (the state_dict)"
+        ) from None
+
+
+# ------------------------------------------------------------------ reference code
+
+
+def read_attributing_clip(fpath: Path, options: ImportOptions) -> TopKSAE:
+    obj = torch_load_safely(fpath, fpath)
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict):
+        raise ArtifactError(f"{fpath}: expected a checkpoint dict with a 'state_dict'")
+    enc_g, enc_v = _weight_norm_pair(state, "encoder.0", fpath)
+    dec_g, dec_v = _weight_norm_pair(state, "decoder", fpath)
+    b_enc = _tensor(state, _prefix_of(state, "encoder.0") + "encoder.0.bias", fpath)
+    # torch weight_norm: w = g * v / ||v||, the norm over every dim but ``dim``;
+    # the encoder uses dim=0 (a norm per row), the decoder dim=1 (a norm per column).
+    W_enc = enc_g * enc_v / enc_v.norm(dim=1, keepdim=True)
+    W_dec = dec_g * dec_v / dec_v.norm(dim=0, keepdim=True)
+    k = options.k if options.k is not None else _reference_k(obj)
+    if k is None:
+        raise InputError(f"{fpath}: the reference code does not store k; pass it "
+                         "(--k; the paper used k=64)")
+    return build_sae(fpath, "attributing-clip", W_enc=W_enc, b_enc=b_enc, W_dec=W_dec,
+                     b_dec=torch.zeros(W_enc.shape[1]), k=k, relu=False,
+                     scale=options.scale or 1.0, notes=[])
+
+
+def _prefix_of(state: dict[str, Any], module: str) -> str:
+    """Lightning may prefix the SAE's keys (``sae.``, ``model.sae.``)."""
+    for key in state:
+        for tail in (f"{module}.weight_v", f"{module}.parametrizations.weight.original1"):
+            if key.endswith(tail) and (key == tail or key[: -len(tail)].endswith(".")):
+                return key[: -len(tail)]
+    return ""
+
+
+def _weight_norm_pair(state: dict[str, Any], module: str,
+                      fpath: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    prefix = _prefix_of(state, module)
+    for g_key, v_key in (("weight_g", "weight_v"),
+                         ("parametrizations.weight.original0", "parametrizations.weight.original1")):
+        if f"{prefix}{module}.{v_key}" in state:
+            return (_tensor(state, f"{prefix}{module}.{g_key}", fpath),
+                    _tensor(state, f"{prefix}{module}.{v_key}", fpath))
+    raise ArtifactError(f"{fpath}: no weight-normed '{module}' in the state_dict "
+                        f"(keys: {', '.join(list(state)[:8])}); not an attributing-clip TopKSAE")
+
+
+def _reference_k(obj: Any) -> int | None:
+    if not isinstance(obj, dict):
+        return None
+    for key in ("hyper_parameters", "hparams", "config"):
+        hp = obj.get(key)
+        if isinstance(hp, dict):
+            for name in ("sae_k", "k"):
+                if isinstance(hp.get(name), int):
+                    return int(hp[name])
+    return None
+
+
+# ------------------------------------------------------------------ SAELens
+
+
+def saelens_paths(path: Path) -> tuple[Path, Path]:
+    dpath = path if path.is_dir() else path.parent
+    weights = path if path.suffix == ".safetensors" else dpath / "sae_weights.safetensors"
+    return dpath / "cfg.json", weights
+
+
+def read_saelens(path: Path, options: ImportOptions) -> TopKSAE:
+    from safetensors.torch import load_file
+
+    cfg_fpath, weights_fpath = saelens_paths(path)
+    cfg = _read_cfg(cfg_fpath)
+    for fpath in (weights_fpath,):
+        if not fpath.is_file():
+            raise ArtifactError(f"{fpath}: SAELens weights file not found")
+    try:
+        t = {k: v.float() for k, v in load_file(str(weights_fpath)).items()}
+    except Exception as e:  # safetensors raises its own error types
+        raise ArtifactError(f"{weights_fpath}: not a readable safetensors file ({e})") from None
+    notes: list[str] = []
+    k, relu = _saelens_activation(cfg, cfg_fpath, options, notes)
+    scale = _saelens_scale(cfg, cfg_fpath, options, notes)
+    for key in ("reshape_activations",):
+        if cfg.get(key, "none") not in ("none", None):
+            raise ArtifactError(f"{cfg_fpath}: {key}={cfg[key]!r} is not supported for vision SAEs")
+    W_enc = _tensor(t, "W_enc", weights_fpath).T
+    W_dec = _tensor(t, "W_dec", weights_fpath).T
+    b_enc, b_dec = _tensor(t, "b_enc", weights_fpath), _tensor(t, "b_dec", weights_fpath)
+    if "scaling_factor" in t and not torch.allclose(t["scaling_factor"], torch.ones(1)):
+        raise ArtifactError(f"{weights_fpath}: a fine-tuning scaling_factor is not supported")
+    if cfg.get("rescale_acts_by_decoder_norm") and not _unit_columns(W_dec):
+        raise ArtifactError(f"{cfg_fpath}: rescale_acts_by_decoder_norm with non-unit decoder "
+                            "rows changes the top-k selection; not supported")
+    if not cfg.get("apply_b_dec_to_input", True):
+        b_enc = b_enc + W_enc @ b_dec
+    sae = build_sae(path, "saelens", W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, k=k,
+                    relu=relu, scale=scale, notes=notes)
+    sae.meta["source_config"] = cfg
+    return sae
+
+
+def _read_cfg(cfg_fpath: Path) -> dict[str, Any]:
+    if not cfg_fpath.is_file():
+        raise ArtifactError(f"{cfg_fpath}: SAELens cfg.json not found")
+    try:
+        cfg = json.loads(cfg_fpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{cfg_fpath}: not valid JSON ({e})") from None
+    if not isinstance(cfg, dict):
+        raise ArtifactError(f"{cfg_fpath}: expected a JSON object")
+    return cfg
+
+
+def _saelens_activation(cfg: dict[str, Any], cfg_fpath: Path, options: ImportOptions,
+                        notes: list[str]) -> tuple[int, bool]:
+    arch = cfg.get("architecture") or cfg.get("activation_fn_str") or "standard"
+    k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
+    if arch == "topk" or cfg.get("activation_fn_str") == "topk":
+        if k is None and options.k is None:
+            raise ArtifactError(f"{cfg_fpath}: a topk SAE without k")
+        return int(k if k is not None else options.k), True
+    if arch in ("standard", "relu"):
+        return _relu_as_topk(cfg_fpath, arch, options, notes), True
+    raise ArtifactError(f"{cfg_fpath}: SAELens architecture {arch!r} is not supported "
+                        "(supported: topk; standard/relu read as TopK with --k)")
+
+
+def _saelens_scale(cfg: dict[str, Any], cfg_fpath: Path, options: ImportOptions,
+                   notes: list[str]) -> float:
+    norm = cfg.get("normalize_activations", "none")
+    if norm in ("none", None, False):
+        return options.scale or 1.0
+    if norm == "expected_average_only_in":
+        factor = options.scale or cfg.get("norm_scaling_factor")
+        if factor is None:
+            notes.append("trained on inputs scaled by a constant factor the file does not store "
+                         "(normalize_activations=expected_average_only_in); scale set to 1, "
+                         "pass the factor as scale if FVU is poor")
+            return 1.0
+        return float(factor)
+    raise ArtifactError(f"{cfg_fpath}: normalize_activations={norm!r} normalises each row on "
+                        "its own; clipaudit's SAE applies one constant scale (supported: none, "
+                        "expected_average_only_in)")
+
+
+def _relu_as_topk(fpath: Path, what: str, options: ImportOptions, notes: list[str]) -> int:
+    if options.k is None:
+        raise InputError(f"{fpath}: a {what} (ReLU) SAE has no fixed k; pass --k N to read it "
+                         "as a TopK-N SAE (exact for rows with at most N active latents)")
+    notes.append(f"{what} (ReLU) SAE read as TopK-{options.k}: exact only for rows with at most "
+                 f"{options.k} positive pre-activations")
+    return options.k
+
+
+# ------------------------------------------------------------------ saev
+
+
+def read_saev(fpath: Path, options: ImportOptions) -> TopKSAE:
+    with open(fpath, "rb") as f:
+        first_line, rest = f.readline(), f.read()
+    try:
+        header = json.loads(first_line)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{fpath}: the first line is not a saev JSON header ({e})") from None
+    if not isinstance(header, dict):
+        raise ArtifactError(f"{fpath}: the saev header is not a JSON object")
+    state = torch_load_safely(io.BytesIO(rest), fpath)
+    if not isinstance(state, dict):
+        raise ArtifactError(f"{fpath}: expected a state dict after the saev header")
+    t = {k: _tensor(state, k, fpath).float() for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    notes: list[str] = []
+    activation, top_k, subtracts = _saev_activation(header, fpath)
+    if activation == "Relu":
+        k, relu = _relu_as_topk(fpath, "saev Relu", options, notes), True
+    elif activation in ("TopK", "BatchTopK"):
+        k, relu = int(top_k), False
+        if activation == "BatchTopK":
+            notes.append("BatchTopK read as per-row TopK (saev applies top-k per row at inference)")
+    else:
+        raise ArtifactError(f"{fpath}: saev activation {activation!r} is not supported "
+                            "(supported: TopK, BatchTopK, Relu with --k)")
+    if options.apply_b_dec_to_input is not None:
+        subtracts = options.apply_b_dec_to_input
+    else:
+        notes.append(f"assumed the encoder {'subtracts' if subtracts else 'does not subtract'} "
+                     "b_dec (saev changed this between versions; override with "
+                     "apply_b_dec_to_input)")
+    W_enc, W_dec, b_enc = t["W_enc"].T, t["W_dec"].T, t["b_enc"]
+    if not subtracts:
+        b_enc = b_enc + W_enc @ t["b_dec"]
+    sae = build_sae(fpath, "saev", W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=t["b_dec"], k=k,
+                    relu=relu, scale=options.scale or 1.0, notes=notes)
+    sae.meta["source_config"] = header
+    return sae
+
+
+def _saev_activation(header: dict[str, Any], fpath: Path) -> tuple[str, int | None, bool]:
+    """(activation, top_k, encoder subtracts b_dec) from a saev header. Pre-schema and
+    schema-1 ReLU checkpoints come from the code that subtracted b_dec; the TopK-era
+    code and schema 2 do not."""
+    schema = header.get("schema")
+    if schema is None:
+        return "Relu", None, True
+    cfg = header.get("cfg")
+    if schema not in (1, 2) or not isinstance(cfg, dict):
+        raise ArtifactError(f"{fpath}: unknown saev header schema {schema!r}")
+    cls = header.get("cls", "SparseAutoencoderConfig")
+    if schema == 1 and cls in ("Relu", "TopK", "BatchTopK"):
+        return cls, cfg.get("top_k", 32), cls == "Relu"
+    activation = cfg.get("activation")
+    if not isinstance(activation, dict) or "cls" not in activation:
+        raise ArtifactError(f"{fpath}: saev header without an activation")
+    params = activation.get("params") or {}
+    return str(activation["cls"]), params.get("top_k", 32), False
+
+
+# ------------------------------------------------------------------ common
+
+
+def _tensor(state: dict[str, Any], key: str, fpath: Path) -> torch.Tensor:
+    value = state.get(key)
+    if not isinstance(value, torch.Tensor):
+        raise ArtifactError(f"{fpath}: missing tensor {key!r} "
+                            f"(found: {', '.join(sorted(map(str, state))[:10])})")
+    return value.detach().float()
+
+
+def _unit_columns(W_dec: torch.Tensor) -> bool:
+    return bool(((W_dec.norm(dim=0) - 1).abs() <= _UNIT_NORM_TOL).all())
+
+
+def build_sae(path: Path, fmt: str, *, W_enc: torch.Tensor, b_enc: torch.Tensor,
+              W_dec: torch.Tensor, b_dec: torch.Tensor, k: int, relu: bool, scale: float,
+              notes: list[str]) -> TopKSAE:
+    """A TopKSAE from converted weights (W_enc [m, d], W_dec [d, m]), shapes checked."""
+    m, d = W_enc.shape
+    shapes = {"b_enc": (tuple(b_enc.shape), (m,)), "W_dec": (tuple(W_dec.shape), (d, m)),
+              "b_dec": (tuple(b_dec.shape), (d,))}
+    for name, (got, want) in shapes.items():
+        if got != want:
+            raise ArtifactError(f"{path}: {name} has shape {got}, expected {want} "
+                                f"for an SAE of width {d} with {m} latents")
+    if not 0 < k <= m:
+        raise InputError(f"{path}: k={k} is not between 1 and the number of latents ({m})")
+    if not _unit_columns(W_dec):
+        norms = W_dec.norm(dim=0)
+        notes.append(f"decoder columns are not unit-norm ({float(norms.min()):.3g}.."
+                     f"{float(norms.max()):.3g}); kept as they are so that codes and "
+                     "reconstructions match the source")
+    for note in notes:
+        log.warning("%s: %s", path, note)
+    meta = {"source_format": fmt, "source_path": str(path), "backbone": None, "hook": None,
+            "d": d, "n_latents": m, "k": k, "relu": relu, "scale": float(scale),
+            "normalisation": "none" if scale == 1.0 else f"inputs x {scale:g}",
+            "seed": None, "metrics": {}, "notes": notes}
+    sae = TopKSAE(d, m, k, relu=relu, meta=meta)
+    sae.set_weights(W_enc, b_enc, W_dec, b_dec, scale)
+    return sae.eval()
