@@ -33,8 +33,7 @@ def train_sae_cmd(
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Train a TopK SAE on an activation cache and print its metrics."""
-    from clipaudit.sae import SAETrainConfig
-    from clipaudit.sae.train import train_sae_on_cache
+    from clipaudit.sae import SAETrainConfig, train_sae_on_cache
 
     config = SAETrainConfig(n_latents=n_latents, expansion=expansion, k=k, steps=steps,
                             epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)

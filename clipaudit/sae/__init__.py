@@ -1,5 +1,6 @@
 """TopK sparse autoencoders: the model, training, metrics, files and foreign formats."""
 
+from clipaudit.sae.config import SAETrainConfig
 from clipaudit.sae.files import check_sae_matches, read_sae_file, save_sae
 from clipaudit.sae.formats import (
     SAEFormat,
@@ -12,7 +13,8 @@ from clipaudit.sae.formats import (
 from clipaudit.sae.info import SAEInfo, embed_readout_for, sae_info
 from clipaudit.sae.metrics import FVU_WARN, SAEMetrics, evaluate_sae
 from clipaudit.sae.model import SparseCodes, TopKSAE, canonical_topk
-from clipaudit.sae.train import SAETrainConfig, SAETrainer, StepStats, TrainResult, train_sae
+from clipaudit.sae.train import TrainResult, train_sae, train_sae_on_cache
+from clipaudit.sae.trainer import SAETrainer, StepStats
 
 __all__ = [
     "FVU_WARN",
@@ -38,4 +40,5 @@ __all__ = [
     "sae_info",
     "save_sae",
     "train_sae",
+    "train_sae_on_cache",
 ]

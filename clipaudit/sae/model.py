@@ -46,11 +46,15 @@ class TopKSAE(torch.nn.Module):
         if not 0 < k <= n_latents:
             raise ValueError(f"k must be in 1..n_latents ({n_latents}), got {k}")
         self.d, self.n_latents, self.k, self.relu = int(d), int(n_latents), int(k), bool(relu)
-        self.W_enc = torch.nn.Parameter(torch.zeros(n_latents, d))
+        # A usable random SAE until trained or loaded (like torch.nn.Linear, from the
+        # global RNG): random unit decoder columns, encoder = decoder transpose.
+        directions_md = torch.randn(n_latents, d)
+        directions_md /= directions_md.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        self.W_enc = torch.nn.Parameter(directions_md.clone())
         self.b_enc = torch.nn.Parameter(torch.zeros(n_latents))
         # W_dec is [d, m] but stored column-major: the training step gathers whole
         # decoder columns (rows of W_dec.T), which is only fast when they are contiguous.
-        self.W_dec = torch.nn.Parameter(torch.zeros(n_latents, d).T)
+        self.W_dec = torch.nn.Parameter(directions_md.T)
         self.b_dec = torch.nn.Parameter(torch.zeros(d))
         self.register_buffer("scale", torch.tensor(1.0))
         self.meta: dict[str, Any] = dict(meta or {})

@@ -4,10 +4,8 @@ Recipe (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"):
 - inputs scaled so that their mean squared norm is d (the scale is stored with the SAE);
 - b_dec initialised at the geometric median (or mean) of a data sample, decoder
   columns random unit vectors, encoder initialised as the decoder's transpose;
-- loss: squared error normalised by the data variance (so it reads as FVU), plus the
-  auxiliary-K loss: the top ``aux_k`` dead latents reconstruct the residual error;
-- Adam, linear warm-up, linear decay over the last part of training;
-- decoder gradients made orthogonal to the columns, columns renormalised after each step.
+- then ``SAETrainer`` steps (normalised MSE + auxiliary-K, Adam with warm-up and decay,
+  unit-norm decoder columns) over seeded epochs of shuffled batches.
 
 Memory is bounded by one batch plus the SAE and its optimiser state: nothing grows
 with the number of cached rows.
@@ -21,21 +19,16 @@ import math
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
 from clipaudit.errors import InputError
 from clipaudit.progress import NULL_REPORTER, Reporter
+from clipaudit.sae.config import SAETrainConfig, resolve_device
 from clipaudit.sae.metrics import SAEMetrics, evaluate_sae
 from clipaudit.sae.model import TopKSAE
-from clipaudit.sae.sparse_ops import (
-    normalise_rows_,
-    parallel_components,
-    remove_parallel_,
-    selected_preacts,
-    sparse_decode,
-)
+from clipaudit.sae.trainer import SAETrainer
 from clipaudit.sources import ActivationSource
 
 log = logging.getLogger(__name__)
@@ -43,47 +36,8 @@ log = logging.getLogger(__name__)
 _MIN_DEFAULT_STEPS = 1000
 _DEFAULT_EPOCHS = 10.0
 
-
-@dataclass(frozen=True)
-class SAETrainConfig:
-    """How to train a TopK SAE (``clipaudit train-sae``)."""
-
-    n_latents: int | None = None
-    """Dictionary size m; None: ``expansion`` x d."""
-    expansion: int = 8
-    """m = expansion x d when ``n_latents`` is not given."""
-    k: int = 32
-    """Active latents per row."""
-    batch_size: int = 1024
-    """Rows per optimisation step."""
-    lr: float | None = None
-    """Adam learning rate; None: 2e-4 / sqrt(m / 2**14) (Gao et al.'s scaling law)."""
-    warmup_fraction: float = 0.05
-    """Share of the steps over which the learning rate rises linearly from 0."""
-    decay_fraction: float = 0.2
-    """Share of the steps, at the end, over which it falls linearly to 0."""
-    steps: int | None = None
-    """Optimisation steps; wins over ``epochs``."""
-    epochs: float | None = None
-    """Passes over the data when ``steps`` is None; with neither, 10 epochs but at least
-    1000 steps."""
-    aux_k: int | None = None
-    """Dead latents that reconstruct the residual in the auxiliary loss; None: d // 2."""
-    aux_coef: float = 1 / 32
-    """Weight of the auxiliary-K loss (0 turns it off)."""
-    dead_after_samples: int | None = None
-    """A latent that has not fired for this many training rows is dead; None: one pass
-    over the data, at least 4 batches, at most 1,000,000 rows."""
-    b_dec_init: Literal["median", "mean"] = "median"
-    """b_dec starts at the geometric median or the mean of ``init_rows`` rows."""
-    normalize_input: bool = True
-    """Scale inputs so that their mean squared norm is d; False: scale 1."""
-    init_rows: int = 16384
-    """Rows read (shuffled) to estimate the input scale and the b_dec start."""
-    seed: int = 0
-    """Seeds initialisation and batch order: same seed, same data -> same weights."""
-    device: str | None = None
-    """``cpu``, ``cuda``, ``cuda:1``...; None: CUDA when available."""
+__all__ = ["SAETrainConfig", "TrainResult", "geometric_median", "initialise_sae", "train_sae",
+           "train_sae_on_cache"]
 
 
 @dataclass(frozen=True)
@@ -92,153 +46,6 @@ class TrainResult:
     metrics: SAEMetrics
     """Evaluated on the whole source after training."""
     steps: int
-
-
-@dataclass(frozen=True)
-class StepStats:
-    """One optimisation step, as shown beside the progress bar."""
-
-    loss: float
-    fvu: float
-    """Batch reconstruction error over the data variance estimated at initialisation."""
-    aux_loss: float
-    dead_fraction: float
-    lr: float
-
-
-@dataclass(frozen=True)
-class _Gradients:
-    recon_loss: float
-    aux_loss: float
-    dead_fraction: float
-    top_idx: torch.Tensor
-    top_vals: torch.Tensor
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as e:
-        raise InputError(f"device {device!r} is not a torch device ({e})") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} asked for, but CUDA is not available here")
-    return resolved
-
-
-def default_lr(n_latents: int) -> float:
-    return 2e-4 / math.sqrt(n_latents / 2**14)
-
-
-class SAETrainer:
-    """Optimises an initialised SAE one batch at a time (``train_sae`` drives it;
-    the speed benchmark times ``step``)."""
-
-    def __init__(self, sae: TopKSAE, config: SAETrainConfig, *, total_steps: int,
-                 dead_after_samples: int, data_variance: float):
-        self.sae, self.config, self.total_steps = sae, config, total_steps
-        self.dead_after_samples = dead_after_samples
-        self.data_variance = max(float(data_variance), 1e-12)
-        self.base_lr = config.lr if config.lr is not None else default_lr(sae.n_latents)
-        self.aux_k = config.aux_k if config.aux_k is not None else max(1, sae.d // 2)
-        # Adam updates the decoder through a contiguous [m, d] alias of W_dec's storage:
-        # given the column-major W_dec itself, the fused kernel copies it every step.
-        self._W_dec_md = sae.W_dec.detach().T
-        assert self._W_dec_md.is_contiguous(), "TopKSAE keeps W_dec column-major"
-        params = [sae.W_enc, sae.b_enc, self._W_dec_md, sae.b_dec]
-        self.optimizer = torch.optim.Adam(params, lr=self.base_lr, betas=(0.9, 0.999),
-                                          eps=6.25e-10, fused=sae.device.type in ("cpu", "cuda"))
-        self.rows_since_fired = torch.zeros(sae.n_latents, dtype=torch.long, device=sae.device)
-        self.steps_done = 0
-
-    def lr_at(self, step: int) -> float:
-        total = self.total_steps
-        warmup = max(1, round(self.config.warmup_fraction * total))
-        decay = round(self.config.decay_fraction * total)
-        factor = min(1.0, (step + 1) / warmup)
-        if decay > 0 and step >= total - decay:
-            factor *= max(0.0, (total - step) / decay)
-        return self.base_lr * factor
-
-    def dead_mask(self) -> torch.Tensor:
-        return self.rows_since_fired >= self.dead_after_samples
-
-    def step(self, h_nd: torch.Tensor) -> StepStats:
-        """One Adam step on a batch of raw activations h [n, d]."""
-        grads = self.compute_gradients(h_nd)
-        lr = self.lr_at(self.steps_done)
-        for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        self.optimizer.step()
-        normalise_rows_(self.sae.W_dec.data.T)
-        self._track_firing(grads.top_idx, grads.top_vals)
-        self.steps_done += 1
-        return StepStats(loss=grads.recon_loss + self.config.aux_coef * grads.aux_loss,
-                         fvu=grads.recon_loss, aux_loss=grads.aux_loss,
-                         dead_fraction=grads.dead_fraction, lr=lr)
-
-    def compute_gradients(self, h_nd: torch.Tensor) -> _Gradients:
-        """Loss and gradients (``.grad`` of every parameter, the decoder's with the part
-        parallel to its columns removed) for a batch of raw activations h [n, d]."""
-        sae = self.sae
-        x_nd = h_nd.to(sae.device, torch.float32) * sae.scale
-        xc_nd = x_nd - sae.b_dec
-        # The decoder enters the graph as its own leaf, [m, d]: its gradient then
-        # arrives as a plain tensor that autograd keeps as it is, instead of copying a
-        # transposed view into W_dec's layout (100 MB per step at d=768, m=32768).
-        W_dec_md = sae.W_dec.detach().T.requires_grad_()
-        with torch.no_grad():
-            pre_nm = torch.addmm(sae.b_enc, xc_nd, sae.W_enc.T)
-            top_vals, top_idx = pre_nm.topk(sae.k, dim=1, sorted=False)
-        vals = torch.relu(selected_preacts(xc_nd, sae.W_enc, sae.b_enc, top_idx, top_vals))
-        vals.retain_grad()
-        x_hat = sparse_decode(top_idx, vals, W_dec_md) + sae.b_dec
-        recon_loss = (x_hat - x_nd).pow(2).sum(1).mean() / self.data_variance
-        dead = self.dead_mask()
-        aux = self._aux_terms(pre_nm, xc_nd, x_nd - x_hat.detach(), dead, W_dec_md)
-        loss = recon_loss + self.config.aux_coef * aux[0] if aux else recon_loss
-
-        self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        terms = [(top_idx, vals.detach(), vals.grad)]
-        if aux:
-            terms.append((aux[1], aux[2].detach(), aux[2].grad))
-        assert W_dec_md.grad is not None
-        remove_parallel_(W_dec_md.grad, W_dec_md.detach(),
-                         parallel_components(sae.n_latents, *terms))
-        self._W_dec_md.grad = W_dec_md.grad
-        sae.W_dec.grad = W_dec_md.grad.T
-        return _Gradients(recon_loss=float(recon_loss.detach()),
-                          aux_loss=float(aux[0].detach()) if aux else 0.0,
-                          dead_fraction=float(dead.float().mean()),
-                          top_idx=top_idx, top_vals=vals.detach())
-
-    def _aux_terms(self, pre_nm: torch.Tensor, xc_nd: torch.Tensor, residual_nd: torch.Tensor,
-                   dead_m: torch.Tensor, W_dec_md: torch.Tensor
-                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
-        """Auxiliary-K: the top dead latents of each row reconstruct the residual, so
-        that dead latents get a gradient and come back. Returns (loss, indices, acts)."""
-        if self.config.aux_coef <= 0 or not bool(dead_m.any()):
-            return None
-        dead_idx = dead_m.nonzero().squeeze(1)
-        k_aux = min(self.aux_k, int(dead_idx.numel()))
-        with torch.no_grad():
-            aux_vals, local = pre_nm[:, dead_idx].topk(k_aux, dim=1, sorted=False)
-            aux_idx = dead_idx[local]
-        sae = self.sae
-        acts = torch.relu(selected_preacts(xc_nd, sae.W_enc, sae.b_enc, aux_idx, aux_vals))
-        acts.retain_grad()
-        residual_hat = sparse_decode(aux_idx, acts, W_dec_md)
-        scale = residual_nd.pow(2).sum(1).mean().clamp_min(1e-12)
-        return (residual_hat - residual_nd).pow(2).sum(1).mean() / scale, aux_idx, acts
-
-    @torch.no_grad()
-    def _track_firing(self, top_idx: torch.Tensor, vals: torch.Tensor) -> None:
-        fired = torch.zeros_like(self.rows_since_fired, dtype=torch.bool)
-        fired[top_idx[vals > 0]] = True
-        self.rows_since_fired += top_idx.shape[0]
-        self.rows_since_fired[fired] = 0
 
 
 # ------------------------------------------------------------------ driver

@@ -1,0 +1,70 @@
+"""How a TopK SAE is trained: the configuration and its resolved defaults."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+
+from clipaudit.errors import InputError
+
+
+@dataclass(frozen=True)
+class SAETrainConfig:
+    """How to train a TopK SAE (``clipaudit train-sae``)."""
+
+    n_latents: int | None = None
+    """Dictionary size m; None: ``expansion`` x d."""
+    expansion: int = 8
+    """m = expansion x d when ``n_latents`` is not given."""
+    k: int = 32
+    """Active latents per row."""
+    batch_size: int = 1024
+    """Rows per optimisation step."""
+    lr: float | None = None
+    """Adam learning rate; None: 2e-4 / sqrt(m / 2**14) (Gao et al.'s scaling law)."""
+    warmup_fraction: float = 0.05
+    """Share of the steps over which the learning rate rises linearly from 0."""
+    decay_fraction: float = 0.2
+    """Share of the steps, at the end, over which it falls linearly to 0."""
+    steps: int | None = None
+    """Optimisation steps; wins over ``epochs``."""
+    epochs: float | None = None
+    """Passes over the data when ``steps`` is None; with neither, 10 epochs but at least
+    1000 steps."""
+    aux_k: int | None = None
+    """Dead latents that reconstruct the residual in the auxiliary loss; None: d // 2."""
+    aux_coef: float = 1 / 32
+    """Weight of the auxiliary-K loss (0 turns it off)."""
+    dead_after_samples: int | None = None
+    """A latent that has not fired for this many training rows is dead; None: one pass
+    over the data, at least 4 batches, at most 1,000,000 rows."""
+    b_dec_init: Literal["median", "mean"] = "median"
+    """b_dec starts at the geometric median or the mean of ``init_rows`` rows."""
+    normalize_input: bool = True
+    """Scale inputs so that their mean squared norm is d; False: scale 1."""
+    init_rows: int = 16384
+    """Rows read (shuffled) to estimate the input scale and the b_dec start."""
+    seed: int = 0
+    """Seeds initialisation and batch order: same seed, same data -> same weights (bit
+    for bit on CPU; on CUDA up to the order of atomic additions in the sparse backward)."""
+    device: str | None = None
+    """``cpu``, ``cuda``, ``cuda:1``...; None: CUDA when available."""
+
+
+def resolve_device(device: str | None) -> torch.device:
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as e:
+        raise InputError(f"device {device!r} is not a torch device ({e})") from None
+    if resolved.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"device {device!r} asked for, but CUDA is not available here")
+    return resolved
+
+
+def default_lr(n_latents: int) -> float:
+    return 2e-4 / math.sqrt(n_latents / 2**14)
