@@ -205,7 +205,7 @@ def describe_components(top: TopActivations, ref_image_embeds: Tensor,
     dim = semantic.shape[1]
     empty = _encode(text_encoder, [""], dim)[0]
 
-    concept_embeds = _concept_embeddings(vocabulary, text_encoder, templates, dim)
+    concept_embeds = concept_embeddings(vocabulary, text_encoder, templates, dim)
     concept_align = _alignment(semantic, concept_embeds, empty)
     score, best = concept_align.max(dim=1)
     dead = semantic.norm(dim=1) == 0
@@ -255,9 +255,12 @@ def semantic_embeddings(top: TopActivations, ref_image_embeds: Tensor) -> tuple[
     return semantic, clarity
 
 
-def _concept_embeddings(vocabulary: ConceptVocabulary, text_encoder: TextEncoder,
-                        templates: Sequence[str], dim: int) -> Tensor:
-    """[V, D] unit: per concept, the normalised mean over phrasings x templates."""
+def concept_embeddings(vocabulary: ConceptVocabulary, text_encoder: TextEncoder,
+                       templates: Sequence[str] = ("{}",), dim: int | None = None) -> Tensor:
+    """[V, D] unit: per concept, the normalised mean of the normalised embeddings of
+    its phrasings x templates (what concept labels are chosen with)."""
+    if dim is None:
+        dim = int(text_encoder([""]).shape[-1])
     texts, owner = [], []
     for i, concept in enumerate(vocabulary.concepts):
         for phrase in vocabulary.phrases(concept):
