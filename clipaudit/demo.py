@@ -40,28 +40,28 @@ def demo_prompts_fpath() -> Path:
 
 
 def run_demo(config: DemoConfig = DemoConfig(), *, reporter: Reporter = NULL_REPORTER) -> AuditOutcome:
-    from clipaudit.cache import ExtractConfig, extract, open_cache
+    from clipaudit.backbone import load_backbone
+    from clipaudit.cache import ExtractConfig, extract
     from clipaudit.heads import ProbeConfig, fit_probe_on_cache, save_probe
-    from clipaudit.hooks import VisionTower
-    from clipaudit.sae import SAETrainConfig, save_sae, train_sae
+    from clipaudit.sae import SAETrainConfig, train_sae_on_cache
     from clipaudit.synthetic import make_planted_dataset
 
     out = Path(config.out_dpath)
+    backbone = load_backbone()  # the bundled tiny CLIP
     data = make_planted_dataset(out / "data", artifact=config.artifact, target_class=config.target_class,
-                                rate=config.rate, n=config.n_images, seed=config.seed)
-    result = extract(data.manifest_fpath, out / "cache", ExtractConfig(num_workers=1), reporter=reporter)
-    cache = open_cache(result.dpath)
-    from clipaudit.backbone import load_backbone_for
-
-    backbone = load_backbone_for(cache.provenance["backbone"])
-    trained = train_sae(cache, SAETrainConfig(expansion=config.sae_expansion, k=config.sae_k,
-                                              steps=config.sae_steps, seed=config.seed),
-                        reporter=reporter, embed_readout=VisionTower(backbone.model).readout_cls)
-    save_sae(trained.sae, out / "sae.safetensors")
-    fit = fit_probe_on_cache(cache.dpath, config=ProbeConfig(seed=config.seed))
-    save_probe(fit.probe, out / "probe.safetensors")
+                                rate=config.rate, n=config.n_images, seed=config.seed,
+                                overwrite=True, reporter=reporter)
+    cache_dpath = extract(data.manifest_fpath, out / "cache", ExtractConfig(num_workers=1),
+                          backbone=backbone, reporter=reporter).dpath
+    sae_fpath = out / "sae.safetensors"
+    train_sae_on_cache(cache_dpath, sae_fpath,
+                       SAETrainConfig(expansion=config.sae_expansion, k=config.sae_k,
+                                      steps=config.sae_steps, seed=config.seed),
+                       reporter=reporter)
+    probe_fpath = out / "probe.safetensors"
+    save_probe(fit_probe_on_cache(cache_dpath, config=ProbeConfig(seed=config.seed)).probe, probe_fpath)
     audit_config = AuditConfig(rules="dermatology", vocabularies=("dermatology",),
                                seed=config.seed, pdf=config.pdf)
-    return run_audit(cache.dpath, out / "sae.safetensors", out / "audit",
-                     probe=out / "probe.safetensors", prompts=demo_prompts_fpath(),
-                     config=audit_config, backbone=backbone, reporter=reporter)
+    return run_audit(cache_dpath, sae_fpath, out / "audit", probe=probe_fpath,
+                     prompts=demo_prompts_fpath(), config=audit_config, backbone=backbone,
+                     reporter=reporter)

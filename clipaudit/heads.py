@@ -254,7 +254,7 @@ def fit_probe_on_cache(cache_dpath: Path | str, *, label_column: str = "label",
     known = index[label_column].notna().to_numpy()
     if known.sum() < 2:
         raise InputError(f"{cache_dpath}: column {label_column!r} has no labels to fit a probe on")
-    embeds = cache.load_embeds()[torch.from_numpy(known)]
+    embeds = cache.load_embeds()[torch.tensor(known)]
     provenance = {"backbone": cache.provenance["backbone"], "hook": cache.provenance["hook"],
                   "data_sha256": cache.provenance.get("data_sha256"), "label_column": label_column}
     return fit_probe(embeds, index.loc[known, label_column].astype(str).tolist(), config,

@@ -1,0 +1,102 @@
+"""End to end on a tiny random-weight ViT: extract -> SAE -> probe -> audit -> gate."""
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from clipaudit.backbone import BackboneSpec
+from clipaudit.cache import ExtractConfig, extract
+from clipaudit.cli import app
+from clipaudit.heads import fit_probe_on_cache, save_probe
+from clipaudit.results import load_audit
+from clipaudit.sae import SAETrainConfig, train_sae_on_cache
+from clipaudit.synthetic import make_planted_dataset
+from conftest import CONFIGS_DPATH
+
+SPEC = BackboneSpec(model="tiny-vit-a", config=CONFIGS_DPATH / "tiny-vit-a.json")
+
+
+@pytest.fixture(scope="module")
+def pipeline(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("audit")
+    data = make_planted_dataset(root / "data", artifact="ruler", rate=1.0, n=160, seed=3)
+    cache = extract(data.manifest_fpath, root / "cache", ExtractConfig(backbone=SPEC, num_workers=0,
+                                                                      batch_size=32)).dpath
+    train_sae_on_cache(cache, root / "sae.safetensors", SAETrainConfig(expansion=4, k=8, steps=60,
+                                                                      batch_size=64))
+    save_probe(fit_probe_on_cache(cache).probe, root / "probe.safetensors")
+    prompts = root / "prompts.yaml"
+    prompts.write_text("classes:\n  benign: {names: [a benign nevus]}\n"
+                       "  malignant: {names: [a malignant melanoma]}\n")
+    return {"root": root, "cache": cache, "sae": root / "sae.safetensors",
+            "probe": root / "probe.safetensors", "prompts": prompts, "data": data.dpath}
+
+
+@pytest.mark.slow
+def test_audit_writes_a_complete_folder_and_exits_by_the_rules(pipeline):
+    out = pipeline["root"] / "out"
+    runner = CliRunner()
+    res = runner.invoke(app, ["audit", str(pipeline["cache"]), "--sae", str(pipeline["sae"]),
+                              "--probe", str(pipeline["probe"]), "--prompts", str(pipeline["prompts"]),
+                              "--rules", "dermatology", "--vocab", "dermatology", "--no-pdf",
+                              "--out", str(out), "--json"])
+    assert res.exit_code in (0, 1), res.output
+    result = load_audit(out)
+    assert [h.name for h in result.heads] == ["probe", "zero-shot"]
+    assert {c.class_name for c in result.head("probe").classes} == {"benign", "malignant"}
+    for name in ("audit.json", "junit.xml", "summary.md", "report.html",
+                 "attributions-probe.parquet", "attributions-zero-shot.parquet"):
+        assert (out / name).is_file(), name
+    assert res.exit_code == (1 if result.verdict == "fail" else 0)
+    probe = result.head("probe")
+    assert probe.faithfulness and {c.method for c in probe.faithfulness} >= {"act_x_grad", "random"}
+    for cls in probe.classes:
+        assert 0.0 <= cls.unexplained_share <= 1.0 and cls.components
+    for f in probe.findings:  # every finding carries its evidence
+        assert f.ablation is not None and "has_ruler" in f.metadata_auc
+        assert f.share >= 0.05 and f.top_instances
+    assert result.provenance["sae"]["sha256"] and result.provenance["data_sha256"]
+
+
+@pytest.mark.slow
+def test_audit_refuses_an_sae_for_another_model(pipeline, tmp_path):
+    other = BackboneSpec(model="tiny-vit-b", config=CONFIGS_DPATH / "tiny-vit-b.json")
+    cache_b = extract(pipeline["data"] / "manifest.csv", tmp_path / "cache-b",
+                      ExtractConfig(backbone=other, num_workers=0)).dpath
+    res = CliRunner().invoke(app, ["audit", str(cache_b), "--sae", str(pipeline["sae"]),
+                                   "--probe", str(pipeline["probe"]), "--no-pdf",
+                                   "--out", str(tmp_path / "out")])
+    assert res.exit_code == 2
+    assert "mismatch" in res.output and "Traceback" not in res.output
+
+
+def test_audit_without_a_head_is_a_usage_error(pipeline, tmp_path):
+    res = CliRunner().invoke(app, ["audit", str(pipeline["cache"]), "--sae", str(pipeline["sae"]),
+                                   "--out", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "nothing to audit" in res.output
+
+
+def test_explain_prints_components_per_class(pipeline):
+    image = next((pipeline["data"] / "images").glob("*.png"))
+    res = CliRunner().invoke(app, ["explain", str(image), "--sae", str(pipeline["sae"]),
+                                   "--probe", str(pipeline["probe"]), "--json"])
+    assert res.exit_code == 0, res.output
+    import json
+
+    (explanation,) = json.loads(res.stdout)
+    assert {c["class_name"] for c in explanation["classes"]} == {"benign", "malignant"}
+    assert all(len(c["top"]) == 5 for c in explanation["classes"])
+
+
+def test_fit_probe_cli_reports_per_class_accuracy(pipeline, tmp_path):
+    res = CliRunner().invoke(app, ["fit-probe", str(pipeline["cache"]), "--out",
+                                   str(tmp_path / "p.safetensors"), "--json"])
+    assert res.exit_code == 0, res.output
+    import json
+
+    metrics = json.loads(res.stdout)
+    assert set(metrics["heldout_accuracy_per_class"]) == {"benign", "malignant"}
+    bad = CliRunner().invoke(app, ["fit-probe", str(pipeline["cache"]), "--out", str(tmp_path / "q"),
+                                   "--label-column", "nope"])
+    assert bad.exit_code == 2 and "nope" in bad.output
