@@ -109,7 +109,7 @@ def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | 
 
     index = cache.ok_index.reset_index(drop=True)
     acts = cache.load_acts().float()
-    ids = torch.as_tensor(index["id"].to_numpy(), dtype=torch.long)
+    ids = torch.tensor(index["id"].to_numpy(), dtype=torch.long)
     labels = [None if pd.isna(x) else str(x) for x in index["label"]] if "label" in index else [None] * len(ids)
     metadata = index[[c for c in index.columns if c not in _INDEX_COLUMNS]]
 
