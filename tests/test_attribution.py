@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-from conftest import RefTopKSAE, tiny_backbone
 
 from clipaudit.ablation import ablated_scores, ablation_effect, deletion_curves
 from clipaudit.attribution import attribute_cls, attribute_images, class_relevance
 from clipaudit.heads import LinearProbe, ZeroShotHead
 from clipaudit.hooks import HookPoint, VisionTower
+
+from conftest import RefTopKSAE, tiny_backbone
 
 N = 6
 

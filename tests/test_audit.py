@@ -12,6 +12,7 @@ from clipaudit.heads import fit_probe_on_cache, save_probe
 from clipaudit.results import load_audit
 from clipaudit.sae import SAETrainConfig, train_sae_on_cache
 from clipaudit.synthetic import make_planted_dataset
+
 from conftest import CONFIGS_DPATH
 
 SPEC = BackboneSpec(model="tiny-vit-a", config=CONFIGS_DPATH / "tiny-vit-a.json")
