@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import CONFIGS_DPATH
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -16,6 +15,8 @@ from clipaudit.backbone import BackboneSpec
 from clipaudit.cache import ExtractConfig, extract, open_cache
 from clipaudit.cli import app
 from clipaudit.sae import load_sae
+
+from conftest import CONFIGS_DPATH
 
 runner = CliRunner()
 

@@ -21,12 +21,12 @@ def train_sae_cmd(
     k: int = typer.Option(32, help="Active latents per row."),
     steps: int | None = typer.Option(None, help="Optimisation steps (overrides --epochs)."),
     epochs: float | None = typer.Option(
-        None, help="Passes over the data [default: 10, at least 1000 steps]."),
+        None, help="Passes over the data (default: 10, at least 1000 steps)."),
     batch_size: int = typer.Option(1024, envvar="CLIPAUDIT_SAE_BATCH_SIZE"),
-    lr: float | None = typer.Option(None, help="Adam learning rate [default: scaled to size]."),
+    lr: float | None = typer.Option(None, help="Adam learning rate (default: scaled to size)."),
     seed: int = typer.Option(0, help="Seed for initialisation and batch order."),
     device: str | None = typer.Option(None, envvar="CLIPAUDIT_DEVICE",
-                                      help="cpu, cuda, cuda:N [default: CUDA when present]."),
+                                      help="cpu, cuda, cuda:N (default: CUDA when present)."),
     embed_check: bool = typer.Option(True, help="Measure the image-embedding cosine (needs "
                                                 "the cache's model)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -57,7 +57,7 @@ def sae_info_cmd(
                                            "attributing-clip)."),
     cache: Path | None = typer.Option(None, help="Also measure the SAE on this cache."),
     fmt: str | None = typer.Option(None, "--format", help="clipaudit, saelens, saev or "
-                                   "attributing-clip [default: detected]."),
+                                   "attributing-clip (default: detected)."),
     k: int | None = typer.Option(None, help="k for checkpoints that do not store it."),
     scale: float | None = typer.Option(None, help="Input scale the checkpoint was trained with."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),

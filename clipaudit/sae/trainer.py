@@ -36,7 +36,9 @@ class StepStats:
 
 
 @dataclass(frozen=True)
-class _Gradients:
+class StepGradients:
+    """What ``compute_gradients`` measured; the gradients themselves are in ``.grad``."""
+
     recon_loss: float
     aux_loss: float
     dead_fraction: float
@@ -91,7 +93,7 @@ class SAETrainer:
                          fvu=grads.recon_loss, aux_loss=grads.aux_loss,
                          dead_fraction=grads.dead_fraction, lr=lr)
 
-    def compute_gradients(self, h_nd: torch.Tensor) -> _Gradients:
+    def compute_gradients(self, h_nd: torch.Tensor) -> StepGradients:
         """Loss and gradients (``.grad`` of every parameter, the decoder's with the part
         parallel to its columns removed) for a batch of raw activations h [n, d]."""
         sae = self.sae
@@ -110,7 +112,7 @@ class SAETrainer:
         recon_loss = (x_hat - x_nd).pow(2).sum(1).mean() / self.data_variance
         dead = self.dead_mask()
         aux = self._aux_terms(pre_nm, xc_nd, x_nd - x_hat.detach(), dead, W_dec_md)
-        loss = recon_loss + self.config.aux_coef * aux[0] if aux else recon_loss
+        loss = (recon_loss + self.config.aux_coef * aux[0]) if aux else recon_loss
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -122,7 +124,7 @@ class SAETrainer:
                          parallel_components(sae.n_latents, *terms))
         self._W_dec_md.grad = W_dec_md.grad
         sae.W_dec.grad = W_dec_md.grad.T
-        return _Gradients(recon_loss=float(recon_loss.detach()),
+        return StepGradients(recon_loss=float(recon_loss.detach()),
                           aux_loss=float(aux[0].detach()) if aux else 0.0,
                           dead_fraction=float(dead.float().mean()),
                           top_idx=top_idx, top_vals=vals.detach())
