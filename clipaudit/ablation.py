@@ -30,11 +30,15 @@ def _atoms(sae) -> torch.Tensor:
 
 @torch.no_grad()
 def ablated_scores(acts_nd: torch.Tensor, sae, head: Head, tower: VisionTower,
-                   components: Sequence[int]) -> torch.Tensor:
-    """Class scores [n, C] with ``components`` set to zero (error held fixed)."""
+                   components: Sequence[int], *, codes=None) -> torch.Tensor:
+    """Class scores [n, C] with ``components`` set to zero (error held fixed).
+
+    ``codes`` (sparse codes of ``acts_nd``, ``.indices``/``.values`` [n, k]) saves
+    re-encoding when many ablations run on the same activations."""
     h = acts_nd.float()
     if len(components):
-        z = sae.encode_dense(h).float()[:, list(components)]
+        codes = codes if codes is not None else sae.encode(h)
+        z = torch.stack([(codes.values.float() * (codes.indices == j)).sum(1) for j in components], 1)
         h = h - z @ _atoms(sae)[list(components)]
     return head.scores(tower.readout_cls(h))
 
@@ -47,14 +51,14 @@ class _Outcome:
 
 def ablation_effect(acts_nd: torch.Tensor, sae, head: Head, tower: VisionTower, component: int,
                     class_name: str, labels: Sequence[str | None], metadata: pd.DataFrame | None = None,
-                    *, clean_scores: torch.Tensor | None = None) -> AblationEffect:
+                    *, clean_scores: torch.Tensor | None = None, codes=None) -> AblationEffect:
     """Effect of removing one component on the class score, predictions and accuracy,
     overall and per metadata slice (each value of each low-cardinality column)."""
     c = head.class_names.index(class_name)
     if clean_scores is None:
         clean_scores = ablated_scores(acts_nd, sae, head, tower, [])
     before = _Outcome(clean_scores, clean_scores.argmax(1))
-    after_scores = ablated_scores(acts_nd, sae, head, tower, [component])
+    after_scores = ablated_scores(acts_nd, sae, head, tower, [component], codes=codes)
     after = _Outcome(after_scores, after_scores.argmax(1))
     truth = _label_indices(labels, head.class_names)
     of_class = (truth == c) if (truth >= 0).any() else (before.pred == c)

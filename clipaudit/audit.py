@@ -113,8 +113,8 @@ def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | 
     labels = [None if pd.isna(x) else str(x) for x in index["label"]] if "label" in index else [None] * len(ids)
     metadata = index[[c for c in index.columns if c not in _INDEX_COLUMNS]]
 
-    codes_z = _dense_codes(sae, acts, config.batch_size)
-    descriptions = _describe(sae, acts, ids, cache, backbone, heads, config, reporter, codes_z)
+    codes = _encode_all(sae, acts, config.batch_size)
+    descriptions = _describe(sae, ids, codes, cache, backbone, heads, config, reporter)
     finding_config: FindingConfig = ruleset.finding_config()
     out_dpath = Path(out_dpath)
     out_dpath.mkdir(parents=True, exist_ok=True)
@@ -125,7 +125,7 @@ def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | 
         files[f"attributions-{head.name}"] = attr.to_parquet(
             out_dpath / f"attributions-{head.name}.parquet", provenance={"head": head.name})
         head_audits.append(_audit_head(head, attr, acts, labels, metadata, sae, tower, descriptions,
-                                       finding_config, codes_z, ids, config, reporter))
+                                       finding_config, codes, config, reporter))
 
     components, instances = _components_and_instances(head_audits, descriptions, sae, index,
                                                       out_dpath, config)
@@ -182,13 +182,21 @@ def make_heads(probe: Path | str | LinearProbe | None, prompts: Path | str | Pro
 # ------------------------------------------------------------------ steps
 
 
+@dataclass(frozen=True)
+class _Codes:
+    """Every instance's SAE codes, kept sparse ([n, k]); one component's column on demand."""
+
+    indices: torch.Tensor
+    values: torch.Tensor
+
+    def column(self, component: int) -> torch.Tensor:
+        return (self.values * (self.indices == component)).sum(1)
+
+
 @torch.no_grad()
-def _dense_codes(sae, acts: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """Activations of every component for every instance, sparse COO -> dense on demand."""
+def _encode_all(sae, acts: torch.Tensor, batch_size: int) -> _Codes:
     parts = [sae.encode(acts[s:s + batch_size]) for s in range(0, len(acts), batch_size)]
-    indices = torch.cat([p.indices for p in parts])
-    values = torch.cat([p.values for p in parts]).float()
-    return torch.zeros(len(acts), sae.n_latents).scatter_(1, indices, values)
+    return _Codes(torch.cat([p.indices for p in parts]), torch.cat([p.values for p in parts]).float())
 
 
 def _class_texts(heads: Sequence[Head]) -> dict[str, list[str]]:
@@ -203,12 +211,13 @@ def _class_texts(heads: Sequence[Head]) -> dict[str, list[str]]:
     return texts
 
 
-def _describe(sae, acts, ids, cache, backbone, heads, config: AuditConfig, reporter, codes_z):
+def _describe(sae, ids, codes: _Codes, cache, backbone, heads, config: AuditConfig, reporter):
     from clipaudit.concepts import load_vocabularies
     from clipaudit.describe import describe_components, encode_reference_images, top_activations
 
-    batches = ((ids[s:s + config.batch_size], sae.encode(acts[s:s + config.batch_size]))
-               for s in range(0, len(ids), config.batch_size))
+    step = config.batch_size
+    batches = ((ids[s:s + step], _Codes(codes.indices[s:s + step], codes.values[s:s + step]))
+               for s in range(0, len(ids), step))
     top = top_activations(batches, sae.n_latents, m=config.top_m)
     if config.reference is None:
         ref_backbone = backbone
@@ -224,8 +233,8 @@ def _describe(sae, acts, ids, cache, backbone, heads, config: AuditConfig, repor
 
 
 def _audit_head(head: Head, attr: Attributions, acts, labels, metadata: pd.DataFrame, sae, tower,
-                descriptions, finding_config: FindingConfig, codes_z: torch.Tensor, ids: torch.Tensor,
-                config: AuditConfig, reporter: Reporter) -> HeadAudit:
+                descriptions, finding_config: FindingConfig, codes: _Codes, config: AuditConfig,
+                reporter: Reporter) -> HeadAudit:
     rel = class_relevance(attr, labels)
     col = [descriptions.class_names.index(c) for c in head.class_names]
     alignment = descriptions.class_alignment[:, col]
@@ -237,9 +246,9 @@ def _audit_head(head: Head, attr: Attributions, acts, labels, metadata: pd.DataF
         for cand in candidates:
             rank[cand.class_name] = rank.get(cand.class_name, 0) + 1
             top = descriptions.top.instances(cand.component)[: config.thumbnails_per_finding]
-            aucs = metadata_aucs(codes_z[:, cand.component].numpy(), metadata)
+            aucs = metadata_aucs(codes.column(cand.component).numpy(), metadata)
             effect = ablation_effect(acts, sae, head, tower, cand.component, cand.class_name, labels,
-                                     metadata, clean_scores=clean)
+                                     metadata, clean_scores=clean, codes=codes)
             findings.append(make_finding(head.name, cand, rank[cand.class_name], top, aucs, effect))
             task.advance()
     truth = torch.tensor([head.class_names.index(x) if x in head.class_names else -1 for x in labels])
