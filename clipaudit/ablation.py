@@ -124,10 +124,12 @@ def deletion_curves(acts_nd: torch.Tensor, sae, head: Head, tower: VisionTower,
     idx, z = codes.indices, codes.values.float()
     attr = attribute_cls(h, torch.arange(n), sae, head, tower)
     lens = _logit_lens(sae, head, tower)  # [n_latents, C]
-    a_dense = attr.dense()  # [n, n_latents, C]
-    rows = torch.arange(n)[:, None]
+    # act x grad for each instance's active components, in the order of ``idx``
+    slot = (idx[attr.rows] == attr.components[:, None]).int().argmax(1)
+    act_x_grad = torch.zeros(idx.shape)
+    act_x_grad[attr.rows, slot] = attr.values[torch.arange(len(attr.rows)), target[attr.rows]]
     keys = {
-        "act_x_grad": a_dense[rows, idx, target[:, None]],
+        "act_x_grad": act_x_grad,
         "logit_lens": lens[idx, target[:, None]],
         "act_x_logit_lens": z * lens[idx, target[:, None]],
         "activation": z,
