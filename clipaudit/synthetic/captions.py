@@ -50,6 +50,9 @@ _OPENERS = ("a dermoscopy image of", "dermoscopy of", "a close-up photo of", "an
 # How often each part is named (presence of artifacts far more often than absence).
 P_SKIN, P_COLOUR, P_BORDER, P_SIZE, P_DIAGNOSIS = 0.8, 0.85, 0.8, 0.7, 0.8
 P_ARTIFACT, P_ABSENT = 0.9, 0.1
+P_KEYWORDS = 0.15
+"""Share of captions that are a few bare keywords ("ruler", "melanoma, dark skin"): they
+teach the text tower the short phrases that concept vocabularies are made of."""
 
 
 def _pick(rng: np.random.Generator, key: str) -> str:
@@ -59,6 +62,8 @@ def _pick(rng: np.random.Generator, key: str) -> str:
 
 def caption_scene(scene: Scene, rng: np.random.Generator) -> str:
     """One caption of ``scene``, drawn from ``rng``."""
+    if rng.random() < P_KEYWORDS:
+        return _keywords(scene, rng)
     adjectives = []
     if rng.random() < P_SIZE:
         adjectives.append(_pick(rng, scene.lesion_size))
@@ -86,6 +91,21 @@ def caption_scene(scene: Scene, rng: np.random.Generator) -> str:
         diagnosis = _pick(rng, scene.diagnosis)
         text = f"{diagnosis}: {text}" if rng.random() < 0.3 else f"{text}, {diagnosis}"
     return text
+
+
+def _keywords(scene: Scene, rng: np.random.Generator) -> str:
+    words = [_pick(rng, scene.skin_tone), f"{_pick(rng, scene.lesion_colour)} lesion",
+             _pick(rng, scene.lesion_border), _pick(rng, scene.diagnosis)]
+    words += [_bare(_pick(rng, a)) for a in ARTIFACTS if a in scene.artifacts]
+    chosen = rng.choice(len(words), size=min(len(words), int(rng.integers(1, 4))), replace=False)
+    return ", ".join(words[i] for i in chosen)
+
+
+def _bare(phrase: str) -> str:
+    for article in ("a ", "an "):
+        if phrase.startswith(article):
+            return phrase[len(article):]
+    return phrase
 
 
 def _join(items: list[str]) -> str:

@@ -147,16 +147,13 @@ def _draw_lesion(img: np.ndarray, scene: Scene, rng: np.random.Generator
     u = dx * np.cos(tilt) + dy * np.sin(tilt)
     v = (-dx * np.sin(tilt) + dy * np.cos(tilt)) / aspect
     rho, theta = np.hypot(u, v), np.arctan2(v, u)
-    wobble = np.zeros_like(theta)
     if scene.lesion_border == "irregular":
-        # Several lobes of random phase: a ragged, asymmetric outline.
-        for k, amp in zip((3, 5, 7, 11), rng.uniform((0.12, 0.08, 0.06, 0.04),
-                                                     (0.22, 0.15, 0.1, 0.07))):
-            wobble += amp * np.sin(k * theta + rng.uniform(0, 2 * np.pi))
+        alpha = _irregular_alpha(rho, theta, radius, rng)
     else:
-        wobble += 0.03 * np.sin(2 * theta + rng.uniform(0, 2 * np.pi))
-    edge = radius * (1 + wobble)
-    alpha = np.clip(edge - rho + 0.5, 0, 1)[..., None]
+        edge = radius * (1 + 0.02 * np.sin(2 * theta + rng.uniform(0, 2 * np.pi)))
+        alpha = np.clip(edge - rho + 0.5, 0, 1)
+    edge = np.maximum(radius, 1e-3)
+    alpha = alpha[..., None]
     colour = np.array(_LESION_RGB[scene.lesion_colour], np.float32) + rng.normal(0, 6, 3)
     # Darker core, lighter rim, blotchy texture: it looks like a lesion, not a disc.
     depth = np.clip(1 - rho / np.maximum(edge, 1e-3), 0, 1)[..., None]
@@ -166,17 +163,40 @@ def _draw_lesion(img: np.ndarray, scene: Scene, rng: np.random.Generator
     lesion = colour * (1.1 - 0.25 * depth) + blotch
     img *= 1 - alpha
     img += alpha * lesion
-    reach = radius * (1 + (0.45 if scene.lesion_border == "irregular" else 0.05))
+    reach = radius * (1.75 if scene.lesion_border == "irregular" else 1.05)
     return float(cy), float(cx), float(reach)
 
 
+def _irregular_alpha(rho: np.ndarray, theta: np.ndarray, radius: float,
+                     rng: np.random.Generator) -> np.ndarray:
+    """Coverage of an irregular lesion: lopsided lobes, a jagged edge and radial
+    streaks (pseudopods) reaching out of it, so that the border is visible locally,
+    at the scale of a single ViT patch, and not only in the overall shape."""
+    wobble = np.zeros_like(theta)
+    amps = rng.uniform((0.15, 0.12, 0.08, 0.06, 0.05), (0.25, 0.2, 0.12, 0.09, 0.08))
+    for k, amp in zip((2, 3, 5, 11, 17), amps):
+        wobble += amp * np.sin(k * theta + rng.uniform(0, 2 * np.pi))
+    edge = radius * (1 + wobble)
+    alpha = np.clip(edge - rho + 0.5, 0, 1)
+    for angle in rng.uniform(-np.pi, np.pi, int(rng.integers(4, 8))):
+        gap = np.abs((theta - angle + np.pi) % (2 * np.pi) - np.pi)  # angular distance
+        length = radius * rng.uniform(0.35, 0.6)
+        streak = (gap * rho < 0.9) & (rho < edge + length)
+        alpha = np.maximum(alpha, streak.astype(np.float32))
+    return alpha
+
+
 def _draw_hair(draw: ImageDraw.ImageDraw, rng: np.random.Generator) -> None:
-    colour = tuple(int(c) for c in rng.integers(15, 45, 3))
-    for _ in range(int(rng.integers(3, 7))):
-        p0, p1, p2 = rng.uniform(-8, IMAGE_SIZE + 8, (3, 2))
-        t = np.linspace(0, 1, 12)[:, None]
+    colour = tuple(int(c) for c in rng.integers(10, 40, 3))
+    for _ in range(int(rng.integers(4, 8))):
+        # Each strand crosses the frame: from one edge, bending, out through another.
+        a, b = rng.uniform(0, 2 * np.pi, 2)
+        p0 = IMAGE_SIZE / 2 + 0.75 * IMAGE_SIZE * np.array([np.cos(a), np.sin(a)])
+        p2 = IMAGE_SIZE / 2 + 0.75 * IMAGE_SIZE * np.array([np.cos(b), np.sin(b)])
+        p1 = rng.uniform(0, IMAGE_SIZE, 2)
+        t = np.linspace(0, 1, 16)[:, None]
         pts = (1 - t) ** 2 * p0 + 2 * t * (1 - t) * p1 + t ** 2 * p2
-        draw.line([tuple(p) for p in pts], fill=colour, width=1)
+        draw.line([tuple(p) for p in pts], fill=colour, width=int(rng.integers(1, 3)))
 
 
 def _draw_ink(draw: ImageDraw.ImageDraw, rng: np.random.Generator,
