@@ -77,9 +77,13 @@ def train_clip_cmd(
     config = TrainConfig(seed=seed)
     if steps is not None:
         config = dataclasses.replace(config, steps=steps)
+    previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    with RichReporter(quiet=as_json) as reporter:
-        trained = train_tiny_clip(target, config, reporter=reporter)
+    try:
+        with RichReporter(quiet=as_json) as reporter:
+            trained = train_tiny_clip(target, config, reporter=reporter)
+    finally:  # callers in the same process (tests, notebooks) keep their setting
+        torch.set_num_threads(previous)
     if as_json:
         print_json({"dpath": str(trained.dpath), **trained.provenance})
         return

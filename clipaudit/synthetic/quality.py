@@ -6,9 +6,12 @@ in clipaudit's zero-shot head). Artifacts are drawn at 50 % each so that every
 presence accuracy is measured on balanced data.
 
 Text geometry: the audit's semantic alignment is only meaningful when the text
-tower keeps artifact words apart from diagnosis words. ``text_separation`` is the
-margin by which diagnosis synonyms are closer to each other than any artifact word
-is to any diagnosis word (positive = separated).
+tower keeps artifact words apart from diagnosis words. Like the audit's alignment
+(which subtracts the empty prompt's score), it is measured on text embeddings
+relative to the empty prompt, T(w) - T(""), normalised: raw CLIP text embeddings
+all share a large common direction, so their plain cosines are all high.
+``text_separation`` is the margin by which the synonyms of one diagnosis are closer
+to each other than any artifact word is to any diagnosis word (positive = apart).
 """
 
 from __future__ import annotations
@@ -74,7 +77,9 @@ class Quality:
     artifacts: dict[str, float]
     """Per artifact, accuracy of 'with X' vs 'no X' prompts (balanced presence)."""
     text_separation: float
-    """min cos(diagnosis synonyms) - max cos(artifact word, diagnosis word)."""
+    """min cos(diagnosis synonyms) - max cos(artifact word, diagnosis word), centred."""
+    artifact_diagnosis_cos: float
+    """max cos(artifact word, diagnosis word), centred on the empty prompt."""
 
     def as_dict(self) -> dict[str, object]:
         d = asdict(self)
@@ -123,15 +128,20 @@ def _phrase_prompts(templates: Sequence[str], key: str) -> list[str]:
     return [t.format(p) for t in templates for p in PHRASES[key]]
 
 
-def text_separation(backbone) -> float:
-    """Margin (positive = separated) between diagnosis synonyms and artifact words."""
-    def emb(words: Sequence[str]) -> torch.Tensor:
-        return torch.nn.functional.normalize(backbone.encode_text(list(words)), dim=-1)
+def centred_text(backbone, words: Sequence[str]) -> torch.Tensor:
+    """Unit text embeddings relative to the empty prompt, normalize(T(w) - T(""))."""
+    emb = torch.nn.functional.normalize(backbone.encode_text([*words, ""]), dim=-1)
+    return torch.nn.functional.normalize(emb[:-1] - emb[-1:], dim=-1)
 
-    within = min(float((emb(ws) @ emb(ws).T).min()) for ws in DIAGNOSIS_WORDS.values())
-    diag = emb([w for ws in DIAGNOSIS_WORDS.values() for w in ws])
-    arts = emb([w for ws in ARTIFACT_WORDS.values() for w in ws])
-    return within - float((arts @ diag.T).max())
+
+def text_geometry(backbone) -> tuple[float, float]:
+    """(min centred cos between synonyms of one diagnosis, max centred cos between an
+    artifact word and a diagnosis word)."""
+    within = min(float((centred_text(backbone, ws) @ centred_text(backbone, ws).T).min())
+                 for ws in DIAGNOSIS_WORDS.values())
+    diag = centred_text(backbone, [w for ws in DIAGNOSIS_WORDS.values() for w in ws])
+    arts = centred_text(backbone, [w for ws in ARTIFACT_WORDS.values() for w in ws])
+    return within, float((arts @ diag.T).max())
 
 
 def measure_quality(backbone, *, seed: int = 12345, n: int = 1000,
@@ -156,6 +166,7 @@ def measure_quality(backbone, *, seed: int = 12345, n: int = 1000,
                                               _phrase_prompts(_WITH_TEMPLATES, a)])
             artifacts[a] = _accuracy(img, cls, [int(a in s.artifacts) for s in scenes])
         task.advance(1)
+    within, across = text_geometry(backbone)
     return Quality(n_images=n, seed=seed, skin_tone=skin, lesion_colour=colour,
                    diagnosis=diagnosis, artifacts=artifacts,
-                   text_separation=text_separation(backbone))
+                   text_separation=within - across, artifact_diagnosis_cos=across)

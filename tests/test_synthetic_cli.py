@@ -1,0 +1,88 @@
+"""clipaudit synthetic make-dataset / train-clip: exit codes, files written, messages."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+import clipaudit.resources
+import clipaudit.synthetic
+from clipaudit.artifacts import read_json
+from clipaudit.backbone import BackboneSpec, load_backbone
+from clipaudit.cli import app
+
+
+def test_make_dataset_writes_a_planted_dataset(tmp_path):
+    res = CliRunner().invoke(app, ["synthetic", "make-dataset", "--out", str(tmp_path / "d"),
+                                   "--artifact", "ink_marker", "--class", "benign",
+                                   "--rate", "1.0", "-n", "20", "--seed", "3", "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    truth = read_json(tmp_path / "d" / "ground_truth.json", "synthetic-dataset")
+    assert doc["ground_truth"]["artifact"] == truth["artifact"] == "ink_marker"
+    assert truth["target_class"] == "benign" and truth["rate"] == 1.0
+    assert len(list((tmp_path / "d" / "images").glob("*.png"))) == 20
+
+
+def test_make_dataset_none_is_a_clean_control(tmp_path):
+    res = CliRunner().invoke(app, ["synthetic", "make-dataset", "--out", str(tmp_path),
+                                   "--artifact", "none", "-n", "10"])
+    assert res.exit_code == 0, res.output
+    assert "clean control" in res.stdout
+    assert read_json(tmp_path / "ground_truth.json", "synthetic-dataset")["artifact"] is None
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--artifact", "scalpel"], "unknown artifact 'scalpel'"),
+    (["--rate", "2"], "rate must be between 0 and 1"),
+    (["--class", "cancer"], "unknown class 'cancer'"),
+])
+def test_make_dataset_bad_input_exits_2_with_one_line(tmp_path, args, message):
+    res = CliRunner().invoke(app, ["synthetic", "make-dataset", "--out", str(tmp_path), *args])
+    assert res.exit_code == 2
+    assert message in res.output and "Traceback" not in res.output
+
+
+@pytest.fixture
+def quick_training(monkeypatch):
+    # The CLI's own defaults train for minutes; these keep its code path, tiny.
+    quick = dataclasses.replace(clipaudit.synthetic.TrainConfig(), steps=2, batch_size=8,
+                                warmup_steps=1, eval_images=16)
+    monkeypatch.setattr(clipaudit.synthetic, "TrainConfig",
+                        lambda **kw: dataclasses.replace(quick, **kw))
+
+
+@pytest.mark.slow
+def test_train_clip_writes_a_loadable_model(tmp_path, quick_training):
+    threads_before = torch.get_num_threads()
+    res = CliRunner().invoke(app, ["synthetic", "train-clip", "--out", str(tmp_path),
+                                   "--seed", "5", "--threads", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    prov = json.loads(res.stdout)
+    assert prov["train_config"]["seed"] == 5 and prov["torch_threads"] == 1
+    assert set(prov["quality"]["artifacts"]) == set(clipaudit.synthetic.ARTIFACTS)
+    backbone = load_backbone(BackboneSpec(config=tmp_path / "config.json",
+                                          checkpoint=tmp_path / "model.safetensors"))
+    assert backbone.provenance["weights"] == f"sha256:{prov['weights_sha256']}"
+    assert torch.get_num_threads() == threads_before  # the command restores the setting
+
+
+def test_train_clip_install_writes_into_the_package_data(tmp_path, quick_training, monkeypatch):
+    monkeypatch.setattr(clipaudit.resources, "package_data_dpath", lambda: tmp_path)
+    res = CliRunner().invoke(app, ["synthetic", "train-clip", "--install", "--steps", "1",
+                                   "--threads", "1"])
+    assert res.exit_code == 0, res.output
+    prov = read_json(tmp_path / "tiny_derm_clip" / "provenance.json", "tiny-clip")
+    assert prov["train_config"]["steps"] == 1
+    assert "zero-shot accuracy" in res.stdout
+
+
+@pytest.mark.parametrize("args", [[], ["--out", "x", "--install"]])
+def test_train_clip_needs_exactly_one_destination(args):
+    res = CliRunner().invoke(app, ["synthetic", "train-clip", *args])
+    assert res.exit_code == 2
+    assert "exactly one of --out FOLDER or --install" in res.output
