@@ -40,7 +40,7 @@ from clipaudit.backbone import Backbone, BackboneSpec, load_backbone
 from clipaudit.cache_reader import ActivationCache, open_cache, shard_fpath
 from clipaudit.data import ImageSource, iter_decoded, load_image_source, reason_category
 from clipaudit.errors import InputError, MismatchError
-from clipaudit.hooks import HookPoint, VisionTower
+from clipaudit.hooks import Capture, HookPoint, VisionTower
 from clipaudit.progress import NULL_REPORTER, Reporter
 
 __all__ = ["ActivationCache", "ExtractConfig", "ExtractResult", "extract", "open_cache"]
@@ -130,7 +130,8 @@ def extract(source: ImageSource | str | Path, out_dpath: str | Path,
     """Extract (or resume) the activation cache of ``source`` into ``out_dpath``.
 
     Refuses (``MismatchError``) a folder that holds a cache of another model, hook
-    point, preprocessing, data set or layout, naming both values.
+    point, preprocessing, data set or layout, naming both values. A ``backbone``
+    given here is used on its own device unless ``config.device`` names one.
     """
     config.validate()
     dpath = Path(out_dpath)
@@ -281,14 +282,15 @@ def _encode_shards(items: pd.DataFrame, pending: list[int], dpath: Path, config:
     decoded = iter_decoded(items, backbone.preprocess, batches=batches,
                            num_workers=config.num_workers, max_pixels=config.max_image_pixels,
                            pin_memory=device.type == "cuda")
-    buffers = {k: _ShardBuffer(k, k * size, min(size, n - k * size)) for k in pending}
+    buffers: dict[int, _ShardBuffer] = {}
     n_skipped = 0
     with reporter.task("extract", total=sum(len(b) for b in batches)) as task:
         for batch, rows in zip(decoded, batches):
-            buf = buffers[rows[0] // size]
+            k = rows[0] // size
+            buf = buffers.setdefault(k, _ShardBuffer(k, k * size, min(size, n - k * size)))
             if batch.ids.numel():
-                with torch.inference_mode():
-                    cap = tower.capture(batch.images.to(device, non_blocking=True), hook)
+                cap = _capture(tower, batch.images.to(device, non_blocking=True), hook,
+                               config.batch_size)
                 buf.acts.append(cap.acts.to(dtype).cpu())
                 buf.embeds.append(cap.embeds.to(dtype).cpu())
                 buf.ids.append(batch.ids)
@@ -306,6 +308,16 @@ def _encode_shards(items: pd.DataFrame, pending: list[int], dpath: Path, config:
                 buffers.pop(buf.k).write(dpath, provenance, config)
             task.advance(len(rows), skipped=n_skipped)
     assert not buffers, f"shards left unwritten: {sorted(buffers)}"
+
+
+def _capture(tower: VisionTower, images: torch.Tensor, hook: HookPoint,
+             batch_size: int) -> Capture:
+    try:
+        with torch.inference_mode():
+            return tower.capture(images, hook)
+    except torch.cuda.OutOfMemoryError:
+        raise InputError(f"out of GPU memory at batch size {batch_size}; rerun with a smaller "
+                         "--batch-size (finished shards are kept)") from None
 
 
 def _acts_tail(tower: VisionTower, hook: HookPoint) -> tuple[int, ...]:

@@ -15,7 +15,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
-from conftest import CONFIGS_DPATH, tiny_backbone
 from PIL import Image
 from typer.testing import CliRunner
 
@@ -26,6 +25,8 @@ from clipaudit.cli import app
 from clipaudit.data import decode_image, load_image_source
 from clipaudit.errors import ArtifactError, InputError, MismatchError
 from clipaudit.hooks import HookPoint, VisionTower
+
+from conftest import CONFIGS_DPATH, tiny_backbone
 
 REPO_DPATH = Path(__file__).resolve().parents[1]
 TINY_A = BackboneSpec(model="tiny-vit-a", config=CONFIGS_DPATH / "tiny-vit-a.json")
@@ -148,6 +149,45 @@ def test_manifest_metadata_reaches_the_index(tmp_path):
     assert cache.index["status"].tolist() == ["ok"] * 4 + ["skipped"]
     assert cache.index["reason"].iloc[4].startswith("missing file")
     assert cache.ok_index["has_ruler"].tolist() == [True, False, True, False]
+
+
+def test_decompression_bomb_is_recorded_and_skipped(tmp_path):
+    images = _make_images(tmp_path / "imgs", n_per_class=2, bad=False)
+    Image.new("RGB", (200, 200)).save(images / "benign" / "huge.png")
+    result = extract(images, tmp_path / "c", _config(max_image_pixels=100 * 100))
+    assert result.skipped_reasons == {"decompression bomb": 1}
+    row = result.cache.index.set_index("path").loc[str(images.resolve() / "benign" / "huge.png")]
+    assert row["status"] == "skipped" and "10000" in row["reason"]
+
+
+class _RecordingReporter:
+    def __init__(self):
+        self.tasks: dict[str, list] = {}
+
+    def task(self, description, total=None):
+        record = self.tasks.setdefault(description, [total, 0])
+
+        class _Task:
+            def advance(self, n=1, **fields):
+                record[1] += n
+
+            def close(self):
+                pass
+
+            def __enter__(self):
+                return self
+
+            def __exit__(self, *exc):
+                pass
+
+        return _Task()
+
+
+def test_progress_is_reported_per_image(images, tmp_path):
+    reporter = _RecordingReporter()
+    extract(images, tmp_path / "c", _config(), reporter=reporter)
+    assert reporter.tasks["extract"] == [14, 14]
+    assert reporter.tasks["index"] == [3, 3]
 
 
 # ---------------------------------------------------------------- resume and refusal

@@ -1,0 +1,143 @@
+"""Benchmark: ``clipaudit extract`` against a bare ``model.encode_image`` forward pass.
+
+For each data size N it writes N JPEGs to a temporary folder, then times, in one
+process and the same batch size:
+
+- bare: ``model.encode_image`` under ``torch.no_grad()`` on the same images,
+  decoded and preprocessed beforehand (so decoding is not counted);
+- extract: the full ``clipaudit.cache.extract`` on the same model (decoding in a
+  worker process, hook capture, shard writes, index);
+
+alternating them ``--repeats`` times, so that each pair sees the same machine load
+(on a shared machine, throughput swings with other work). It prints the median
+throughputs, the median of the per-pair ratios (target >= 0.9 on CPU for
+ViT-B-32), and how far the peak RSS (VmHWM, reset just before each extract) rose
+during extraction: it must not grow with N, since activations stream to disk shard
+by shard.
+
+    python benchmarks/extract.py                       # ViT-B-32, random weights, CPU
+    python benchmarks/extract.py --sizes 256 512 --batch-size 32 --workers 1
+
+On a small CPU box the decoding worker competes with the model's threads: with 2
+cores, one worker is enough (decoding a JPEG costs a few ms, a ViT-B-32 forward
+tens of ms per image) and more only steals time from the forward pass.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from clipaudit.backbone import BackboneSpec, load_backbone  # noqa: E402
+from clipaudit.cache import ExtractConfig, extract  # noqa: E402
+from clipaudit.data import decode_image, load_image_source  # noqa: E402
+
+
+def write_images(dpath: Path, n: int, seed: int = 0) -> None:
+    """Photo-like JPEGs (smooth colour fields with noise), 320 x 240, two classes."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:240, 0:320] / 320.0
+    for i in range(n):
+        label = dpath / ("a" if i % 2 else "b")
+        label.mkdir(parents=True, exist_ok=True)
+        base = np.stack([np.sin(xx * rng.uniform(1, 9) + rng.uniform(0, 6)) for _ in range(3)], -1)
+        arr = (base + 1) * 110 + rng.normal(0, 12, base.shape) + yy[..., None] * 20
+        Image.fromarray(arr.clip(0, 255).astype(np.uint8)).save(label / f"{i:05d}.jpg", quality=90)
+
+
+def time_bare(model: torch.nn.Module, pixels: torch.Tensor, batch_size: int) -> float:
+    with torch.no_grad():
+        start = time.perf_counter()
+        for s in range(0, len(pixels), batch_size):
+            model.encode_image(pixels[s:s + batch_size])
+        return time.perf_counter() - start
+
+
+def _status_mib(field: str) -> float | None:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset the kernel's peak-RSS mark (VmHWM) to the current RSS (Linux >= 4.0)."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+        return True
+    except OSError:
+        return False
+
+
+def time_extract(backbone, source, out: Path, args: argparse.Namespace) -> tuple[float, float]:
+    """(seconds, peak RSS growth in MiB over the RSS just before the run)."""
+    config = ExtractConfig(batch_size=args.batch_size, num_workers=args.workers,
+                           shard_size=args.shard_size, device="cpu")
+    before = _status_mib("VmRSS")
+    reset = _reset_peak_rss()
+    start = time.perf_counter()
+    extract(source, out, config, backbone=backbone)
+    seconds = time.perf_counter() - start
+    peak = _status_mib("VmHWM")
+    growth = peak - before if reset and peak is not None and before is not None else float("nan")
+    return seconds, growth
+
+
+def bench_size(args: argparse.Namespace, n: int, tmp: Path) -> dict:
+    data = tmp / f"images-{n}"
+    write_images(data, n)
+    backbone = load_backbone(BackboneSpec(model=args.model), device="cpu")
+    source = load_image_source(data)
+    pixels = torch.stack([backbone.preprocess(decode_image(p)) for p in source.items["path"]])
+    time_bare(backbone.model, pixels[:args.batch_size], args.batch_size)  # warm-up
+    bare, ext, growth = [], [], []
+    for r in range(args.repeats):  # interleaved, so that both see the same machine load
+        bare.append(time_bare(backbone.model, pixels, args.batch_size))
+        seconds, grew = time_extract(backbone, source, tmp / f"cache-{n}-{r}", args)
+        ext.append(seconds)
+        growth.append(grew)
+    ratios = sorted(b / e for b, e in zip(bare, ext))
+    return {"n": n, "bare_img_s": n / statistics.median(bare),
+            "extract_img_s": n / statistics.median(ext), "ratio": statistics.median(ratios),
+            "ratio_range": (ratios[0], ratios[-1]), "growth_mb": max(growth),
+            "rss_mb": _status_mib("VmRSS") or float("nan")}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default="ViT-B-32")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=1)
+    parser.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    parser.add_argument("--shard-size", type=int, default=128)
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="pairs of (bare, extract) runs; the median ratio is printed")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    print(f"model {args.model} (random weights), CPU, {args.threads} torch threads, "
+          f"batch {args.batch_size}, {args.workers} decoding worker(s), shard {args.shard_size}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for n in args.sizes:
+            r = bench_size(args, n, Path(tmp))
+            print(f"N={r['n']:5d}  bare encode_image {r['bare_img_s']:7.2f} img/s  "
+                  f"extract {r['extract_img_s']:7.2f} img/s  ratio {r['ratio']:.3f} "
+                  f"(pairs {r['ratio_range'][0]:.3f}..{r['ratio_range'][1]:.3f})  "
+                  f"peak RSS growth during extract {r['growth_mb']:+.0f} MiB "
+                  f"(process RSS {r['rss_mb']:.0f} MiB, incl. the bare run's decoded "
+                  "images)", flush=True)
+
+
+if __name__ == "__main__":
+    main()
