@@ -157,7 +157,11 @@ def _dense_reference_grads(sae: TopKSAE, h: torch.Tensor, variance: float, dead:
     return grads
 
 
-def test_sparse_step_gradients_equal_dense_autograd():
+@pytest.mark.parametrize("dense_below", [0, 10_000], ids=["scatter-kernels", "dense-matmuls"])
+def test_sparse_step_gradients_equal_dense_autograd(monkeypatch, dense_below):
+    from clipaudit.sae import sparse_ops
+
+    monkeypatch.setattr(sparse_ops, "DENSE_LATENTS_PER_ACTIVE", dense_below)
     sae = random_sae(d=12, m=40, k=5, seed=3)
     h = torch.randn(64, 12, generator=torch.Generator().manual_seed(1)) * 2
     config = SAETrainConfig(n_latents=40, k=5, aux_k=6, aux_coef=0.5)

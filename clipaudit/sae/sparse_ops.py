@@ -1,7 +1,8 @@
 """The sparse half of a TopK SAE training step.
 
 Only the encoder's forward matmul is dense ([n, d] x [d, m]). Everything after the
-top-k selection touches the k active latents of each row and nothing else:
+top-k selection touches the k active latents of each row and nothing else (for large
+dictionaries; small ones, with m <= 128 k, use dense matmuls, which are faster there):
 
 - decoder: ``embedding_bag`` over the rows of ``W_dec.T`` (forward and backward);
 - encoder backward: ``SelectedPreacts`` hands gradients back only for the selected
@@ -32,7 +33,11 @@ class SelectedPreacts(torch.autograd.Function):
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_nk = grad_nk.contiguous()
         grad_x = grad_w = grad_b = None
-        if need_x or need_w:
+        if (need_x or need_w) and dense_is_faster(W_enc.shape[0], indices_nk.shape[1]):
+            g_nm = grad_nk.new_zeros(grad_nk.shape[0], W_enc.shape[0]).scatter_add_(1, indices_nk, grad_nk)
+            grad_w = g_nm.T @ xc_nd if need_w else None
+            grad_x = g_nm @ W_enc if need_x else None
+        elif need_x or need_w:
             with torch.enable_grad():
                 weight = W_enc.detach().requires_grad_(need_w)
                 back_nd = F.embedding_bag(indices_nk, weight, per_sample_weights=grad_nk,
@@ -56,7 +61,19 @@ def sparse_decode(indices_nk: torch.Tensor, values_nk: torch.Tensor,
                   W_dec_md: torch.Tensor) -> torch.Tensor:
     """sum_j values[b, j] * W_dec_md[idx[b, j]] -> [n, d], differentiable in both.
     ``W_dec_md`` holds the decoder columns as rows (``W_dec.T``)."""
+    if dense_is_faster(W_dec_md.shape[0], indices_nk.shape[1]):
+        z_nm = values_nk.new_zeros(values_nk.shape[0], W_dec_md.shape[0]).scatter_add(1, indices_nk, values_nk)
+        return z_nm @ W_dec_md
     return F.embedding_bag(indices_nk, W_dec_md, per_sample_weights=values_nk, mode="sum")
+
+
+DENSE_LATENTS_PER_ACTIVE = 128
+"""Below this many latents per active latent, a dense matmul over all latents beats the
+scatter kernels on CPU (small dictionaries: many collisions per latent row)."""
+
+
+def dense_is_faster(n_latents: int, k: int) -> bool:
+    return n_latents <= DENSE_LATENTS_PER_ACTIVE * k
 
 
 def parallel_components(n_latents: int, *terms: tuple[torch.Tensor, torch.Tensor, torch.Tensor]
