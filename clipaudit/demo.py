@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from clipaudit.audit import AuditConfig, AuditOutcome, run_audit
+from clipaudit.backbone import BackboneSpec, load_backbone
 from clipaudit.progress import NULL_REPORTER, Reporter
 from clipaudit.resources import package_data_dpath
 
@@ -30,9 +31,12 @@ class DemoConfig:
     """Share of ruler images that are malignant (0.5 = no shortcut)."""
     sae_expansion: int = 8
     sae_k: int = 16
-    sae_steps: int = 3000
+    sae_steps: int = 1500
+    sae_batch_size: int = 256
     seed: int = 0
     pdf: bool = True
+    backbone: BackboneSpec = BackboneSpec()
+    """The CLIP to audit: the bundled tiny CLIP, which knows the synthetic world."""
 
 
 def demo_prompts_fpath() -> Path:
@@ -40,14 +44,13 @@ def demo_prompts_fpath() -> Path:
 
 
 def run_demo(config: DemoConfig = DemoConfig(), *, reporter: Reporter = NULL_REPORTER) -> AuditOutcome:
-    from clipaudit.backbone import load_backbone
     from clipaudit.cache import ExtractConfig, extract
     from clipaudit.heads import ProbeConfig, fit_probe_on_cache, save_probe
     from clipaudit.sae import SAETrainConfig, train_sae_on_cache
     from clipaudit.synthetic import make_planted_dataset
 
     out = Path(config.out_dpath)
-    backbone = load_backbone()  # the bundled tiny CLIP
+    backbone = load_backbone(config.backbone)
     data = make_planted_dataset(out / "data", artifact=config.artifact, target_class=config.target_class,
                                 rate=config.rate, n=config.n_images, seed=config.seed,
                                 overwrite=True, reporter=reporter)
@@ -56,7 +59,8 @@ def run_demo(config: DemoConfig = DemoConfig(), *, reporter: Reporter = NULL_REP
     sae_fpath = out / "sae.safetensors"
     train_sae_on_cache(cache_dpath, sae_fpath,
                        SAETrainConfig(expansion=config.sae_expansion, k=config.sae_k,
-                                      steps=config.sae_steps, seed=config.seed),
+                                      steps=config.sae_steps, batch_size=config.sae_batch_size,
+                                      seed=config.seed),
                        reporter=reporter)
     probe_fpath = out / "probe.safetensors"
     save_probe(fit_probe_on_cache(cache_dpath, config=ProbeConfig(seed=config.seed)).probe, probe_fpath)
