@@ -72,24 +72,20 @@ def test_training_is_reproducible_from_the_seed():
     assert not torch.equal(a["visual.proj"], c["visual.proj"])
 
 
-@pytest.mark.slow
 def test_zero_shot_skin_tone_and_lesion_colour(quality):
     assert quality.skin_tone >= 0.9, quality
     assert quality.lesion_colour >= 0.9, quality
 
 
-@pytest.mark.slow
 @pytest.mark.parametrize("artifact", ARTIFACTS)
 def test_zero_shot_artifact_presence(quality, artifact):
     assert quality.artifacts[artifact] >= 0.9, quality
 
 
-@pytest.mark.slow
 def test_zero_shot_diagnosis(quality):
     assert quality.diagnosis >= 0.8, quality
 
 
-@pytest.mark.slow
 def test_diagnosis_with_the_shipped_prompt_set(tiny):
     # The prompt set the demo audits: its wording is not the training captions'.
     doc = yaml.safe_load((package_data_dpath() / "prompts" / "dermatology.yaml").read_text())

@@ -48,7 +48,7 @@ _OPENERS = ("a dermoscopy image of", "dermoscopy of", "a close-up photo of", "an
             "a skin photo of")
 
 # How often each part is named (presence of artifacts far more often than absence).
-P_SKIN, P_COLOUR, P_BORDER, P_SIZE, P_DIAGNOSIS = 0.8, 0.85, 0.8, 0.7, 0.8
+P_SKIN, P_COLOUR, P_BORDER, P_SIZE, P_DIAGNOSIS = 0.8, 0.85, 0.95, 0.7, 0.8
 P_ARTIFACT, P_ABSENT = 0.9, 0.1
 P_KEYWORDS = 0.15
 """Share of captions that are a few bare keywords ("ruler", "melanoma, dark skin"): they

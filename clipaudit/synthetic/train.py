@@ -1,7 +1,7 @@
 """Train the tiny CLIP on the synthetic world (contrastive, captions generated on the fly).
 
 The model is a plain open_clip ``CLIP`` built from ``MODEL_CFG``: a ViT of 4 blocks
-(width 128, patch 8 on 64 px) and a 3-block text tower of width 48 that uses
+(width 96, patch 8 on 64 px) and a 3-block text tower of width 48 that uses
 open_clip's ``SimpleTokenizer`` (its token table is most of the weights, so the
 text width is small). Every batch is drawn fresh from the world with a seed made
 of (run seed, step), so a run never sees an image twice and a rerun with the same
@@ -33,7 +33,7 @@ log = logging.getLogger(__name__)
 
 MODEL_CFG: dict[str, Any] = {
     "embed_dim": 64,
-    "vision_cfg": {"image_size": IMAGE_SIZE, "layers": 4, "width": 128, "head_width": 32,
+    "vision_cfg": {"image_size": IMAGE_SIZE, "layers": 4, "width": 96, "head_width": 32,
                    "patch_size": 8, "mlp_ratio": 2.0},
     "text_cfg": {"context_length": 48, "vocab_size": 49408, "width": 48, "heads": 4,
                  "layers": 3},
@@ -50,11 +50,11 @@ class TrainConfig:
 
     seed: int = 0
     """Seeds the initial weights and every batch of world images."""
-    steps: int = 1200
+    steps: int = 1000
     """Optimiser steps; each sees ``batch_size`` new images."""
     batch_size: int = 128
     """Images (and captions) per contrastive batch."""
-    lr: float = 1e-3
+    lr: float = 3e-3
     """Peak learning rate of AdamW (cosine decay after a linear warm-up)."""
     warmup_steps: int = 100
     """Steps of linear learning-rate warm-up."""
@@ -62,7 +62,7 @@ class TrainConfig:
     """AdamW weight decay on matrices (not on gains, biases, embeddings or the scale)."""
     artifact_prob: float = 0.3
     """Chance of each artifact in a training image, independent of the diagnosis."""
-    eval_images: int = 1000
+    eval_images: int = 600
     """Fresh images (another seed) the quality figures in the provenance are measured on."""
 
 
