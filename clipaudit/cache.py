@@ -291,8 +291,9 @@ def _encode_shards(items: pd.DataFrame, pending: list[int], dpath: Path, config:
             if batch.ids.numel():
                 cap = _capture(tower, batch.images.to(device, non_blocking=True), hook,
                                config.batch_size)
-                buf.acts.append(cap.acts.to(dtype).cpu())
-                buf.embeds.append(cap.embeds.to(dtype).cpu())
+                # copy: cls acts are a view that would keep the batch's whole residual alive
+                buf.acts.append(cap.acts.to(device="cpu", dtype=dtype, copy=True))
+                buf.embeds.append(cap.embeds.to(device="cpu", dtype=dtype, copy=True))
                 buf.ids.append(batch.ids)
             elif not buf.acts:  # keep the tensor shapes of an all-skipped batch
                 buf.acts.append(torch.empty(0, *_acts_tail(tower, hook), dtype=dtype))
