@@ -9,6 +9,7 @@ junit.xml, summary.md. The rules are meant to fail: the probe relies on rulers.
 from __future__ import annotations
 
 import logging
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,6 +55,8 @@ def run_demo(config: DemoConfig = DemoConfig(), *, reporter: Reporter = NULL_REP
     data = make_planted_dataset(out / "data", artifact=config.artifact, target_class=config.target_class,
                                 rate=config.rate, n=config.n_images, seed=config.seed,
                                 overwrite=True, reporter=reporter)
+    if (out / "cache" / "manifest.json").is_file():  # a previous demo's cache: start afresh
+        shutil.rmtree(out / "cache")
     cache_dpath = extract(data.manifest_fpath, out / "cache", ExtractConfig(num_workers=1),
                           backbone=backbone, reporter=reporter).dpath
     sae_fpath = out / "sae.safetensors"
