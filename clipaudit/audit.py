@@ -58,6 +58,10 @@ class AuditConfig:
     """Templates each concept phrasing is put in before text encoding."""
     reference: BackboneSpec | None = None
     """Reference CLIP for component semantics (None: the audited CLIP)."""
+    reference_cache: Path | None = None
+    """Activation cache (same CLIP and hook point) whose images describe the components
+    (None: the audited data). A broad set in which artifacts occur independently of the
+    classes keeps a shortcut's top images from being mostly of the class it serves."""
     top_m: int = 20
     """Top activating instances per component."""
     faithfulness_instances: int = 256
@@ -114,7 +118,11 @@ def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | 
     metadata = index[[c for c in index.columns if c not in _INDEX_COLUMNS]]
 
     codes = _encode_all(sae, acts, config.batch_size)
-    descriptions = _describe(sae, ids, codes, cache, backbone, heads, config, reporter)
+    ref_cache = cache
+    if config.reference_cache is not None:
+        ref_cache = open_cache(config.reference_cache)
+        check_same_model(ref_cache, cache, config.reference_cache)
+    descriptions = _describe(sae, ref_cache, backbone, heads, config, reporter)
     finding_config: FindingConfig = ruleset.finding_config()
     out_dpath = Path(out_dpath)
     out_dpath.mkdir(parents=True, exist_ok=True)
@@ -127,7 +135,8 @@ def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | 
         head_audits.append(_audit_head(head, attr, acts, labels, metadata, sae, tower, descriptions,
                                        finding_config, codes, config, reporter))
 
-    components, instances = _components_and_instances(head_audits, descriptions, sae, index,
+    components, instances = _components_and_instances(head_audits, descriptions, sae,
+                                                      ref_cache.ok_index.reset_index(drop=True),
                                                       out_dpath, config)
     result = AuditResult(
         audit_id=_audit_id(cache, sae_fpath, heads),
@@ -211,25 +220,39 @@ def _class_texts(heads: Sequence[Head]) -> dict[str, list[str]]:
     return texts
 
 
-def _describe(sae, ids, codes: _Codes, cache, backbone, heads, config: AuditConfig, reporter):
+def _describe(sae, ref_cache, backbone, heads, config: AuditConfig, reporter):
+    """Top activating instances of the reference set and what they mean."""
     from clipaudit.concepts import load_vocabularies
     from clipaudit.describe import describe_components, encode_reference_images, top_activations
 
+    index = ref_cache.ok_index.reset_index(drop=True)
+    ids = torch.tensor(index["id"].to_numpy(), dtype=torch.long)
+    acts = ref_cache.load_acts().float()
+    codes = _encode_all(sae, acts, config.batch_size)
     step = config.batch_size
     batches = ((ids[s:s + step], _Codes(codes.indices[s:s + step], codes.values[s:s + step]))
                for s in range(0, len(ids), step))
     top = top_activations(batches, sae.n_latents, m=config.top_m)
     if config.reference is None:
         ref_backbone = backbone
-        embeds = cache.load_embeds().float()
+        embeds = ref_cache.load_embeds().float()
         ref = torch.zeros(int(ids.max()) + 1 if len(ids) else 0, embeds.shape[1])
         ref[ids] = embeds
     else:
         ref_backbone = load_backbone(config.reference)
-        ref = encode_reference_images(ref_backbone, cache.ok_index, reporter=reporter)
+        ref = encode_reference_images(ref_backbone, index, reporter=reporter)
     vocabulary = load_vocabularies(list(config.vocabularies))
     return describe_components(top, ref, ref_backbone.encode_text, vocabulary, _class_texts(heads),
                                templates=config.concept_templates)
+
+
+def check_same_model(ref_cache, cache, ref_dpath) -> None:
+    """The reference cache must come from the audited CLIP at the audited hook point."""
+    from clipaudit.artifacts import require_match
+
+    require_match("backbone", cache.provenance["backbone"]["id"],
+                  ref_cache.provenance["backbone"]["id"], ref_dpath)
+    require_match("hook point", cache.provenance["hook"], ref_cache.provenance["hook"], ref_dpath)
 
 
 def _audit_head(head: Head, attr: Attributions, acts, labels, metadata: pd.DataFrame, sae, tower,
@@ -325,6 +348,7 @@ def _provenance(cache, backbone: Backbone, sae, sae_fpath, heads, config: AuditC
                 "n_latents": sae.n_latents, "k": sae.k, "seed": sae.meta.get("seed")},
         "heads": [_head_provenance(h) for h in heads],
         "reference": dataclasses.asdict(config.reference) if config.reference else "audited model",
+        "reference_set": str(config.reference_cache) if config.reference_cache else "audited data",
         "vocabularies": list(config.vocabularies),
         "rules": str(config.rules),
         "seed": config.seed,

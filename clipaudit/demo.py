@@ -26,6 +26,8 @@ class DemoConfig:
     out_dpath: Path = Path("clipaudit-demo")
     """Folder for the data set, cache, SAE, probe and the audit."""
     n_images: int = 2000
+    n_reference: int = 1000
+    """Images of the clean reference set that describes the components."""
     artifact: str = "ruler"
     target_class: str = "malignant"
     rate: float = 0.9
@@ -55,10 +57,17 @@ def run_demo(config: DemoConfig = DemoConfig(), *, reporter: Reporter = NULL_REP
     data = make_planted_dataset(out / "data", artifact=config.artifact, target_class=config.target_class,
                                 rate=config.rate, n=config.n_images, seed=config.seed,
                                 overwrite=True, reporter=reporter)
-    if (out / "cache" / "manifest.json").is_file():  # a previous demo's cache: start afresh
-        shutil.rmtree(out / "cache")
-    cache_dpath = extract(data.manifest_fpath, out / "cache", ExtractConfig(num_workers=1),
-                          backbone=backbone, reporter=reporter).dpath
+    # A clean set of the same world (artifacts independent of the diagnosis) describes the
+    # components, so a shortcut's top images are not mostly of the class it serves.
+    reference = make_planted_dataset(out / "reference-data", artifact=None, n=config.n_reference,
+                                     seed=config.seed + 1, overwrite=True, reporter=reporter)
+    caches = {}
+    for name, manifest in (("cache", data.manifest_fpath), ("reference-cache", reference.manifest_fpath)):
+        if (out / name / "manifest.json").is_file():  # a previous demo's cache: start afresh
+            shutil.rmtree(out / name)
+        caches[name] = extract(manifest, out / name, ExtractConfig(num_workers=1), backbone=backbone,
+                               reporter=reporter).dpath
+    cache_dpath = caches["cache"]
     sae_fpath = out / "sae.safetensors"
     train_sae_on_cache(cache_dpath, sae_fpath,
                        SAETrainConfig(expansion=config.sae_expansion, k=config.sae_k,
@@ -67,8 +76,8 @@ def run_demo(config: DemoConfig = DemoConfig(), *, reporter: Reporter = NULL_REP
                        reporter=reporter)
     probe_fpath = out / "probe.safetensors"
     save_probe(fit_probe_on_cache(cache_dpath, config=ProbeConfig(seed=config.seed)).probe, probe_fpath)
-    audit_config = AuditConfig(rules="dermatology", vocabularies=("dermatology",),
-                               seed=config.seed, pdf=config.pdf)
+    audit_config = AuditConfig(rules="dermatology", vocabularies=("dermatology",), seed=config.seed,
+                               pdf=config.pdf, reference_cache=caches["reference-cache"])
     return run_audit(cache_dpath, sae_fpath, out / "audit", probe=probe_fpath,
                      prompts=demo_prompts_fpath(), config=audit_config, backbone=backbone,
                      reporter=reporter)
