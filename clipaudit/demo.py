@@ -26,13 +26,15 @@ class DemoConfig:
     out_dpath: Path = Path("clipaudit-demo")
     """Folder for the data set, cache, SAE, probe and the audit."""
     n_images: int = 2000
-    n_reference: int = 1000
-    """Images of the clean reference set that describes the components."""
+    n_reference: int = 2000
+    """Images of the clean reference set: the SAE is trained on it and it describes the
+    components (an SAE decomposes the CLIP, so it learns from broad data, where each
+    artifact occurs independently of the diagnosis)."""
     artifact: str = "ruler"
     target_class: str = "malignant"
     rate: float = 0.9
     """Share of ruler images that are malignant (0.5 = no shortcut)."""
-    sae_expansion: int = 8
+    sae_expansion: int = 4
     sae_k: int = 16
     sae_steps: int = 1500
     sae_batch_size: int = 256
@@ -69,7 +71,7 @@ def run_demo(config: DemoConfig = DemoConfig(), *, reporter: Reporter = NULL_REP
                                reporter=reporter).dpath
     cache_dpath = caches["cache"]
     sae_fpath = out / "sae.safetensors"
-    train_sae_on_cache(cache_dpath, sae_fpath,
+    train_sae_on_cache(caches["reference-cache"], sae_fpath,
                        SAETrainConfig(expansion=config.sae_expansion, k=config.sae_k,
                                       steps=config.sae_steps, batch_size=config.sae_batch_size,
                                       seed=config.seed),

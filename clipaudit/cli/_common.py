@@ -14,11 +14,13 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TaskProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 from clipaudit.errors import ClipAuditError
 
@@ -51,6 +53,14 @@ def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 
 
+class _RateColumn(ProgressColumn):
+    """Units per second."""
+
+    def render(self, task) -> Text:
+        speed = task.finished_speed or task.speed
+        return Text(f"{speed:.1f}/s" if speed else "", style="progress.data.speed")
+
+
 class _RichTask:
     def __init__(self, progress: Progress, task_id: Any):
         self._progress, self._id = progress, task_id
@@ -76,7 +86,7 @@ class RichReporter:
     def __init__(self, quiet: bool = False):
         self._progress = Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TaskProgressColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
+            TaskProgressColumn(), _RateColumn(), TimeElapsedColumn(), TextColumn("eta"), TimeRemainingColumn(),
             TextColumn("{task.fields[info]}"),
             console=err, disable=quiet, transient=False,
         )
