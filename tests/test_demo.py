@@ -1,0 +1,34 @@
+"""`clipaudit demo` end to end on the bundled tiny CLIP: it must find the planted ruler."""
+
+import pytest
+from typer.testing import CliRunner
+
+from clipaudit.cli import app
+from clipaudit.results import load_audit
+
+
+@pytest.mark.slow
+def test_demo_finds_the_planted_ruler_and_fails_the_rules(tmp_path):
+    out = tmp_path / "demo"
+    res = CliRunner().invoke(app, ["demo", "--out", str(out)])
+    assert res.exit_code == 1, res.output
+    assert "FAILED, as intended" in res.output
+
+    audit_dpath = out / "audit"
+    for name in ("audit.json", "report.html", "report.pdf", "junit.xml", "summary.md"):
+        assert (audit_dpath / name).is_file(), name
+    result = load_audit(audit_dpath)
+    probe = result.head("probe")
+    rulers = [f for f in probe.findings if f.class_name == "malignant" and "ruler" in f.concept]
+    assert rulers, [(f.class_name, f.concept) for f in probe.findings]
+    ruler = rulers[0]
+    assert ruler.rank == 1 and ruler.kind == "forbidden-concept"
+    assert ruler.share > 0.15 and ruler.metadata_auc["has_ruler"] > 0.9
+    # removing the component moves malignant predictions on ruler images, not elsewhere
+    by_value = {s.value: s for s in ruler.ablation.slices if s.column == "has_ruler"}
+    assert by_value["True"].flipped > 10 * max(by_value["False"].flipped, 1)
+    # the probe relies on the shortcut more than the prompt set does
+    spurious = {h.name: {c.class_name: c.spurious_share for c in h.classes} for h in result.heads}
+    assert spurious["probe"]["malignant"] > spurious["zero-shot"]["malignant"]
+    html = (audit_dpath / "report.html").read_text()
+    assert "ruler" in html and "FAIL" in html
