@@ -4,7 +4,7 @@ For every artifact x class x co-occurrence rate in {0.75, 0.9, 1.0}, plus a clea
 control (rate 0.5) per artifact: make the data set, extract with the bundled tiny
 CLIP, fit a probe, audit the probe and the prompt set. One SAE, trained once on a
 clean world sample, serves every scenario (the SAE decomposes the CLIP, not the
-classifier).
+classifier); the same clean sample is the reference set that describes components.
 
 A planted artifact counts as found when a finding of the target class has top
 images dominated by the artifact (>= 75% carry it) or a metadata AUC >= 0.9 for the
@@ -35,6 +35,7 @@ SEED = 0
 
 
 def _found(result, head_name, artifact, target, index):
+    # top instances are ids of the reference set, so ``index`` is the reference index
     """(found, rank, share) of the planted artifact among the target class's findings."""
     column = f"has_{artifact}"
     flags = dict(zip(index["id"].astype(int), index[column].astype(bool)))
@@ -66,7 +67,7 @@ def main() -> None:
     sae_data = make_planted_dataset(args.out / "sae-data", artifact=None, n=4 * args.n, seed=SEED + 1)
     sae_cache = extract(sae_data.manifest_fpath, args.out / "sae-cache", ExtractConfig(num_workers=1),
                         backbone=backbone).cache
-    trained = train_sae(sae_cache, SAETrainConfig(expansion=8, k=16, steps=3000, seed=SEED),
+    trained = train_sae(sae_cache, SAETrainConfig(expansion=4, k=16, steps=1500, batch_size=256, seed=SEED),
                         embed_readout=readout)
     save_sae(trained.sae, args.out / "sae.safetensors")
     print(f"SAE: {trained.metrics}  ({time.perf_counter() - start:.0f} s)")
@@ -89,9 +90,10 @@ def main() -> None:
         outcome = run_audit(cache.dpath, args.out / "sae.safetensors", args.out / name / "audit",
                             probe=args.out / name / "probe.safetensors", prompts=demo_prompts_fpath(),
                             config=AuditConfig(rules="dermatology", vocabularies=("dermatology",),
-                                               html=False, pdf=False, faithfulness_instances=64),
+                                               html=False, pdf=False, faithfulness_instances=64,
+                                               reference_cache=sae_cache.dpath),
                             backbone=backbone)
-        result, index = outcome.result, cache.ok_index
+        result, index = outcome.result, sae_cache.ok_index
         spur = {h.name: max((c.spurious_share for c in h.classes
                              if c.class_name == (target or "malignant")), default=0.0)
                 for h in result.heads}
