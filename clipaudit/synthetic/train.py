@@ -11,7 +11,6 @@ the diagnosis during training: the tiny CLIP itself learns no shortcut.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import math
 import time
@@ -28,14 +27,7 @@ from clipaudit.artifacts import save_tensors, sha256_file, write_json
 from clipaudit.errors import InputError
 from clipaudit.progress import NULL_REPORTER, Reporter
 from clipaudit.synthetic.captions import caption_scene
-from clipaudit.synthetic.world import (
-    ARTIFACTS,
-    IMAGE_SIZE,
-    LESION_BORDERS,
-    LESION_SIZES,
-    render_scene,
-    sample_scene,
-)
+from clipaudit.synthetic.world import ARTIFACTS, IMAGE_SIZE, render_scene, sample_scene
 
 log = logging.getLogger(__name__)
 
@@ -70,10 +62,6 @@ class TrainConfig:
     """AdamW weight decay on matrices (not on gains, biases, embeddings or the scale)."""
     artifact_prob: float = 0.3
     """Chance of each artifact in a training image, independent of the diagnosis."""
-    grouped_share: float = 0.0
-    """Share of each batch made of hard-negative groups (same skin, colour, artifacts,
-    other border and size). Off: tried at 0.25 to 1.0, it did not teach the border and
-    made hair and the diagnosis worse."""
     eval_images: int = 600
     """Fresh images (another seed) the quality figures in the provenance are measured on."""
 
@@ -89,30 +77,17 @@ class TrainedClip:
     provenance: dict[str, Any]
 
 
-def world_batch(seed: int, step: int, batch_size: int, artifact_prob: float,
-                grouped_share: float = 0.0, group_size: int = 4) -> tuple[np.ndarray, list[str]]:
-    """Images [b, H, W, 3] uint8 and one caption each, a pure function of (seed, step).
-
-    ``grouped_share`` of the batch comes in groups of ``group_size`` scenes that share
-    skin tone, lesion colour and artifacts and differ only in border and size: hard
-    negatives. Without them colour, skin and artifacts tell almost every caption of
-    a random batch apart, and the image tower never learns the lesion's shape (and
-    with it the diagnosis, which needs the border)."""
+def world_batch(seed: int, step: int, batch_size: int,
+                artifact_prob: float) -> tuple[np.ndarray, list[str]]:
+    """Images [b, H, W, 3] uint8 and one caption each, a pure function of (seed, step)."""
+    images, captions = [], []
     probs = {a: artifact_prob for a in ARTIFACTS}
-    n_grouped = int(batch_size * grouped_share) // group_size * group_size
-    scenes, rngs = [], []
-    for i in range(batch_size - n_grouped):
-        rngs.append(np.random.default_rng([seed, step, 0, i]))
-        scenes.append(sample_scene(rngs[-1], artifact_probs=probs))
-    for g in range(n_grouped // group_size):
-        base = sample_scene(np.random.default_rng([seed, step, 1, g]), artifact_probs=probs)
-        for j in range(group_size):
-            rngs.append(np.random.default_rng([seed, step, 2, g * group_size + j]))
-            scenes.append(dataclasses.replace(
-                base, lesion_border=LESION_BORDERS[int(rngs[-1].integers(2))],
-                lesion_size=LESION_SIZES[int(rngs[-1].integers(len(LESION_SIZES)))]))
-    images = np.stack([render_scene(scene, rng) for scene, rng in zip(scenes, rngs)])
-    return images, [caption_scene(scene, rng) for scene, rng in zip(scenes, rngs)]
+    for i in range(batch_size):
+        rng = np.random.default_rng([seed, step, i])
+        scene = sample_scene(rng, artifact_probs=probs)
+        images.append(render_scene(scene, rng))
+        captions.append(caption_scene(scene, rng))
+    return np.stack(images), captions
 
 
 def images_to_tensor(images_bhwc: np.ndarray) -> torch.Tensor:
@@ -159,8 +134,7 @@ def train_model(cfg: TrainConfig, reporter: Reporter = NULL_REPORTER) -> torch.n
     model.train()
     with reporter.task("training tiny CLIP", total=cfg.steps) as task:
         for step in range(cfg.steps):
-            images, captions = world_batch(cfg.seed, step, cfg.batch_size, cfg.artifact_prob,
-                                           cfg.grouped_share)
+            images, captions = world_batch(cfg.seed, step, cfg.batch_size, cfg.artifact_prob)
             for group in opt.param_groups:
                 group["lr"] = _lr_at(step, cfg)
             img_f, txt_f, scale = model(images_to_tensor(images), tokenizer(captions))

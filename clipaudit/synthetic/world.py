@@ -161,27 +161,10 @@ def _draw_lesion(img: np.ndarray, scene: Scene, rng: np.random.Generator
     py, px = rng.uniform(0, 2 * np.pi, 2)
     blotch = (10 * np.sin(fy * _YY + py) * np.sin(fx * _XX + px))[..., None]
     lesion = colour * (1.1 - 0.25 * depth) + blotch
-    if scene.lesion_border == "irregular":
-        lesion = _add_veil(lesion, cy, cx, radius, rng)
     img *= 1 - alpha
     img += alpha * lesion
     reach = radius * (1.75 if scene.lesion_border == "irregular" else 1.05)
     return float(cy), float(cx), float(reach)
-
-
-def _add_veil(lesion: np.ndarray, cy: float, cx: float, radius: float,
-              rng: np.random.Generator) -> np.ndarray:
-    """Blue-grey and whitish patches inside an irregular lesion (the 'blue-white veil'
-    and regression areas of dermoscopy). A small ViT trained for minutes learns colour
-    long before shape: this gives the disorganised lesion a colour signature too."""
-    out = lesion
-    for tint in ((105, 118, 150), (196, 198, 210))[: int(rng.integers(1, 3))]:
-        angle, dist = rng.uniform(0, 2 * np.pi), radius * rng.uniform(0.1, 0.45)
-        by, bx = cy + dist * np.sin(angle), cx + dist * np.cos(angle)
-        size = radius * rng.uniform(0.35, 0.5)
-        cover = np.clip(size - np.hypot(_YY - by, _XX - bx), 0, 1)[..., None] * 0.85
-        out = out * (1 - cover) + cover * np.array(tint, np.float32)
-    return out
 
 
 def _irregular_alpha(rho: np.ndarray, theta: np.ndarray, radius: float,
@@ -205,7 +188,7 @@ def _irregular_alpha(rho: np.ndarray, theta: np.ndarray, radius: float,
 
 def _draw_hair(draw: ImageDraw.ImageDraw, rng: np.random.Generator) -> None:
     colour = tuple(int(c) for c in rng.integers(10, 40, 3))
-    for _ in range(int(rng.integers(5, 9))):
+    for _ in range(int(rng.integers(4, 8))):
         # Each strand crosses the frame: from one edge, bending, out through another.
         a, b = rng.uniform(0, 2 * np.pi, 2)
         p0 = IMAGE_SIZE / 2 + 0.75 * IMAGE_SIZE * np.array([np.cos(a), np.sin(a)])
@@ -213,7 +196,7 @@ def _draw_hair(draw: ImageDraw.ImageDraw, rng: np.random.Generator) -> None:
         p1 = rng.uniform(0, IMAGE_SIZE, 2)
         t = np.linspace(0, 1, 16)[:, None]
         pts = (1 - t) ** 2 * p0 + 2 * t * (1 - t) * p1 + t ** 2 * p2
-        draw.line([tuple(p) for p in pts], fill=colour, width=2)
+        draw.line([tuple(p) for p in pts], fill=colour, width=int(rng.integers(1, 3)))
 
 
 def _draw_ink(draw: ImageDraw.ImageDraw, rng: np.random.Generator,
