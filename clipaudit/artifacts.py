@@ -44,6 +44,8 @@ SCHEMA_VERSIONS: dict[str, int] = {
 }
 
 _META_KEY = "clipaudit"
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 def make_header(kind: str, provenance: Mapping[str, Any] | None = None) -> dict[str, Any]:
@@ -89,6 +91,7 @@ def atomic_path(fpath: Path | str) -> Iterator[Path]:
     tmp_fpath = Path(tmp)
     try:
         yield tmp_fpath
+        os.chmod(tmp_fpath, 0o666 & ~_UMASK)  # mkstemp makes 0600; files get the usual mode
         os.replace(tmp_fpath, fpath)
     finally:
         if tmp_fpath.exists():
