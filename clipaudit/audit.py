@@ -122,7 +122,8 @@ def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | 
     if config.reference_cache is not None:
         ref_cache = open_cache(config.reference_cache)
         check_same_model(ref_cache, cache, config.reference_cache)
-    descriptions = _describe(sae, ref_cache, backbone, heads, config, reporter)
+    descriptions = _describe(sae, ref_cache, backbone, heads, config, reporter,
+                             codes=codes if ref_cache is cache else None)
     finding_config: FindingConfig = ruleset.finding_config()
     out_dpath = Path(out_dpath)
     out_dpath.mkdir(parents=True, exist_ok=True)
@@ -220,15 +221,15 @@ def _class_texts(heads: Sequence[Head]) -> dict[str, list[str]]:
     return texts
 
 
-def _describe(sae, ref_cache, backbone, heads, config: AuditConfig, reporter):
+def _describe(sae, ref_cache, backbone, heads, config: AuditConfig, reporter, codes: _Codes | None = None):
     """Top activating instances of the reference set and what they mean."""
     from clipaudit.concepts import load_vocabularies
     from clipaudit.describe import describe_components, encode_reference_images, top_activations
 
     index = ref_cache.ok_index.reset_index(drop=True)
     ids = torch.tensor(index["id"].to_numpy(), dtype=torch.long)
-    acts = ref_cache.load_acts().float()
-    codes = _encode_all(sae, acts, config.batch_size)
+    if codes is None:  # another reference set: encode it (the audited data is encoded once)
+        codes = _encode_all(sae, ref_cache.load_acts().float(), config.batch_size)
     step = config.batch_size
     batches = ((ids[s:s + step], _Codes(codes.indices[s:s + step], codes.values[s:s + step]))
                for s in range(0, len(ids), step))
