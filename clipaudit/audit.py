@@ -62,8 +62,13 @@ class AuditConfig:
     """Activation cache (same CLIP and hook point) whose images describe the components
     (None: the audited data). A broad set in which artifacts occur independently of the
     classes keeps a shortcut's top images from being mostly of the class it serves."""
-    top_m: int = 20
-    """Top activating instances per component."""
+    top_m: int = 400
+    """Top activating instances per component that its semantic embedding and clarity
+    are computed from (instances where it does not fire never count). Many, not a
+    handful: a component's strongest few activations share incidental context (the
+    lesion colour, skin tone or class that makes the artifact most salient), and their
+    mean embedding inherits it; a few hundred describe what the component means.
+    Reports show the first ``thumbnails_per_finding`` of them."""
     faithfulness_instances: int = 256
     """Instances sampled for deletion curves."""
     faithfulness_steps: int = 16
@@ -351,6 +356,7 @@ def _provenance(cache, backbone: Backbone, sae, sae_fpath, heads, config: AuditC
         "reference": dataclasses.asdict(config.reference) if config.reference else "audited model",
         "reference_set": str(config.reference_cache) if config.reference_cache else "audited data",
         "vocabularies": list(config.vocabularies),
+        "top_m": config.top_m,
         "rules": str(config.rules),
         "seed": config.seed,
     }

@@ -34,7 +34,10 @@ class DemoConfig:
     target_class: str = "malignant"
     rate: float = 0.9
     """Share of ruler images that are malignant (0.5 = no shortcut)."""
-    sae_expansion: int = 4
+    sae_expansion: int = 2
+    """192 components for the tiny CLIP's 96 dimensions. Wider SAEs split each artifact
+    by context ("band-aid on dark skin beside a tan lesion"), and such a component's top
+    images then lean towards one class (benchmarks/detection.py --sweep measures it)."""
     sae_k: int = 16
     sae_steps: int = 1500
     sae_batch_size: int = 256

@@ -47,8 +47,8 @@ log = logging.getLogger(__name__)
 TextEncoder = Callable[[list[str]], Tensor]
 """Texts -> unnormalised embeddings [len(texts), D] (``Backbone.encode_text`` fits)."""
 
-_CHUNK = 1024
-"""Components per chunk when gathering top-instance embeddings ([chunk, m, D] floats)."""
+_CHUNK_FLOATS = 1 << 24
+"""Floats per chunk when gathering top-instance embeddings ([chunk, m, D]): 64 MB."""
 
 
 # ------------------------------------------------------------------ top activations
@@ -75,12 +75,14 @@ class TopActivations:
 class TopActivationsAccumulator:
     """Streaming top-m per component: memory O(n_latents x m + batch), whatever N is.
 
-    Each ``update`` merges the batch's firings with the current top-m of the
-    components it touches; the top-m of a union is the top-m of the union of
-    top-m's, so the result equals a dense sort over all instances.
+    ``update`` keeps a batch's firings that can still enter a top-m (at or above the
+    component's current m-th value) as pending; once about n_latents x m of them are
+    pending they are merged with the current top-m's in one sort. The top-m of a union
+    is the top-m of the union of top-m's, so the result equals a dense sort over all
+    instances, and each merge costs about as much as the state it rewrites.
     """
 
-    def __init__(self, n_latents: int, m: int = 20) -> None:
+    def __init__(self, n_latents: int, m: int = 20, *, merge_at: int | None = None) -> None:
         if n_latents < 1 or m < 1:
             raise InputError(f"top activations need n_latents >= 1 and m >= 1 "
                              f"(got n_latents={n_latents}, m={m})")
@@ -88,6 +90,10 @@ class TopActivationsAccumulator:
         self.ids = torch.full((n_latents, m), -1, dtype=torch.long)
         self.values = torch.full((n_latents, m), -math.inf)
         self.counts = torch.zeros(n_latents, dtype=torch.long)
+        self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
+        self._n_pending = 0
+        self._merge_at = merge_at or max(n_latents * m, 1 << 16)
+        """Pending firings that trigger a merge (default: as many as the state holds)."""
 
     def update(self, ids: Tensor, codes: Any) -> None:
         """Add a batch: instance ids long [b] (unique) and sparse codes with
@@ -111,9 +117,17 @@ class TopActivationsAccumulator:
         # a firing below a component's current m-th value can never enter its top-m (that
         # value only grows); dropping them first makes most batches cheap once buffers fill
         enters = val >= self.values[lat, -1]
-        lat, val, iid = lat[enters], val[enters], iid[enters]
-        if lat.numel() == 0:
+        if bool(enters.any()):
+            self._pending.append((lat[enters], val[enters], iid[enters]))
+            self._n_pending += int(enters.sum())
+        if self._n_pending >= self._merge_at:
+            self._merge()
+
+    def _merge(self) -> None:
+        if not self._pending:
             return
+        lat, val, iid = (torch.cat(parts) for parts in zip(*self._pending))
+        self._pending, self._n_pending = [], 0
         touched = torch.unique(lat)
         old_ids, old_vals = self.ids[touched], self.values[touched]
         kept = old_ids >= 0
@@ -131,7 +145,14 @@ class TopActivationsAccumulator:
         self.ids[lat[top], rank[top]] = iid[top]
         self.values[lat[top], rank[top]] = val[top]
 
+    def nbytes(self) -> int:
+        """Memory held now: the top-m state plus pending firings (at most ``merge_at``
+        plus one batch's)."""
+        tensors = [self.ids, self.values, self.counts, *(t for p in self._pending for t in p)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
     def result(self) -> TopActivations:
+        self._merge()
         values = torch.where(self.ids >= 0, self.values, torch.zeros(()))
         return TopActivations(self.ids.clone(), values, self.counts.clone())
 
@@ -241,16 +262,17 @@ def semantic_embeddings(top: TopActivations, ref_image_embeds: Tensor) -> tuple[
                             f"reference embeddings hold only {n_ref} rows (ids index rows)")
     semantic = torch.zeros(top.ids.shape[0], dim)
     clarity = torch.full((top.ids.shape[0],), math.nan)
-    for start in range(0, top.ids.shape[0], _CHUNK):
-        ids = top.ids[start:start + _CHUNK]
+    chunk = max(1, _CHUNK_FLOATS // max(1, top.ids.shape[1] * dim))
+    for start in range(0, top.ids.shape[0], chunk):
+        ids = top.ids[start:start + chunk]
         rows = ref_image_embeds[ids.clamp(min=0)].float()  # [c, m, D]
         valid = (ids >= 0) & (rows.norm(dim=-1) > 0)  # zero rows: no reference embedding
         total = (_unit(rows) * valid[..., None]).sum(dim=1)  # [c, D], sum of unit vectors
         n = valid.sum(dim=1).float()
-        semantic[start:start + _CHUNK] = _unit(total)
+        semantic[start:start + chunk] = _unit(total)
         # sum of all pairwise cosines = |sum u|^2 - n (the n self-pairs), over n(n-1) pairs
         pairs = n * (n - 1)
-        clarity[start:start + _CHUNK] = torch.where(
+        clarity[start:start + chunk] = torch.where(
             n >= 2, (total.pow(2).sum(dim=1) - n) / pairs.clamp(min=1), torch.tensor(math.nan))
     return semantic, clarity
 

@@ -41,7 +41,7 @@ def test_audit_writes_a_complete_folder_and_exits_by_the_rules(pipeline):
     res = runner.invoke(app, ["audit", str(pipeline["cache"]), "--sae", str(pipeline["sae"]),
                               "--probe", str(pipeline["probe"]), "--prompts", str(pipeline["prompts"]),
                               "--rules", "dermatology", "--vocab", "dermatology", "--no-pdf",
-                              "--out", str(out), "--json"])
+                              "--top-m", "50", "--out", str(out), "--json"])
     assert res.exit_code in (0, 1), res.output
     result = load_audit(out)
     assert [h.name for h in result.heads] == ["probe", "zero-shot"]
@@ -58,6 +58,7 @@ def test_audit_writes_a_complete_folder_and_exits_by_the_rules(pipeline):
         assert f.ablation is not None and "has_ruler" in f.metadata_auc
         assert f.share >= 0.05 and f.top_instances
     assert result.provenance["sae"]["sha256"] and result.provenance["data_sha256"]
+    assert result.provenance["top_m"] == 50
 
 
 @pytest.mark.slow

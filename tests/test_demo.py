@@ -32,3 +32,17 @@ def test_demo_finds_the_planted_ruler_and_fails_the_rules(tmp_path):
     assert spurious["probe"]["malignant"] > spurious["zero-shot"]["malignant"]
     html = (audit_dpath / "report.html").read_text()
     assert "ruler" in html and "FAIL" in html
+
+
+@pytest.mark.slow
+def test_demo_on_the_clean_control_names_no_ruler(tmp_path):
+    """The same pipeline with rulers independent of the diagnosis (rate 0.5): the ruler
+    component is still there (the SAE and the reference set are the same), but no
+    classifier relies on it, so no finding may name it."""
+    from clipaudit.demo import DemoConfig, run_demo
+
+    outcome = run_demo(DemoConfig(out_dpath=tmp_path / "control", rate=0.5, pdf=False))
+    findings = [f for h in outcome.result.heads for f in h.findings]
+    assert not [f for f in findings if "ruler" in f.concept], [(f.class_name, f.concept) for f in findings]
+    assert not [f for f in findings if f.metadata_auc.get("has_ruler", 0.0) >= 0.9]
+    assert outcome.exit_code == 0, [v for v in outcome.result.verdicts if v.status == "fail"]

@@ -83,19 +83,23 @@ def test_top_activations_ties_prefer_lower_ids_across_batches():
 
 
 def test_top_activations_memory_does_not_depend_on_n():
-    def state_numel(acc):
-        return sum(v.numel() for v in vars(acc).values() if isinstance(v, torch.Tensor))
-
-    sizes = {}
+    """State (n_latents x m) plus pending firings (merged at ``merge_at``) is bounded
+    by the same figure after 40 or 4,000 instances, and the result stays exact."""
+    state_bytes = 16 * 4 * (8 + 4) + 16 * 8  # ids long, values float32, counts long
+    firing_bytes = 8 + 4 + 8  # component, value, id
+    bound = state_bytes + (50 + 40 * 3) * firing_bytes  # merge_at + one batch of firings
     for n in (40, 4000):
-        acc = TopActivationsAccumulator(n_latents=16, m=4)
-        before = state_numel(acc)
-        indices, values, _ = _random_codes(n, 16, 3, seed=1)
+        acc = TopActivationsAccumulator(n_latents=16, m=4, merge_at=50)
+        indices, values, dense = _random_codes(n, 16, 3, seed=1)
+        peak = 0
         for ids, codes in _batches(torch.arange(n), indices, values, [40] * (n // 40)):
             acc.update(ids, codes)
-        assert state_numel(acc) == before
-        sizes[n] = state_numel(acc)
-    assert sizes[40] == sizes[4000] == 16 * 4 * 2 + 16
+            peak = max(peak, acc.nbytes())
+        assert state_bytes <= peak <= bound
+        top = acc.result()
+        assert acc.nbytes() == state_bytes  # nothing left pending
+        want_ids, want_vals, _ = _brute_force(dense, torch.arange(n), 4)
+        assert torch.equal(top.values, want_vals) and torch.equal(top.ids, want_ids)
 
 
 def test_top_activations_rejects_bad_batches():
@@ -212,6 +216,25 @@ def test_semantic_weighs_instances_equally_and_clarity_is_mean_pairwise_cosine()
     want = sum(float(_unit(ref[a]) @ _unit(ref[b])) for a, b in pairs) / 3
     assert float(desc.clarity[0]) == pytest.approx(want, abs=1e-6)
     assert desc.class_alignment.shape == (1, 0)
+
+
+def test_semantic_embeddings_do_not_depend_on_the_chunk_size(monkeypatch):
+    """Components are gathered in chunks sized by m x D; many tiny chunks (here one
+    component each) give what one chunk gives, padding slots (-1) included."""
+    from clipaudit import describe
+
+    g = torch.Generator().manual_seed(0)
+    ref = torch.randn(50, D, generator=g)
+    ids = torch.randint(0, 50, (37, 9), generator=g)
+    ids[::4, 5:] = -1  # components that fired fewer than m times
+    top = SimpleNamespace(ids=ids, values=torch.ones(ids.shape), counts=torch.full((37,), 9))
+    whole = describe.semantic_embeddings(top, ref)
+    monkeypatch.setattr(describe, "_CHUNK_FLOATS", 1)
+    chunked = describe.semantic_embeddings(top, ref)
+    for a, b in zip(whole, chunked):
+        torch.testing.assert_close(a, b)
+    valid = ids[1] >= 0
+    torch.testing.assert_close(whole[0][1], _unit(_unit(ref[ids[1][valid]]).sum(0)))
 
 
 def test_reference_rows_that_are_zero_are_left_out_and_out_of_range_ids_refused():

@@ -55,13 +55,16 @@ def audit_cmd(
     reference_data: Path = typer.Option(None, "--reference-data",
                                         help="Cache of a broad image set to describe components with "
                                              "(same model; default: the audited data)."),
+    top_m: int = typer.Option(400, "--top-m", min=2,
+                              help="Top activating instances that describe each component."),
     pdf: bool = typer.Option(True, "--pdf/--no-pdf", help="Also write report.pdf."),
     as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
 ) -> None:
     """Audit a probe and/or prompt set for shortcuts; exit 1 when a rule fails."""
     from clipaudit.audit import AuditConfig, run_audit
 
-    config = AuditConfig(rules=rules, vocabularies=tuple(vocab), pdf=pdf, reference_cache=reference_data)
+    config = AuditConfig(rules=rules, vocabularies=tuple(vocab), pdf=pdf, reference_cache=reference_data,
+                         top_m=top_m)
     with RichReporter(quiet=as_json) as reporter:
         outcome = run_audit(cache, sae, out_dpath, probe=probe, prompts=prompts, config=config,
                             baseline_dpath=baseline, reporter=reporter)
