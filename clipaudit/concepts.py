@@ -2,7 +2,7 @@
 
 A vocabulary is a list of concepts, each with optional synonyms (other phrasings
 of the same concept). clipaudit ships three (``general``, ``dermatology``,
-``product``) as YAML under ``clipaudit/data/concepts/``; users add their own:
+``product``) as YAML under ``clipaudit/_data/concepts/``; users add their own:
 
 - a ``.txt`` file: one concept per line; blank lines and ``#`` comments ignored;
 - a ``.yaml``/``.yml`` file: a mapping ``{concept: [synonym, ...]}`` (a synonym

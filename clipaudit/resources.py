@@ -31,4 +31,4 @@ def templates_dpath() -> Path:
 
 def package_data_dpath() -> Path:
     """Folder of data that lives inside the package (tiny CLIP weights, concept lists)."""
-    return _PACKAGE_DPATH / "data"
+    return _PACKAGE_DPATH / "_data"
