@@ -37,7 +37,7 @@ SCHEMA_VERSIONS: dict[str, int] = {
     "probe": 1,
     "prompt-set": 1,
     "attributions": 1,
-    "audit": 1,
+    "audit": 2,
     "synthetic-dataset": 1,
     "tiny-clip": 1,
     "component-descriptions": 1,

@@ -1,15 +1,20 @@
 """Which relied-on components are shortcuts: findings from relevance and meaning.
 
-Component j is a shortcut candidate for class c when it carries a large share of
-the class's evidence (rho[j, c] >= share_min), is poorly aligned with the class
-(alpha[j, c] < alignment_max) and is coherent (clarity >= clarity_min). A
-candidate whose concept label is forbidden for the class is a forbidden-concept
-finding; a candidate whose label is expected for the class is not a finding.
+Component j is eligible for class c when it is poorly aligned with the class
+(alpha[j, c] < alignment_max), coherent (clarity >= clarity_min) and not labelled
+with a concept the class is expected to rely on. An eligible component is a
+candidate when it carries a large share of the class's evidence
+(rho[j, c] >= share_min), or when the eligible components with its concept label,
+each carrying at least member_share_min, together carry share_min: an SAE often
+splits one shortcut (dark corners, hair) over several components, none of which
+carries the whole of it. A candidate whose concept label is forbidden for the class
+is a forbidden-concept finding.
 """
 
 from __future__ import annotations
 
 import math
+from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -25,6 +30,7 @@ class Candidate:
     component: int
     class_name: str
     share: float
+    concept_share: float
     alignment: float
     clarity: float
     concept: str
@@ -42,23 +48,35 @@ def _concept_listed(concept: str, listing: dict[str, list[str]], class_name: str
 def select_candidates(share_jc: torch.Tensor, alignment_jc: torch.Tensor, clarity_j: torch.Tensor,
                       concepts: Sequence[str], concept_scores: torch.Tensor,
                       class_names: Sequence[str], config: FindingConfig) -> list[Candidate]:
-    """Findings for every class, largest share first within a class."""
+    """Findings for every class, in class order; within a class by concept share, then share."""
     out = []
+    floor = min(config.member_share_min, config.share_min)
     for c, name in enumerate(class_names):
-        for j in torch.nonzero(share_jc[:, c] >= config.share_min).flatten().tolist():
+        eligible = []
+        for j in torch.nonzero(share_jc[:, c] >= floor).flatten().tolist():
             alignment, clarity = float(alignment_jc[j, c]), float(clarity_j[j])
             if math.isnan(alignment) or math.isnan(clarity):
                 continue
             if alignment >= config.alignment_max or clarity < config.clarity_min:
                 continue
-            concept = concepts[j]
-            forbidden = _concept_listed(concept, config.forbidden, name)
-            if not forbidden and _concept_listed(concept, config.expected, name):
+            forbidden = _concept_listed(concepts[j], config.forbidden, name)
+            if not forbidden and _concept_listed(concepts[j], config.expected, name):
                 continue  # forbidden wins over expected, as in the rule engine
-            kind = "forbidden-concept" if forbidden else "shortcut"
-            out.append(Candidate(j, name, float(share_jc[j, c]), alignment, clarity, concept,
-                                 float(concept_scores[j]), kind))
-    out.sort(key=lambda cand: (class_names.index(cand.class_name), -cand.share))
+            eligible.append((j, float(share_jc[j, c]), alignment, clarity, forbidden))
+        by_concept: dict[str, float] = defaultdict(float)
+        for j, share, *_ in eligible:
+            if concepts[j]:  # dead components have no label to group by
+                by_concept[concepts[j]] += share
+        of_class = []
+        for j, share, alignment, clarity, forbidden in eligible:
+            together = by_concept[concepts[j]] if concepts[j] else share
+            if share < config.share_min and together < config.share_min:
+                continue
+            of_class.append(Candidate(j, name, share, together, alignment, clarity, concepts[j],
+                                      float(concept_scores[j]),
+                                      "forbidden-concept" if forbidden else "shortcut"))
+        of_class.sort(key=lambda cand: (-cand.concept_share, cand.concept, -cand.share, cand.component))
+        out += of_class
     return out
 
 
@@ -94,7 +112,7 @@ def make_finding(head: str, cand: Candidate, rank: int, top_instances: list[int]
     return Finding(
         id=f"{head}:{cand.class_name}:{cand.component}", head=head, class_name=cand.class_name,
         component=cand.component, kind=cand.kind, rank=rank, share=cand.share,
-        alignment=cand.alignment, clarity=cand.clarity, concept=cand.concept,
+        concept_share=cand.concept_share, alignment=cand.alignment, clarity=cand.clarity, concept=cand.concept,
         concept_score=cand.concept_score, top_instances=top_instances, metadata_auc=aucs,
         ablation=ablation,
     )

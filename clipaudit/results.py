@@ -23,7 +23,10 @@ class FindingConfig:
     """Thresholds that make a component a finding (they come from the rule file)."""
 
     share_min: float = 0.10
-    """rho_min: smallest relevance share of a class's evidence worth a finding."""
+    """rho_min: smallest relevance share of a class's evidence worth a finding, carried by
+    one component or by the candidates that share its concept label together."""
+    member_share_min: float = 0.02
+    """Smallest share a component needs to count towards its concept's share."""
     alignment_max: float = 0.02
     """alpha_max: a component aligned with its class at least this much is not a shortcut."""
     clarity_min: float = 0.30
@@ -73,8 +76,11 @@ class Finding:
     component: int
     kind: FindingKind
     rank: int
-    """1 = the largest share among this class's findings."""
+    """1 = the first of this class's findings: by concept share, then by share."""
     share: float
+    concept_share: float
+    """Summed share of this class's candidates with the same concept label (this one
+    included): an SAE may split one shortcut over several components."""
     alignment: float
     clarity: float
     concept: str

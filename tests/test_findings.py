@@ -50,3 +50,23 @@ def test_metadata_auc_is_one_for_a_perfect_detector_and_skips_non_binary_columns
     aucs = metadata_aucs(act, meta)
     assert aucs["has_ruler"] == 1.0 and "tone" not in aucs
     assert aucs["flag"] == 0.75  # positives 3.0 and 0.1 vs negatives 0.0 and 2.0: 3 of 4 pairs
+
+
+def test_components_of_one_concept_are_candidates_together():
+    """An SAE splits 'dark corners' over three components of 0.04 each: none reaches
+    share_min alone, together (0.12) they do, and rank before a lone 0.11 finding. A
+    member below member_share_min, an aligned one and an expected one do not count."""
+    share = torch.tensor([[0.04], [0.04], [0.04], [0.11], [0.015], [0.30], [0.05], [0.09], [0.015]])
+    alignment = torch.tensor([[0.0]] * 5 + [[0.5]] + [[0.0]] * 3)
+    clarity = torch.full((9,), 0.9)
+    concepts = ["dark corners"] * 3 + ["hair", "dark corners", "dark corners", "lesion", "ink", "ink"]
+    config = FindingConfig(share_min=0.10, member_share_min=0.02, alignment_max=0.02,
+                           clarity_min=0.3, expected={"*": ["lesion"]})
+    cands = select_candidates(share, alignment, clarity, concepts, torch.ones(9), ["benign"], config)
+    assert [c.component for c in cands] == [0, 1, 2, 3]
+    assert [round(c.concept_share, 3) for c in cands] == [0.12, 0.12, 0.12, 0.11]
+    # 7 (ink, 0.09) + 8 (ink, 0.015 < member_share_min) stay below share_min
+    alone = select_candidates(share, alignment, clarity, concepts, torch.ones(9), ["benign"],
+                              FindingConfig(share_min=0.10, member_share_min=0.01, alignment_max=0.02,
+                                            clarity_min=0.3, expected={"*": ["lesion"]}))
+    assert {c.component for c in alone} == {0, 1, 2, 3, 4, 7, 8}

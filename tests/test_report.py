@@ -6,6 +6,7 @@ The browser test lives in test_report_browser.py and reuses ``make_audit_folder`
 from __future__ import annotations
 
 import base64
+import dataclasses
 import html
 import io
 import json
@@ -75,7 +76,7 @@ def _finding(head: str, class_name: str, component: int, rank: int, concept: str
     return Finding(
         id=f"{head}:{class_name}:{component}", head=head, class_name=class_name,
         component=component, kind="forbidden-concept" if concept == "ruler" else "shortcut",
-        rank=rank, share=share, alignment=-0.031, clarity=0.72, concept=concept,
+        rank=rank, share=share, concept_share=share, alignment=-0.031, clarity=0.72, concept=concept,
         concept_score=0.143, top_instances=[0, 3, 6, 9, 12, 1, 4],
         metadata_auc={"has_ruler": 0.94, "skin_tone_dark": 0.53},
         ablation=effect if ablation else None)
@@ -406,3 +407,16 @@ def test_pdf_pages_are_nonblank_and_text_carries_verdict_and_labels(audit_dpath,
     for i, page_text in enumerate(page_texts, start=1):  # running header and page numbers
         assert "clipaudit audit audit-2025-test-01" in page_text, f"page {i} lacks the header"
         assert re.search(rf"\b{i}\s*/\s*{len(pages)}\b", page_text), f"page {i} unnumbered"
+
+
+def test_a_finding_split_over_components_shows_its_concept_share(audit_dpath):
+    result = load_audit(audit_dpath)
+    probe = result.heads[0]
+    split = [dataclasses.replace(f, concept_share=0.45) if f.component == 7 else f for f in probe.findings]
+    result = dataclasses.replace(result, heads=[dataclasses.replace(probe, findings=split), *result.heads[1:]])
+    data = build_report_data(result, audit_dpath)
+    cards = {c.id: c for h in data.heads for cls in h.classes for c in cls.cards}
+    assert cards["probe:malignant:7"].concept_share.text == "45.0%"
+    assert cards["probe:malignant:21"].concept_share is None  # alone with its label
+    page = render_html(data)
+    assert "(45.0% with the class's other &ldquo;ruler&rdquo; findings)" in page

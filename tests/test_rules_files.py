@@ -82,14 +82,15 @@ def test_dermatology_does_not_forbid_the_lesion_itself(label):
     assert load_ruleset("dermatology").concept_status("malignant", label) != "forbidden"
 
 
-def test_dermatology_extends_default_with_stricter_shares():
+def test_dermatology_extends_default_with_a_stricter_limit():
     default, derm = load_ruleset("default"), load_ruleset("dermatology")
     assert [p.name for p in derm.sources] == ["dermatology.yaml", "default.yaml"]
     assert {c.id for c in default.checks} <= {c.id for c in derm.checks}
     share = {r.name: next(c for c in r.checks if c.id == "no-shortcuts").max_share
              for r in (default, derm)}
     assert share["dermatology"] < share["default"]
-    assert derm.thresholds.share_min < default.thresholds.share_min
+    # which components are findings is not stricter: 0.05 flagged chance reliance
+    assert derm.thresholds.share_min == default.thresholds.share_min
     # forbidden lists add up: default's watermark stays forbidden
     assert derm.concept_status("benign", "watermark") == "forbidden"
 

@@ -55,6 +55,20 @@ def test_shortcut_share_fails_only_above_the_limit(share, status):
     assert got[("share", "probe", "benign")] == "pass"
 
 
+def test_shortcut_share_counts_a_split_concept_whole():
+    """Two ruler components of 0.08 each (0.16 together) fail a 0.15 limit; the message
+    names both figures. One of 0.03 counts towards its concept, not alone."""
+    split = [finding(3, share=0.08, concept_share=0.16), finding(4, share=0.08, concept_share=0.16)]
+    (verdict,) = [v for v in verdicts_of(audit(split), rules(SHARE))
+                  if v.class_name == "malignant"]
+    assert verdict.status == "fail"
+    assert "0.080" in verdict.message and "0.160" in verdict.message
+    small = [finding(3, share=0.03, concept_share=0.12)]
+    assert statuses(audit(small), rules(SHARE))[("share", "probe", "malignant")] == "pass"
+    below_member = [finding(3, share=0.01, concept_share=0.5)]  # under member_share_min 0.02
+    assert statuses(audit(below_member), rules(SHARE))[("share", "probe", "malignant")] == "pass"
+
+
 @pytest.mark.parametrize("field, value, counted", [
     ("share", 0.05, True), ("share", just_under(0.05), False),
     ("alignment", just_under(0.02), True), ("alignment", 0.02, False),

@@ -19,14 +19,21 @@ def _label(f: Finding) -> str:
     return f"component {f.component} ({f.concept})"
 
 
+def _together(f: Finding) -> str:
+    if f.concept_share - f.share < 5e-4:
+        return ""
+    return f", {f.concept_share:.3f} with the class's other {f.concept!r} findings"
+
+
 # ------------------------------------------------------------------ shortcut-share
 
 
 class ShortcutShareParams(CheckSpec):
-    """Fails when one finding carries more than ``max_share`` of a class's evidence."""
+    """Fails when a finding, together with the class's other findings of its concept
+    label, carries more than ``max_share`` of a class's evidence."""
 
     max_share: Share
-    """Largest relevance share one finding may carry (a share equal to it passes)."""
+    """Largest relevance share one concept's findings may carry (equal passes)."""
     alignment_max: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
     """Only findings aligned with their class below this count (default: every finding;
     ``thresholds.alignment_max`` already decided which components are findings)."""
@@ -34,16 +41,17 @@ class ShortcutShareParams(CheckSpec):
 
 @register_check("shortcut-share", params=ShortcutShareParams)
 def shortcut_share(spec: ShortcutShareParams, scope: Scope) -> CheckOutcome:
-    """A poorly aligned component carries too large a share of a class's evidence."""
+    """Poorly aligned components of one concept carry too large a share of a class's
+    evidence (a shortcut split over several components counts whole)."""
     findings = [f for f in scope.findings()
                 if spec.alignment_max is None or f.alignment < spec.alignment_max]
     violations = [
-        Violation(f"{_label(f)} carries {f.share:.3f} of the evidence "
-                  f"(alignment {f.alignment:.3f}; limit {spec.max_share:g})",
-                  f, f.share, spec.max_share)
-        for f in findings if f.share > spec.max_share
+        Violation(f"{_label(f)} carries {f.share:.3f} of the evidence"
+                  f"{_together(f)} (alignment {f.alignment:.3f}; limit {spec.max_share:g})",
+                  f, f.concept_share, spec.max_share)
+        for f in findings if f.concept_share > spec.max_share
     ]
-    largest = max((f.share for f in findings), default=0.0)
+    largest = max((f.concept_share for f in findings), default=0.0)
     return CheckOutcome(
         violations,
         f"{len(findings)} finding(s); largest share {largest:.3f} (limit {spec.max_share:g})",

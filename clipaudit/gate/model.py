@@ -64,7 +64,10 @@ class Thresholds(StrictModel):
     """Which components become findings (DESIGN.md section 2, Findings)."""
 
     share_min: Share = 0.10
-    """A component carrying at least this share of a class's evidence is a candidate."""
+    """A component carrying at least this share of a class's evidence is a candidate, as
+    are components with one concept label that carry it together."""
+    member_share_min: Share = 0.02
+    """Smallest share a component needs to count towards its concept label's share."""
     alignment_max: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.02
     """A component aligned with its class at least this much is not a shortcut."""
     clarity_min: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.30
@@ -237,7 +240,8 @@ class RuleSet(StrictModel):
         every synonym; ``concept_status`` is the matching the rules use (whole words)."""
         t = self.thresholds
         return FindingConfig(
-            share_min=t.share_min, alignment_max=t.alignment_max, clarity_min=t.clarity_min,
+            share_min=t.share_min, member_share_min=t.member_share_min,
+            alignment_max=t.alignment_max, clarity_min=t.clarity_min,
             forbidden=self._expanded(self.concepts.forbidden),
             expected=self._expanded(self.concepts.expected),
         )

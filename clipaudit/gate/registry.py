@@ -91,7 +91,9 @@ class Scope:
             return []
         t, cls = self.ruleset.thresholds, self.class_audit.class_name
         return [f for f in self.head.findings
-                if f.class_name == cls and f.share >= t.share_min
+                if f.class_name == cls
+                and (f.share >= t.share_min
+                     or (f.concept_share >= t.share_min and f.share >= t.member_share_min))
                 and f.alignment < t.alignment_max and f.clarity >= t.clarity_min
                 and self.ruleset.concept_status(cls, f.concept) != "expected"]
 

@@ -123,6 +123,9 @@ class FindingCard:
     concept: str
     concept_score: Num
     share: Num
+    concept_share: Num | None
+    """Share of the class's findings with this concept label together; None when this
+    finding is the only one."""
     alignment: Num
     clarity: Num
     thumbnails: tuple[Thumbnail, ...]
