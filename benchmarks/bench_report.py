@@ -66,7 +66,7 @@ def make_audit(dpath: Path) -> AuditResult:
                                         [SliceEffect("has_ruler", v, 40, -0.3, 0.9, 0.6, 4)
                                          for v in ("True", "False")])
                 findings.append(Finding(f"{head}:{c}:{r}", head, c, r, "shortcut", r + 1,
-                                        0.2 - 0.05 * r, -0.03, 0.6, "ruler", 0.1, top,
+                                        0.2 - 0.05 * r, 0.2 - 0.05 * r, -0.03, 0.6, "ruler", 0.1, top,
                                         {"has_ruler": 0.9, "skin_tone": 0.55}, effect))
             points = [ComponentPoint(j, rng.uniform(-0.05, 0.1), rng.uniform(-0.1, 0.1),
                                      rng.random(), "concept") for j in range(N_POINTS)]
