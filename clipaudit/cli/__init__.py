@@ -7,9 +7,12 @@ violations, 2 usage or input error.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
 
 from clipaudit._version import __version__
+from clipaudit.cli._config import CONFIG_ENV, ENV_PREFIX, find_config, load_default_map
 
 app = typer.Typer(
     name="clipaudit",
@@ -17,6 +20,8 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    # option precedence: command line > CLIPAUDIT_<COMMAND>_<OPTION> > config file > default
+    context_settings={"auto_envvar_prefix": ENV_PREFIX},
 )
 
 
@@ -28,10 +33,32 @@ def _version_callback(value: bool) -> None:
 
 @app.callback()
 def _root(
+    ctx: typer.Context,
     version: bool = typer.Option(False, "--version", callback=_version_callback, is_eager=True,
                                  help="Print the version and exit."),
+    config: Path = typer.Option(None, "--config", envvar=CONFIG_ENV, dir_okay=False,
+                                help="Option defaults, one TOML table per command "
+                                     "(default: ./clipaudit.toml if present)."),
 ) -> None:
-    """clipaudit: find the components a classifier relies on that mean something else."""
+    """clipaudit: find the components a classifier relies on that mean something else.
+
+    Options come from the command line, else CLIPAUDIT_<COMMAND>_<OPTION> environment
+    variables, else the config file, else their defaults.
+    """
+    from rich.markup import escape
+
+    from clipaudit.cli._common import err
+    from clipaudit.errors import ClipAuditError
+
+    fpath = find_config(config)
+    if fpath is None:
+        return
+    try:
+        ctx.default_map = load_default_map(fpath, ctx.command)
+    except ClipAuditError as e:
+        err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False)
+        raise typer.Exit(2) from None
+    err.print(f"[dim]option defaults from {escape(str(fpath))}[/]", markup=True, highlight=False)
 
 
 def _register() -> None:
