@@ -11,8 +11,9 @@ images dominated by the artifact (>= 75% carry it) or a metadata AUC >= 0.9 for 
 artifact's column. Prints one row per scenario and the targets' tallies.
 
 ``--sweep`` then re-audits every scenario (same data, caches and probes) with SAEs of
-other widths and other numbers of top instances m, one line of tallies each: how
-much the result depends on those two choices.
+other widths and other numbers of top instances m, and with SAEs of the demo's
+settings from other seeds, one line of tallies each: how much the result depends on
+those choices and on chance.
 
 Usage: python benchmarks/detection.py [--n 1000] [--out .bench/detection] [--quick] [--sweep]
 Seeds are fixed; the README quotes this script's output.
@@ -38,6 +39,7 @@ RATES = (0.75, 0.9, 1.0)
 SEED = 0
 SWEEP_EXPANSIONS = (2, 4, 8)
 SWEEP_TOP_M = (20, 100, 400)
+SWEEP_SAE_SEEDS = (1, 2, 3, 4)
 
 
 def _found(result, head_name, artifact, target, index):
@@ -59,14 +61,14 @@ def _artifact_findings(result, head_name):
     return [f for f in result.head(head_name).findings if any(w in f.concept.lower() for w in words)]
 
 
-def _train_sae(cache, expansion: int, out_fpath: Path, readout) -> str:
+def _train_sae(cache, expansion: int, out_fpath: Path, readout, seed: int = SEED) -> str:
     demo = DemoConfig()
     trained = train_sae(cache, SAETrainConfig(expansion=expansion, k=demo.sae_k, steps=demo.sae_steps,
-                                              batch_size=demo.sae_batch_size, seed=SEED),
+                                              batch_size=demo.sae_batch_size, seed=seed),
                         embed_readout=readout)
     save_sae(trained.sae, out_fpath)
     m = trained.metrics
-    return f"expansion {expansion}, k {demo.sae_k}: FVU {m.fvu:.4f}, dead {m.dead_fraction:.2f}"
+    return f"expansion {expansion}, k {demo.sae_k}, seed {seed}: FVU {m.fvu:.4f}, dead {m.dead_fraction:.2f}"
 
 
 def _audit_all(scenarios, sae_fpath: Path, ref_cache, backbone, out: Path, top_m: int, verbose: bool) -> dict:
@@ -161,6 +163,12 @@ def main() -> None:
                 t = _audit_all(scenarios, fpath, ref_cache, backbone, args.out / "audit", m, verbose=False)
                 print(f"  SAE {about}; top_m {m:>4}: {t['found+first']}/{t['planted>=0.9']} | "
                       f"{t['control_hits']}/{t['controls']}", flush=True)
+        for seed in SWEEP_SAE_SEEDS:
+            fpath = args.out / f"sae-seed{seed}.safetensors"
+            about = _train_sae(ref_cache, demo.sae_expansion, fpath, readout, seed=seed)
+            t = _audit_all(scenarios, fpath, ref_cache, backbone, args.out / "audit", top_m, verbose=False)
+            print(f"  SAE {about}; top_m {top_m:>4}: {t['found+first']}/{t['planted>=0.9']} | "
+                  f"{t['control_hits']}/{t['controls']}", flush=True)
 
 
 if __name__ == "__main__":
