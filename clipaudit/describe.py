@@ -92,8 +92,8 @@ class TopActivationsAccumulator:
         self.counts = torch.zeros(n_latents, dtype=torch.long)
         self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
         self._n_pending = 0
+        # pending firings that trigger a merge (default: as many as the state holds)
         self._merge_at = merge_at or max(n_latents * m, 1 << 16)
-        """Pending firings that trigger a merge (default: as many as the state holds)."""
 
     def update(self, ids: Tensor, codes: Any) -> None:
         """Add a batch: instance ids long [b] (unique) and sparse codes with

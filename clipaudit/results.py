@@ -91,6 +91,11 @@ class Finding:
     """ROC AUC of the component's activation against each binary metadata column."""
     ablation: AblationEffect | None = None
 
+    @property
+    def concept_split(self) -> bool:
+        """Whether other findings of this class share its concept label (and share)."""
+        return self.concept_share - self.share >= 5e-4
+
 
 @dataclass(frozen=True)
 class ComponentPoint:

@@ -47,7 +47,7 @@ def _root(
     """
     from rich.markup import escape
 
-    from clipaudit.cli._common import err
+    from clipaudit.cli._common import err, print_error
     from clipaudit.errors import ClipAuditError
 
     fpath = find_config(config)
@@ -56,7 +56,7 @@ def _root(
     try:
         ctx.default_map = load_default_map(fpath, ctx.command)
     except ClipAuditError as e:
-        err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False)
+        print_error(e)
         raise typer.Exit(2) from None
     err.print(f"[dim]option defaults from {escape(str(fpath))}[/]", markup=True, highlight=False)
 

@@ -33,6 +33,11 @@ EXIT_OK, EXIT_VIOLATION, EXIT_USAGE = 0, 1, 2
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def print_error(e: Exception) -> None:
+    """One line on stderr; the message is escaped (a '[audit]' in it is text, not markup)."""
+    err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False)
+
+
 def user_errors(fn: F) -> F:
     """Turn a ClipAuditError into one line on stderr and exit code 2 (never a traceback)."""
 
@@ -41,7 +46,7 @@ def user_errors(fn: F) -> F:
         try:
             return fn(*args, **kwargs)
         except ClipAuditError as e:
-            err.print(f"[bold red]error:[/] {escape(str(e))}", markup=True, highlight=False)
+            print_error(e)
             raise typer.Exit(EXIT_USAGE) from None
         except KeyboardInterrupt:
             err.print("interrupted")

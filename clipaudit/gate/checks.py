@@ -20,7 +20,7 @@ def _label(f: Finding) -> str:
 
 
 def _together(f: Finding) -> str:
-    if f.concept_share - f.share < 5e-4:
+    if not f.concept_split:
         return ""
     return f", {f.concept_share:.3f} with the class's other {f.concept!r} findings"
 
