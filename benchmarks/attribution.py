@@ -21,9 +21,9 @@ import time
 import open_clip
 import torch
 
-from clipaudit.attribution import attribute_cls, attribute_images
+from clipaudit.attribution.patching import attribute_cls, attribute_images
+from clipaudit.extraction.hooks import HookPoint, VisionTower
 from clipaudit.heads import LinearProbe
-from clipaudit.hooks import HookPoint, VisionTower
 from clipaudit.sae import TopKSAE
 
 

@@ -15,9 +15,9 @@ from types import SimpleNamespace
 import numpy as np
 import torch
 
-from clipaudit.backbone import load_backbone
-from clipaudit.concepts import load_vocabulary
-from clipaudit.describe import concept_embeddings, describe_components
+from clipaudit.describe.components import concept_embeddings, describe_components
+from clipaudit.describe.concepts import load_vocabulary
+from clipaudit.extraction.backbone import load_backbone
 from clipaudit.synthetic.quality import encode_images
 from clipaudit.synthetic.world import render_scene, sample_scene
 

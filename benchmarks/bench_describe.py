@@ -15,8 +15,8 @@ from types import SimpleNamespace
 
 import torch
 
-from clipaudit.concepts import list_vocabularies, load_vocabularies
-from clipaudit.describe import TopActivationsAccumulator, describe_components
+from clipaudit.describe.components import TopActivationsAccumulator, describe_components
+from clipaudit.describe.concepts import list_vocabularies, load_vocabularies
 
 
 def _codes(n: int, n_latents: int, k: int, batch: int, seed: int):

@@ -22,17 +22,19 @@ Seeds are fixed; the README quotes this script's output.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import time
 from pathlib import Path
 
-from clipaudit.audit import AuditConfig, run_audit
-from clipaudit.backbone import load_backbone
-from clipaudit.cache import ExtractConfig, extract
+from clipaudit.audit import AuditConfig, FaithfulnessConfig, OutputConfig, run_audit
 from clipaudit.demo import DemoConfig, demo_prompts_fpath
+from clipaudit.describe.config import DescribeConfig
+from clipaudit.extraction.backbone import load_backbone
+from clipaudit.extraction.cache import ExtractConfig, extract
+from clipaudit.extraction.hooks import VisionTower
 from clipaudit.heads import ProbeConfig, fit_probe_on_cache, save_probe
-from clipaudit.hooks import VisionTower
-from clipaudit.sae import SAETrainConfig, save_sae, train_sae
+from clipaudit.sae import save_sae, train_sae
 from clipaudit.synthetic import ARTIFACTS, CLASSES, make_planted_dataset
 
 RATES = (0.75, 0.9, 1.0)
@@ -62,13 +64,12 @@ def _artifact_findings(result, head_name):
 
 
 def _train_sae(cache, expansion: int, out_fpath: Path, readout, seed: int = SEED) -> str:
-    demo = DemoConfig()
-    trained = train_sae(cache, SAETrainConfig(expansion=expansion, k=demo.sae_k, steps=demo.sae_steps,
-                                              batch_size=demo.sae_batch_size, seed=seed),
-                        embed_readout=readout)
+    sae_config = dataclasses.replace(DemoConfig().sae, expansion=expansion, seed=seed)
+    trained = train_sae(cache, sae_config, embed_readout=readout)
     save_sae(trained.sae, out_fpath)
     m = trained.metrics
-    return f"expansion {expansion}, k {demo.sae_k}, seed {seed}: FVU {m.fvu:.4f}, dead {m.dead_fraction:.2f}"
+    return (f"expansion {expansion}, k {sae_config.k}, seed {seed}: FVU {m.fvu:.4f}, "
+            f"dead {m.dead_fraction:.2f}")
 
 
 def _audit_all(scenarios, sae_fpath: Path, ref_cache, backbone, out: Path, top_m: int, verbose: bool) -> dict:
@@ -78,9 +79,11 @@ def _audit_all(scenarios, sae_fpath: Path, ref_cache, backbone, out: Path, top_m
     for artifact, target, rate, dpath in scenarios:
         outcome = run_audit(dpath / "cache", sae_fpath, out, probe=dpath / "probe.safetensors",
                             prompts=demo_prompts_fpath(),
-                            config=AuditConfig(rules="dermatology", vocabularies=("dermatology",),
-                                               html=False, pdf=False, faithfulness_instances=64,
-                                               reference_cache=ref_cache.dpath, top_m=top_m),
+                            config=AuditConfig(
+                                rules="dermatology", outputs=OutputConfig(html=False, pdf=False),
+                                faithfulness=FaithfulnessConfig(instances=64),
+                                describe=DescribeConfig(vocabularies=("dermatology",),
+                                                        reference_cache=ref_cache.dpath, top_m=top_m)),
                             backbone=backbone)
         result = outcome.result
         spur = {h.name: max((c.spurious_share for c in h.classes
@@ -120,14 +123,14 @@ def main() -> None:
     shutil.rmtree(args.out, ignore_errors=True)
     backbone = load_backbone()
     readout = VisionTower(backbone.model).readout_cls
-    demo, top_m = DemoConfig(), AuditConfig().top_m
+    demo, top_m = DemoConfig(), DescribeConfig().top_m
 
     start = time.perf_counter()
     sae_data = make_planted_dataset(args.out / "sae-data", artifact=None, n=4 * args.n, seed=SEED + 1)
     ref_cache = extract(sae_data.manifest_fpath, args.out / "sae-cache", ExtractConfig(num_workers=1),
                         backbone=backbone).cache
     sae_fpath = args.out / "sae.safetensors"
-    print(f"SAE (the demo's settings) {_train_sae(ref_cache, demo.sae_expansion, sae_fpath, readout)}; "
+    print(f"SAE (the demo's settings) {_train_sae(ref_cache, demo.sae.expansion, sae_fpath, readout)}; "
           f"top_m {top_m}  ({time.perf_counter() - start:.0f} s)")
 
     plan = [(a, c, r) for a in ARTIFACTS for c in CLASSES for r in (RATES if not args.quick else (0.9,))]
@@ -165,7 +168,7 @@ def main() -> None:
                       f"{t['control_hits']}/{t['controls']}", flush=True)
         for seed in SWEEP_SAE_SEEDS:
             fpath = args.out / f"sae-seed{seed}.safetensors"
-            about = _train_sae(ref_cache, demo.sae_expansion, fpath, readout, seed=seed)
+            about = _train_sae(ref_cache, demo.sae.expansion, fpath, readout, seed=seed)
             t = _audit_all(scenarios, fpath, ref_cache, backbone, args.out / "audit", top_m, verbose=False)
             print(f"  SAE {about}; top_m {top_m:>4}: {t['found+first']}/{t['planted>=0.9']} | "
                   f"{t['control_hits']}/{t['controls']}", flush=True)

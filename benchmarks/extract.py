@@ -5,7 +5,7 @@ process and the same batch size:
 
 - bare: ``model.encode_image`` under ``torch.no_grad()`` on the same images,
   decoded and preprocessed beforehand (so decoding is not counted);
-- extract: the full ``clipaudit.cache.extract`` on the same model (decoding in a
+- extract: the full ``clipaudit.extract`` on the same model (decoding in a
   worker process, hook capture, shard writes, index);
 
 alternating them ``--repeats`` times, so that each pair sees the same machine load
@@ -39,9 +39,9 @@ from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clipaudit.backbone import BackboneSpec, load_backbone  # noqa: E402
-from clipaudit.cache import ExtractConfig, extract  # noqa: E402
-from clipaudit.data import decode_image, load_image_source  # noqa: E402
+from clipaudit.extraction.backbone import BackboneSpec, load_backbone  # noqa: E402
+from clipaudit.extraction.cache import ExtractConfig, extract  # noqa: E402
+from clipaudit.extraction.data import decode_image, load_image_source  # noqa: E402
 
 
 def write_images(dpath: Path, n: int, seed: int = 0) -> None:

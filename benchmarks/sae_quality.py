@@ -26,11 +26,11 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from clipaudit.backbone import BackboneSpec, load_backbone  # noqa: E402
-from clipaudit.hooks import HookPoint, VisionTower  # noqa: E402
+from clipaudit.extraction.backbone import BackboneSpec, load_backbone  # noqa: E402
+from clipaudit.extraction.hooks import HookPoint, VisionTower  # noqa: E402
+from clipaudit.extraction.sources import InMemorySource  # noqa: E402
 from clipaudit.resources import package_data_dpath  # noqa: E402
 from clipaudit.sae import SAETrainConfig, evaluate_sae, train_sae  # noqa: E402
-from clipaudit.sources import InMemorySource  # noqa: E402
 
 
 def load_model(seed: int):

@@ -1,6 +1,11 @@
-"""The audit: cache + SAE + heads -> attributions -> descriptions -> findings ->
-rule verdicts -> audit folder (audit.json, Parquet tables, thumbnails, junit.xml,
-summary.md, report.html, report.pdf).
+"""The audit, the one orchestrator of the pipeline's later stages:
+
+    cache + SAE + heads -> attributions (attribution) -> descriptions (describe)
+    -> findings (findings) -> rule verdicts (gate) -> audit folder (report)
+
+The audit folder holds audit.json, the per-instance Parquet tables, the component
+descriptions (``descriptions.safetensors``, reusable by a later audit), thumbnails,
+junit.xml, summary.md, report.html and report.pdf.
 
 It runs from the activation cache at the default hook point (last block, CLS),
 where everything after extraction is cheap; the attribution library also works
@@ -21,16 +26,19 @@ import pandas as pd
 import torch
 
 from clipaudit._version import __version__
-from clipaudit.ablation import ablated_scores, ablation_effect, deletion_curves
 from clipaudit.artifacts import sha256_file, sha256_json
-from clipaudit.attribution import Attributions, attribute_cls, class_relevance
-from clipaudit.backbone import Backbone, BackboneSpec, load_backbone, load_backbone_for
+from clipaudit.attribution.ablation import ablated_scores, ablation_effect, deletion_curves
+from clipaudit.attribution.patching import Attributions, attribute_cls, class_relevance
+from clipaudit.describe.components import ComponentDescriptions
+from clipaudit.describe.config import DescribeConfig
 from clipaudit.errors import InputError
+from clipaudit.extraction.backbone import Backbone, load_backbone_for
+from clipaudit.extraction.cache_reader import ActivationCache
+from clipaudit.extraction.hooks import VisionTower
 from clipaudit.findings import make_finding, metadata_aucs, scatter_points, select_candidates
-from clipaudit.heads import Head, LinearProbe, load_probe
-from clipaudit.hooks import VisionTower
+from clipaudit.heads import Head, LinearProbe, PromptSet, load_head, make_zero_shot_head
 from clipaudit.progress import NULL_REPORTER, Reporter
-from clipaudit.prompts import PromptSet, load_prompt_set, make_zero_shot_head
+from clipaudit.report.model import ReportConfig
 from clipaudit.results import (
     AuditResult,
     ClassAudit,
@@ -40,10 +48,38 @@ from clipaudit.results import (
     InstanceInfo,
     save_audit,
 )
+from clipaudit.sae.model import SAE
 
 log = logging.getLogger(__name__)
 
 _INDEX_COLUMNS = {"id", "path", "label", "sha256", "status", "reason", "shard", "row", "caption"}
+DESCRIPTIONS_FNAME = "descriptions.safetensors"
+
+
+@dataclass(frozen=True)
+class FaithfulnessConfig:
+    """Deletion curves: how faithful each component ranking is on this model."""
+
+    instances: int = 256
+    """Instances sampled for deletion curves."""
+    steps: int = 16
+    """Components removed per instance, one at a time."""
+
+
+@dataclass(frozen=True)
+class OutputConfig:
+    """Which files the audit folder gets, and how much of the audit its reports show."""
+
+    html: bool = True
+    """Write report.html."""
+    pdf: bool = True
+    """Write report.pdf."""
+    thumbnails_per_finding: int = 8
+    """Top images kept per finding in audit.json (and as thumbnails)."""
+    scatter_points: int = 300
+    """Components per class kept for the relevance-vs-alignment scatter."""
+    report: ReportConfig = ReportConfig()
+    """What the reports show of the audit."""
 
 
 @dataclass(frozen=True)
@@ -52,35 +88,14 @@ class AuditConfig:
 
     rules: str = "default"
     """Rule file: a shipped name (default, dermatology, strict) or a path."""
-    vocabularies: tuple[str, ...] = ("general",)
-    """Concept vocabularies: built-in names or files (one concept per line, or YAML)."""
-    concept_templates: tuple[str, ...] = ("{}",)
-    """Templates each concept phrasing is put in before text encoding."""
-    reference: BackboneSpec | None = None
-    """Reference CLIP for component semantics (None: the audited CLIP)."""
-    reference_cache: Path | None = None
-    """Activation cache (same CLIP and hook point) whose images describe the components
-    (None: the audited data). A broad set in which artifacts occur independently of the
-    classes keeps a shortcut's top images from being mostly of the class it serves."""
-    top_m: int = 400
-    """Top activating instances per component that its semantic embedding and clarity
-    are computed from (instances where it does not fire never count). Many, not a
-    handful: a component's strongest few activations share incidental context (the
-    lesion colour, skin tone or class that makes the artifact most salient), and their
-    mean embedding inherits it; a few hundred describe what the component means.
-    Reports show the first ``thumbnails_per_finding`` of them."""
-    faithfulness_instances: int = 256
-    """Instances sampled for deletion curves."""
-    faithfulness_steps: int = 16
-    scatter_points: int = 300
-    """Components per class shown in the relevance-vs-alignment scatter."""
-    thumbnails_per_finding: int = 8
+    describe: DescribeConfig = DescribeConfig()
+    """How components are described (vocabulary, reference model and set, top-m)."""
+    faithfulness: FaithfulnessConfig = FaithfulnessConfig()
+    outputs: OutputConfig = OutputConfig()
     batch_size: int = 4096
+    """Instances per batch when encoding and attributing from the cache."""
     seed: int = 0
-    html: bool = True
-    """Write report.html."""
-    pdf: bool = True
-    """Write report.pdf."""
+    """Seeds the sampling of the faithfulness instances."""
 
 
 @dataclass(frozen=True)
@@ -91,14 +106,41 @@ class AuditOutcome:
     exit_code: int = 0
 
 
+@dataclass(frozen=True)
+class _Data:
+    """The audited instances: cached activations, ids, labels, metadata and SAE codes."""
+
+    acts: torch.Tensor
+    """[n, d] float32 activations at the hook point."""
+    ids: torch.Tensor
+    """[n] instance ids."""
+    labels: list[str | None]
+    metadata: pd.DataFrame
+    """The index's metadata columns, one row per instance."""
+    codes: _Codes
+
+
+@dataclass(frozen=True)
+class _Stage:
+    """What every head's audit shares."""
+
+    sae: SAE
+    tower: VisionTower
+    descriptions: ComponentDescriptions
+    finding_config: FindingConfig
+    config: AuditConfig
+    reporter: Reporter
+
+
 def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | str, *,
               probe: Path | str | LinearProbe | None = None,
-              prompts: Path | str | PromptSet | None = None, config: AuditConfig = AuditConfig(),
+              prompts: Path | str | PromptSet | None = None,
+              heads: Sequence[Head] = (), config: AuditConfig = AuditConfig(),
               baseline_dpath: Path | str | None = None, backbone: Backbone | None = None,
               reporter: Reporter = NULL_REPORTER) -> AuditOutcome:
-    """Audit a linear probe and/or a zero-shot prompt set on a cache with an SAE, and
-    write the audit folder. Returns the result and the gate's exit code (0 or 1)."""
-    from clipaudit.cache import open_cache
+    """Audit heads (a probe, a prompt set, and/or ready ``heads``) on a cache with an SAE,
+    and write the audit folder. Returns the result and the gate's exit code (0 or 1)."""
+    from clipaudit.extraction.cache_reader import open_cache
     from clipaudit.gate import evaluate, exit_code, load_ruleset
     from clipaudit.results import load_audit
     from clipaudit.sae import load_sae
@@ -112,41 +154,31 @@ def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | 
         raise InputError(f"{cache_dpath}: the audit runs at the default hook point (last block, cls); "
                          f"this cache is at layer {hook['layer']}, token {hook['token']}")
     sae = load_sae(sae_fpath, expect_backbone_id=backbone.id, expect_hook=hook, expect_d=cache.d)
-    heads = make_heads(probe, prompts, backbone)
+    audited = make_heads(probe, prompts, backbone, heads)
     baseline_dpath = baseline_dpath or ruleset.baseline
     baseline = load_audit(baseline_dpath) if baseline_dpath else None
 
-    index = cache.ok_index.reset_index(drop=True)
-    acts = cache.load_acts().float()
-    ids = torch.tensor(index["id"].to_numpy(), dtype=torch.long)
-    labels = [None if pd.isna(x) else str(x) for x in index["label"]] if "label" in index else [None] * len(ids)
-    metadata = index[[c for c in index.columns if c not in _INDEX_COLUMNS]]
-
-    codes = _encode_all(sae, acts, config.batch_size)
-    ref_cache = cache
-    if config.reference_cache is not None:
-        ref_cache = open_cache(config.reference_cache)
-        check_same_model(ref_cache, cache, config.reference_cache)
-    descriptions = _describe(sae, ref_cache, backbone, heads, config, reporter,
-                             codes=codes if ref_cache is cache else None)
-    finding_config: FindingConfig = ruleset.finding_config()
+    data = _load_data(cache, sae, config.batch_size)
     out_dpath = Path(out_dpath)
     out_dpath.mkdir(parents=True, exist_ok=True)
-
-    head_audits, files = [], {}
-    for head in heads:
-        attr = attribute_cls(acts, ids, sae, head, tower, batch_size=config.batch_size, reporter=reporter)
+    descriptions, ref_cache = describe_for_audit(cache, data.codes, sae, sae_fpath, backbone, audited,
+                                                 config.describe, config.batch_size, reporter)
+    files = {"descriptions": save_descriptions_for_audit(descriptions, out_dpath)}
+    stage = _Stage(sae, tower, descriptions, ruleset.finding_config(), config, reporter)
+    head_audits = []
+    for head in audited:
+        attr = attribute_cls(data.acts, data.ids, sae, head, tower, batch_size=config.batch_size,
+                             reporter=reporter)
         files[f"attributions-{head.name}"] = attr.to_parquet(
             out_dpath / f"attributions-{head.name}.parquet", provenance={"head": head.name})
-        head_audits.append(_audit_head(head, attr, acts, labels, metadata, sae, tower, descriptions,
-                                       finding_config, codes, config, reporter))
+        head_audits.append(_audit_head(head, attr, data, stage))
 
     components, instances = _components_and_instances(head_audits, descriptions, sae,
                                                       ref_cache.ok_index.reset_index(drop=True),
-                                                      out_dpath, config)
+                                                      out_dpath, config.outputs)
     result = AuditResult(
-        audit_id=_audit_id(cache, sae_fpath, heads),
-        provenance=_provenance(cache, backbone, sae, sae_fpath, heads, config),
+        audit_id=_audit_id(cache, sae_fpath, audited),
+        provenance=_provenance(cache, backbone, sae, sae_fpath, audited, config),
         sae_metrics={k: float(v) for k, v in (sae.meta.get("metrics") or {}).items()
                      if isinstance(v, (int, float)) and v is not None},
         heads=head_audits, components=components, instances=instances,
@@ -154,11 +186,12 @@ def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | 
     )
     verdicts = evaluate(result, ruleset, baseline=baseline)
     result = dataclasses.replace(result, verdicts=verdicts)
-    files |= write_outputs(result, out_dpath, html=config.html, pdf=config.pdf)
+    files |= write_outputs(result, out_dpath, config.outputs)
     return AuditOutcome(result, out_dpath, files, exit_code(verdicts))
 
 
-def write_outputs(result: AuditResult, out_dpath: Path, *, html: bool, pdf: bool) -> dict[str, Path]:
+def write_outputs(result: AuditResult, out_dpath: Path,
+                  outputs: OutputConfig = OutputConfig()) -> dict[str, Path]:
     """audit.json, junit.xml, summary.md and the reports."""
     from clipaudit.artifacts import atomic_path
     from clipaudit.gate import render_summary_md, write_junit
@@ -169,29 +202,31 @@ def write_outputs(result: AuditResult, out_dpath: Path, *, html: bool, pdf: bool
     files["summary"] = out_dpath / "summary.md"
     with atomic_path(files["summary"]) as tmp:
         tmp.write_text(render_summary_md(result))
-    if html or pdf:
+    if outputs.html or outputs.pdf:
         from clipaudit.report import write_report
 
-        paths = write_report(out_dpath, html=html, pdf=pdf)
+        paths = write_report(out_dpath, html=outputs.html, pdf=outputs.pdf, config=outputs.report)
         files |= {k: v for k, v in (("html", paths.html), ("pdf", paths.pdf)) if v is not None}
     return files
 
 
 def make_heads(probe: Path | str | LinearProbe | None, prompts: Path | str | PromptSet | None,
-               backbone: Backbone) -> list[Head]:
-    """The heads to audit: a probe (file or object) and/or a prompt set (file or object)."""
-    heads: list[Head] = []
+               backbone: Backbone, heads: Sequence[Head] = ()) -> list[Head]:
+    """The heads to audit: a probe (file or object), a prompt set (file or object) and
+    any ready heads, loaded through the head registry."""
+    out: list[Head] = []
     if probe is not None:
-        if not isinstance(probe, LinearProbe):
-            probe = load_probe(probe, expect_backbone_id=backbone.id, expect_dim=backbone.embed_dim)
-        heads.append(probe)
+        out.append(probe if isinstance(probe, LinearProbe) else load_head("linear-probe", probe, backbone))
     if prompts is not None:
-        if not isinstance(prompts, PromptSet):
-            prompts = load_prompt_set(prompts)
-        heads.append(make_zero_shot_head(prompts, backbone.encode_text))
-    if not heads:
+        out.append(make_zero_shot_head(prompts, backbone.encode_text) if isinstance(prompts, PromptSet)
+                   else load_head("zero-shot", prompts, backbone))
+    out.extend(heads)
+    if not out:
         raise InputError("nothing to audit: give a probe (--probe) and/or a prompt set (--prompts)")
-    return heads
+    names = [h.name for h in out]
+    if len(set(names)) != len(names):
+        raise InputError(f"two heads share a name ({', '.join(names)}); name each head differently")
+    return out
 
 
 # ------------------------------------------------------------------ steps
@@ -207,52 +242,114 @@ class _Codes:
     def column(self, component: int) -> torch.Tensor:
         return (self.values * (self.indices == component)).sum(1)
 
+    def rows(self, start: int, stop: int) -> _Codes:
+        return _Codes(self.indices[start:stop], self.values[start:stop])
+
 
 @torch.no_grad()
-def _encode_all(sae, acts: torch.Tensor, batch_size: int) -> _Codes:
+def _encode_all(sae: SAE, acts: torch.Tensor, batch_size: int) -> _Codes:
     parts = [sae.encode(acts[s:s + batch_size]) for s in range(0, len(acts), batch_size)]
+    if not parts:
+        return _Codes(torch.zeros(0, sae.k, dtype=torch.long), torch.zeros(0, sae.k))
     return _Codes(torch.cat([p.indices for p in parts]), torch.cat([p.values for p in parts]).float())
 
 
-def _class_texts(heads: Sequence[Head]) -> dict[str, list[str]]:
-    """Per class name, every name and prompt any head uses for it."""
+def _load_data(cache: ActivationCache, sae: SAE, batch_size: int) -> _Data:
+    index = cache.ok_index.reset_index(drop=True)
+    acts = cache.load_acts().float()
+    ids = torch.tensor(index["id"].to_numpy(), dtype=torch.long)
+    labels = ([None if pd.isna(x) else str(x) for x in index["label"]] if "label" in index
+              else [None] * len(ids))
+    metadata = index[[c for c in index.columns if c not in _INDEX_COLUMNS]]
+    return _Data(acts, ids, labels, metadata, _encode_all(sae, acts, batch_size))
+
+
+def class_texts(heads: Sequence[Head]) -> dict[str, list[str]]:
+    """Per class name, every text any head uses for it (names first, then prompts)."""
     texts: dict[str, list[str]] = {}
     for head in heads:
-        for name in head.class_names:
-            texts.setdefault(name, [name])
-            for prompt in getattr(head, "prompts", {}).get(name, []):
-                if prompt not in texts[name]:
-                    texts[name].append(prompt)
+        for name, phrases in head.class_texts().items():
+            known = texts.setdefault(name, [])
+            known.extend(p for p in phrases if p not in known)
     return texts
 
 
-def _describe(sae, ref_cache, backbone, heads, config: AuditConfig, reporter, codes: _Codes | None = None):
-    """Top activating instances of the reference set and what they mean."""
-    from clipaudit.concepts import load_vocabularies
-    from clipaudit.describe import describe_components, encode_reference_images, top_activations
+def describe_for_audit(cache: ActivationCache, codes: _Codes, sae: SAE, sae_fpath: Path | str,
+                       backbone: Backbone, heads: Sequence[Head], config: DescribeConfig,
+                       batch_size: int, reporter: Reporter) -> tuple[ComponentDescriptions,
+                                                                     ActivationCache]:
+    """What each component means, on the reference set (default: the audited data).
+
+    Reuses ``config.reuse`` (an earlier audit's descriptions) when it was computed from
+    the same SAE, reference model, reference set, vocabulary and top-m; only the class
+    alignment is then recomputed for these heads' classes (text encoding only).
+    """
+    from clipaudit.describe.components import (
+        describe_components,
+        encode_reference_images,
+        realign_classes,
+        top_activations,
+    )
+    from clipaudit.describe.concepts import load_vocabularies
+    from clipaudit.extraction.backbone import load_backbone
+    from clipaudit.extraction.cache_reader import open_cache
+
+    ref_cache = cache
+    if config.reference_cache is not None:
+        ref_cache = open_cache(config.reference_cache)
+        check_same_model(ref_cache, cache, config.reference_cache)
+    ref_backbone = backbone if config.reference is None else load_backbone(config.reference)
+    key = _descriptions_key(sae_fpath, ref_cache, ref_backbone, config)
+    if config.reuse is not None:
+        reused = _reuse_descriptions(config.reuse, key)
+        return realign_classes(reused, ref_backbone.encode_text, class_texts(heads)), ref_cache
 
     index = ref_cache.ok_index.reset_index(drop=True)
     ids = torch.tensor(index["id"].to_numpy(), dtype=torch.long)
-    if codes is None:  # another reference set: encode it (the audited data is encoded once)
-        codes = _encode_all(sae, ref_cache.load_acts().float(), config.batch_size)
-    step = config.batch_size
-    batches = ((ids[s:s + step], _Codes(codes.indices[s:s + step], codes.values[s:s + step]))
-               for s in range(0, len(ids), step))
+    if ref_cache is not cache:  # another reference set: encode it (the audited data is encoded once)
+        codes = _encode_all(sae, ref_cache.load_acts().float(), batch_size)
+    batches = ((ids[s:s + batch_size], codes.rows(s, s + batch_size))
+               for s in range(0, len(ids), batch_size))
     top = top_activations(batches, sae.n_latents, m=config.top_m)
     if config.reference is None:
-        ref_backbone = backbone
         embeds = ref_cache.load_embeds().float()
         ref = torch.zeros(int(ids.max()) + 1 if len(ids) else 0, embeds.shape[1])
         ref[ids] = embeds
     else:
-        ref_backbone = load_backbone(config.reference)
         ref = encode_reference_images(ref_backbone, index, reporter=reporter)
     vocabulary = load_vocabularies(list(config.vocabularies))
-    return describe_components(top, ref, ref_backbone.encode_text, vocabulary, _class_texts(heads),
-                               templates=config.concept_templates)
+    return describe_components(top, ref, ref_backbone.encode_text, vocabulary, class_texts(heads),
+                               templates=config.concept_templates, provenance=key), ref_cache
 
 
-def check_same_model(ref_cache, cache, ref_dpath) -> None:
+def _descriptions_key(sae_fpath: Path | str, ref_cache: ActivationCache, ref_backbone: Backbone,
+                      config: DescribeConfig) -> dict[str, Any]:
+    """Everything descriptions depend on (the heads' classes aside)."""
+    return {"sae_sha256": sha256_file(sae_fpath), "reference_model": ref_backbone.id,
+            "reference_set": ref_cache.provenance.get("data_sha256"),
+            "vocabularies": list(config.vocabularies), "templates": list(config.concept_templates),
+            "top_m": config.top_m}
+
+
+def _reuse_descriptions(path: Path, key: dict[str, Any]) -> ComponentDescriptions:
+    from clipaudit.artifacts import require_match
+    from clipaudit.describe.components import load_descriptions
+
+    fpath = path / DESCRIPTIONS_FNAME if path.is_dir() else path
+    descriptions = load_descriptions(fpath)
+    for name, want in key.items():
+        require_match(name.replace("_", " "), want, descriptions.provenance.get(name), fpath)
+    log.info("reusing component descriptions from %s", fpath)
+    return descriptions
+
+
+def save_descriptions_for_audit(descriptions: ComponentDescriptions, out_dpath: Path) -> Path:
+    from clipaudit.describe.components import save_descriptions
+
+    return save_descriptions(out_dpath / DESCRIPTIONS_FNAME, descriptions)
+
+
+def check_same_model(ref_cache: ActivationCache, cache: ActivationCache, ref_dpath: Path | str) -> None:
     """The reference cache must come from the audited CLIP at the audited hook point."""
     from clipaudit.artifacts import require_match
 
@@ -261,26 +358,16 @@ def check_same_model(ref_cache, cache, ref_dpath) -> None:
     require_match("hook point", cache.provenance["hook"], ref_cache.provenance["hook"], ref_dpath)
 
 
-def _audit_head(head: Head, attr: Attributions, acts, labels, metadata: pd.DataFrame, sae, tower,
-                descriptions, finding_config: FindingConfig, codes: _Codes, config: AuditConfig,
-                reporter: Reporter) -> HeadAudit:
-    rel = class_relevance(attr, labels)
-    col = [descriptions.class_names.index(c) for c in head.class_names]
-    alignment = descriptions.class_alignment[:, col]
+def _audit_head(head: Head, attr: Attributions, data: _Data, stage: _Stage) -> HeadAudit:
+    rel = class_relevance(attr, data.labels)
+    descriptions = stage.descriptions
+    alignment = descriptions.class_alignment[:, [descriptions.class_names.index(c)
+                                                 for c in head.class_names]]
     candidates = select_candidates(rel.share, alignment, descriptions.clarity, descriptions.concept,
-                                   descriptions.concept_score, head.class_names, finding_config)
-    clean = ablated_scores(acts, sae, head, tower, [])
-    findings, rank = [], {}
-    with reporter.task(f"findings ({head.name})", total=len(candidates)) as task:
-        for cand in candidates:
-            rank[cand.class_name] = rank.get(cand.class_name, 0) + 1
-            top = descriptions.top.instances(cand.component)[: config.thumbnails_per_finding]
-            aucs = metadata_aucs(codes.column(cand.component).numpy(), metadata)
-            effect = ablation_effect(acts, sae, head, tower, cand.component, cand.class_name, labels,
-                                     metadata, clean_scores=clean, codes=codes)
-            findings.append(make_finding(head.name, cand, rank[cand.class_name], top, aucs, effect))
-            task.advance()
-    truth = torch.tensor([head.class_names.index(x) if x in head.class_names else -1 for x in labels])
+                                   descriptions.concept_score, head.class_names, stage.finding_config)
+    findings = _findings(head, candidates, data, stage)
+    truth = torch.tensor([head.class_names.index(x) if x in head.class_names else -1
+                          for x in data.labels], dtype=torch.long)
     pred = attr.predictions
     known = truth >= 0
     accuracy = float((pred[known] == truth[known]).float().mean()) if known.any() else None
@@ -294,20 +381,43 @@ def _audit_head(head: Head, attr: Attributions, acts, labels, metadata: pd.DataF
             spurious_share=float(sum(f.share for f in of_class)),
             unexplained_share=float(rel.unexplained_share[c]),
             components=scatter_points(rel.share[:, c], alignment[:, c], descriptions.clarity,
-                                      descriptions.concept, config.scatter_points,
+                                      descriptions.concept, stage.config.outputs.scatter_points,
                                       [f.component for f in of_class])))
-    target = torch.where(known, truth, pred)
-    sample = torch.randperm(len(acts), generator=torch.Generator().manual_seed(config.seed))
-    sample = sample[: config.faithfulness_instances]
-    curves = deletion_curves(acts[sample], sae, head, tower, target[sample],
-                             steps=config.faithfulness_steps, seed=config.seed)
+    curves = _faithfulness(head, data, torch.where(known, truth, pred), stage)
     return HeadAudit(name=head.name, kind=head.kind, class_names=list(head.class_names),
                      accuracy=accuracy, classes=classes, findings=findings, faithfulness=curves)
 
 
-def _components_and_instances(head_audits, descriptions, sae, index: pd.DataFrame, out_dpath: Path,
-                              config: AuditConfig) -> tuple[list[ComponentInfo], list[InstanceInfo]]:
-    from clipaudit.describe import write_thumbnails
+def _findings(head: Head, candidates: Sequence[Any], data: _Data, stage: _Stage) -> list[Any]:
+    """Each candidate with its evidence: top images, metadata AUCs, ablation effect."""
+    clean = ablated_scores(data.acts, stage.sae, head, stage.tower, [])
+    findings, rank = [], {}
+    with stage.reporter.task(f"findings ({head.name})", total=len(candidates)) as task:
+        for cand in candidates:
+            rank[cand.class_name] = rank.get(cand.class_name, 0) + 1
+            top = stage.descriptions.top.instances(cand.component)
+            aucs = metadata_aucs(data.codes.column(cand.component).numpy(), data.metadata)
+            effect = ablation_effect(data.acts, stage.sae, head, stage.tower, cand.component,
+                                     cand.class_name, data.labels, data.metadata,
+                                     clean_scores=clean, codes=data.codes)
+            findings.append(make_finding(head.name, cand, rank[cand.class_name],
+                                         top[: stage.config.outputs.thumbnails_per_finding], aucs, effect))
+            task.advance()
+    return findings
+
+
+def _faithfulness(head: Head, data: _Data, target: torch.Tensor, stage: _Stage) -> list[Any]:
+    config = stage.config
+    sample = torch.randperm(len(data.acts), generator=torch.Generator().manual_seed(config.seed))
+    sample = sample[: config.faithfulness.instances]
+    return deletion_curves(data.acts[sample], stage.sae, head, stage.tower, target[sample],
+                           steps=config.faithfulness.steps, seed=config.seed)
+
+
+def _components_and_instances(head_audits: Sequence[HeadAudit], descriptions: ComponentDescriptions,
+                              sae: SAE, index: pd.DataFrame, out_dpath: Path,
+                              outputs: OutputConfig) -> tuple[list[ComponentInfo], list[InstanceInfo]]:
+    from clipaudit.describe.components import write_thumbnails
 
     wanted = sorted({f.component for h in head_audits for f in h.findings})
     components = []
@@ -318,7 +428,7 @@ def _components_and_instances(head_audits, descriptions, sae, index: pd.DataFram
             component=j, concept=descriptions.concept[j],
             concept_score=float(descriptions.concept_score[j]),
             clarity=float(descriptions.clarity[j]),
-            top_instances=descriptions.top.instances(j)[: config.thumbnails_per_finding],
+            top_instances=descriptions.top.instances(j)[: outputs.thumbnails_per_finding],
             direction=[round(float(x), 6) for x in direction]))
     instance_ids = sorted({i for c in components for i in c.top_instances})
     items = index[index["id"].isin(instance_ids)]
@@ -334,14 +444,9 @@ def _components_and_instances(head_audits, descriptions, sae, index: pd.DataFram
     return components, instances
 
 
-def _head_provenance(head: Head) -> dict[str, Any]:
-    if isinstance(head, LinearProbe):
-        return {"name": head.name, "kind": head.kind, "sha256": head.meta.get("sha256"),
-                "normalisation": head.normalisation, "metrics": head.meta.get("metrics")}
-    return {"name": head.name, "kind": head.kind, **head.meta}
-
-
-def _provenance(cache, backbone: Backbone, sae, sae_fpath, heads, config: AuditConfig) -> dict[str, Any]:
+def _provenance(cache: ActivationCache, backbone: Backbone, sae: SAE, sae_fpath: Path | str,
+                heads: Sequence[Head], config: AuditConfig) -> dict[str, Any]:
+    describe = config.describe
     return {
         "clipaudit_version": __version__,
         "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
@@ -352,19 +457,18 @@ def _provenance(cache, backbone: Backbone, sae, sae_fpath, heads, config: AuditC
         "sae": {"path": str(sae_fpath), "sha256": sha256_file(sae_fpath),
                 "backbone_id": (sae.meta.get("backbone") or {}).get("id"),
                 "n_latents": sae.n_latents, "k": sae.k, "seed": sae.meta.get("seed")},
-        "heads": [_head_provenance(h) for h in heads],
-        "reference": dataclasses.asdict(config.reference) if config.reference else "audited model",
-        "reference_set": str(config.reference_cache) if config.reference_cache else "audited data",
-        "vocabularies": list(config.vocabularies),
-        "top_m": config.top_m,
+        "heads": [h.provenance() for h in heads],
+        "reference": dataclasses.asdict(describe.reference) if describe.reference else "audited model",
+        "reference_set": str(describe.reference_cache) if describe.reference_cache else "audited data",
+        "vocabularies": list(describe.vocabularies),
+        "top_m": describe.top_m,
         "rules": str(config.rules),
         "seed": config.seed,
     }
 
 
-def _audit_id(cache, sae_fpath, heads) -> str:
+def _audit_id(cache: ActivationCache, sae_fpath: Path | str, heads: Sequence[Head]) -> str:
     key = sha256_json({"data": cache.provenance.get("data_sha256"), "sae": sha256_file(sae_fpath),
                        "heads": [h.name for h in heads],
                        "time": _dt.datetime.now(_dt.timezone.utc).isoformat()})
     return key[:12]
-

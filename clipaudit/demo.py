@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import logging
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
-from clipaudit.audit import AuditConfig, AuditOutcome, run_audit
-from clipaudit.backbone import BackboneSpec, load_backbone
+from clipaudit.audit import AuditConfig, AuditOutcome, OutputConfig, run_audit
+from clipaudit.describe.config import DescribeConfig
+from clipaudit.extraction.backbone import BackboneSpec, load_backbone
 from clipaudit.progress import NULL_REPORTER, Reporter
 from clipaudit.resources import package_data_dpath
+from clipaudit.sae.config import SAETrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -34,13 +36,11 @@ class DemoConfig:
     target_class: str = "malignant"
     rate: float = 0.9
     """Share of ruler images that are malignant (0.5 = no shortcut)."""
-    sae_expansion: int = 2
-    """192 components for the tiny CLIP's 96 dimensions. Wider SAEs split each artifact
-    by context ("band-aid on dark skin beside a tan lesion"), and such a component's top
-    images then lean towards one class (benchmarks/detection.py --sweep measures it)."""
-    sae_k: int = 16
-    sae_steps: int = 1500
-    sae_batch_size: int = 256
+    sae: SAETrainConfig = SAETrainConfig(expansion=2, k=16, steps=1500, batch_size=256)
+    """The SAE trained on the reference set: 192 components for the tiny CLIP's 96
+    dimensions. Wider SAEs split each artifact by context ("band-aid on dark skin beside
+    a tan lesion"), and such a component's top images then lean towards one class
+    (benchmarks/detection.py --sweep measures it). Its seed is ``seed``."""
     seed: int = 0
     pdf: bool = True
     backbone: BackboneSpec = BackboneSpec()
@@ -52,9 +52,9 @@ def demo_prompts_fpath() -> Path:
 
 
 def run_demo(config: DemoConfig = DemoConfig(), *, reporter: Reporter = NULL_REPORTER) -> AuditOutcome:
-    from clipaudit.cache import ExtractConfig, extract
+    from clipaudit.extraction.cache import ExtractConfig, extract
     from clipaudit.heads import ProbeConfig, fit_probe_on_cache, save_probe
-    from clipaudit.sae import SAETrainConfig, train_sae_on_cache
+    from clipaudit.sae import train_sae_on_cache
     from clipaudit.synthetic import make_planted_dataset
 
     out = Path(config.out_dpath)
@@ -75,14 +75,13 @@ def run_demo(config: DemoConfig = DemoConfig(), *, reporter: Reporter = NULL_REP
     cache_dpath = caches["cache"]
     sae_fpath = out / "sae.safetensors"
     train_sae_on_cache(caches["reference-cache"], sae_fpath,
-                       SAETrainConfig(expansion=config.sae_expansion, k=config.sae_k,
-                                      steps=config.sae_steps, batch_size=config.sae_batch_size,
-                                      seed=config.seed),
+                       replace(config.sae, seed=config.seed),
                        reporter=reporter)
     probe_fpath = out / "probe.safetensors"
     save_probe(fit_probe_on_cache(cache_dpath, config=ProbeConfig(seed=config.seed)).probe, probe_fpath)
-    audit_config = AuditConfig(rules="dermatology", vocabularies=("dermatology",), seed=config.seed,
-                               pdf=config.pdf, reference_cache=caches["reference-cache"])
+    audit_config = AuditConfig(
+        rules="dermatology", seed=config.seed, outputs=OutputConfig(pdf=config.pdf),
+        describe=DescribeConfig(vocabularies=("dermatology",), reference_cache=caches["reference-cache"]))
     return run_audit(cache_dpath, sae_fpath, out / "audit", probe=probe_fpath,
                      prompts=demo_prompts_fpath(), config=audit_config, backbone=backbone,
                      reporter=reporter)

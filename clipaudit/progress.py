@@ -15,6 +15,10 @@ class Task(Protocol):
 
     def close(self) -> None: ...
 
+    def __enter__(self) -> Task: ...
+
+    def __exit__(self, *exc: object) -> None: ...
+
 
 class Reporter(Protocol):
     def task(self, description: str, total: int | None = None) -> Task:

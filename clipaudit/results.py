@@ -135,7 +135,8 @@ class FaithfulnessCurve:
 class HeadAudit:
     name: str
     """``probe`` or ``zero-shot`` (or a user-given name)."""
-    kind: Literal["linear-probe", "zero-shot"]
+    kind: str
+    """Registered head type (``clipaudit.heads.list_heads()``)."""
     class_names: list[str]
     accuracy: float | None
     classes: list[ClassAudit] = field(default_factory=list)

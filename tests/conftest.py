@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from clipaudit.backbone import Backbone, BackboneSpec, load_backbone
+from clipaudit.extraction.backbone import Backbone, BackboneSpec, load_backbone
 
 CONFIGS_DPATH = Path(__file__).parent / "configs"
 TINY_CONFIGS = ("tiny-vit-a", "tiny-vit-b")

@@ -3,10 +3,10 @@
 import pytest
 import torch
 
-from clipaudit.ablation import ablated_scores, ablation_effect, deletion_curves
-from clipaudit.attribution import attribute_cls, attribute_images, class_relevance
+from clipaudit.attribution.ablation import ablated_scores, ablation_effect, deletion_curves
+from clipaudit.attribution.patching import attribute_cls, attribute_images, class_relevance
+from clipaudit.extraction.hooks import HookPoint, VisionTower
 from clipaudit.heads import LinearProbe, ZeroShotHead
-from clipaudit.hooks import HookPoint, VisionTower
 
 from conftest import RefTopKSAE, tiny_backbone
 

@@ -5,9 +5,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from clipaudit.backbone import BackboneSpec
-from clipaudit.cache import ExtractConfig, extract
 from clipaudit.cli import app
+from clipaudit.extraction.backbone import BackboneSpec
+from clipaudit.extraction.cache import ExtractConfig, extract
 from clipaudit.heads import fit_probe_on_cache, save_probe
 from clipaudit.results import load_audit
 from clipaudit.sae import SAETrainConfig, train_sae_on_cache
@@ -102,3 +102,74 @@ def test_fit_probe_cli_reports_per_class_accuracy(pipeline, tmp_path):
     bad = CliRunner().invoke(app, ["fit-probe", str(pipeline["cache"]), "--out", str(tmp_path / "q"),
                                    "--label-column", "nope"])
     assert bad.exit_code == 2 and "nope" in bad.output
+
+
+@pytest.mark.slow
+def test_a_registered_head_type_is_audited_and_descriptions_are_reused(pipeline):
+    """docs/architecture.md's example: a new head type is one module registered in one
+    place; the audit then runs it beside a probe, and a second audit reuses the first's
+    component descriptions (and refuses ones made with another vocabulary)."""
+    import dataclasses
+
+    import torch
+    from safetensors.torch import save_file
+
+    from clipaudit.audit import AuditConfig, OutputConfig, run_audit
+    from clipaudit.describe.config import DescribeConfig
+    from clipaudit.errors import MismatchError
+    from clipaudit.extraction.cache_reader import open_cache
+    from clipaudit.heads import HeadType, LinearForm, list_heads, load_head, register_head_type
+
+    @dataclasses.dataclass
+    class CentroidHead:
+        centroids: torch.Tensor
+        class_names: list[str]
+        name: str = "centroid"
+        kind: str = "centroid"
+
+        def linear_form(self, e_nD):
+            return LinearForm(self.centroids.to(e_nD), torch.zeros(e_nD.shape[1]),
+                              e_nD.detach().norm(dim=1).clamp_min(1e-12), torch.zeros(len(self.class_names)))
+
+        def scores(self, e_nD):
+            return torch.nn.functional.normalize(e_nD, dim=1) @ self.centroids.T
+
+        def class_texts(self):
+            return {name: [name] for name in self.class_names}
+
+        def provenance(self):
+            return {"name": self.name, "kind": self.kind}
+
+    def load(fpath, backbone):
+        names = ["benign", "malignant"]
+        return CentroidHead(torch.nn.functional.normalize(
+            torch.stack([load_file_tensors(fpath)[n] for n in names]), dim=1), names)
+
+    def load_file_tensors(fpath):
+        from safetensors.torch import load_file
+        return load_file(str(fpath))
+
+    register_head_type(HeadType("centroid", "class centroids (test)", load))
+    assert "centroid" in list_heads()
+    cache = open_cache(pipeline["cache"])
+    embeds, labels = cache.load_embeds(), cache.ok_index["label"].tolist()
+    means = {n: embeds[[lab == n for lab in labels]].mean(0) for n in ("benign", "malignant")}
+    save_file(means, str(pipeline["root"] / "centroids.safetensors"))
+    from clipaudit.extraction.backbone import load_backbone
+    head = load_head("centroid", pipeline["root"] / "centroids.safetensors", load_backbone(SPEC))
+
+    config = AuditConfig(rules="dermatology", outputs=OutputConfig(html=False, pdf=False),
+                         describe=DescribeConfig(vocabularies=("dermatology",), top_m=50))
+    first = run_audit(pipeline["cache"], pipeline["sae"], pipeline["root"] / "reg1",
+                      probe=pipeline["probe"], heads=[head], config=config)
+    assert [h.kind for h in first.result.heads] == ["linear-probe", "centroid"]
+    assert (pipeline["root"] / "reg1" / "descriptions.safetensors").is_file()
+    again = run_audit(pipeline["cache"], pipeline["sae"], pipeline["root"] / "reg2",
+                      prompts=pipeline["prompts"], config=dataclasses.replace(
+                          config, describe=dataclasses.replace(config.describe,
+                                                               reuse=pipeline["root"] / "reg1")))
+    assert again.result.heads[0].kind == "zero-shot"
+    with pytest.raises(MismatchError, match="vocabularies"):
+        run_audit(pipeline["cache"], pipeline["sae"], pipeline["root"] / "reg3", probe=pipeline["probe"],
+                  config=dataclasses.replace(config, describe=DescribeConfig(
+                      vocabularies=("general",), top_m=50, reuse=pipeline["root"] / "reg1")))

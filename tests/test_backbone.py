@@ -4,9 +4,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from clipaudit import backbone as bb
-from clipaudit.backbone import BackboneSpec, load_backbone, load_backbone_for, spec_from_provenance
 from clipaudit.errors import InputError, ModelUnavailableError
+from clipaudit.extraction import backbone as bb
+from clipaudit.extraction.backbone import BackboneSpec, load_backbone, load_backbone_for, spec_from_provenance
 
 from conftest import CONFIGS_DPATH, tiny_backbone
 

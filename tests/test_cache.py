@@ -18,13 +18,13 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from clipaudit.backbone import BackboneSpec
-from clipaudit.cache import ExtractConfig, extract, open_cache
-from clipaudit.cache_reader import shard_fpath
 from clipaudit.cli import app
-from clipaudit.data import decode_image, load_image_source
 from clipaudit.errors import ArtifactError, InputError, MismatchError
-from clipaudit.hooks import HookPoint, VisionTower
+from clipaudit.extraction.backbone import BackboneSpec
+from clipaudit.extraction.cache import ExtractConfig, extract, open_cache
+from clipaudit.extraction.cache_reader import shard_fpath
+from clipaudit.extraction.data import decode_image, load_image_source
+from clipaudit.extraction.hooks import HookPoint, VisionTower
 
 from conftest import CONFIGS_DPATH, tiny_backbone
 

@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from clipaudit.concepts import (
+from clipaudit.describe.concepts import (
     ConceptVocabulary,
     list_vocabularies,
     load_vocabularies,

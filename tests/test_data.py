@@ -12,7 +12,8 @@ import pytest
 import torch
 from PIL import Image
 
-from clipaudit.data import (
+from clipaudit.errors import InputError
+from clipaudit.extraction.data import (
     MAX_PIXELS_ENV,
     ImageDecodeError,
     decode_image,
@@ -20,7 +21,6 @@ from clipaudit.data import (
     load_image_source,
     reason_category,
 )
-from clipaudit.errors import InputError
 
 RED, BLUE, WHITE = (255, 0, 0), (0, 0, 255), (255, 255, 255)
 

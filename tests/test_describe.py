@@ -8,8 +8,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clipaudit.concepts import ConceptVocabulary
-from clipaudit.describe import (
+from clipaudit.describe.components import (
     TopActivationsAccumulator,
     describe_components,
     encode_reference_images,
@@ -18,6 +17,7 @@ from clipaudit.describe import (
     top_activations,
     write_thumbnails,
 )
+from clipaudit.describe.concepts import ConceptVocabulary
 from clipaudit.errors import InputError, MismatchError
 from tests.conftest import tiny_backbone
 
@@ -221,7 +221,7 @@ def test_semantic_weighs_instances_equally_and_clarity_is_mean_pairwise_cosine()
 def test_semantic_embeddings_do_not_depend_on_the_chunk_size(monkeypatch):
     """Components are gathered in chunks sized by m x D; many tiny chunks (here one
     component each) give what one chunk gives, padding slots (-1) included."""
-    from clipaudit import describe
+    from clipaudit.describe import components as describe
 
     g = torch.Generator().manual_seed(0)
     ref = torch.randn(50, D, generator=g)

@@ -2,7 +2,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from clipaudit.findings import metadata_aucs, select_candidates
+from clipaudit.findings.select import metadata_aucs, select_candidates
 from clipaudit.results import FindingConfig
 
 

@@ -2,8 +2,15 @@ import pytest
 import torch
 
 from clipaudit.errors import ArtifactError, InputError, MismatchError
-from clipaudit.heads import LinearProbe, ProbeConfig, fit_probe, load_probe, save_probe
-from clipaudit.prompts import load_prompt_set, make_zero_shot_head
+from clipaudit.heads import (
+    LinearProbe,
+    ProbeConfig,
+    fit_probe,
+    load_probe,
+    load_prompt_set,
+    make_zero_shot_head,
+    save_probe,
+)
 
 
 def _blobs(n_per_class=60, dim=8, seed=0):

@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from clipaudit.errors import InputError
-from clipaudit.hooks import HookPoint, VisionTower, replace_tokens, select_tokens
+from clipaudit.extraction.hooks import HookPoint, VisionTower, replace_tokens, select_tokens
 
 
 def _images(backbone, n=5, seed=0):

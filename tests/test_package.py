@@ -8,7 +8,7 @@ import pytest
 
 
 def test_library_import_does_not_pull_in_the_cli():
-    code = ("import sys, clipaudit, clipaudit.audit, clipaudit.attribution, clipaudit.cache;"
+    code = ("import sys, clipaudit, clipaudit.audit, clipaudit.attribution, clipaudit.extraction.cache;"
             "bad = [m for m in ('typer', 'rich', 'clipaudit.cli') if m in sys.modules];"
             "print(','.join(bad)); sys.exit(1 if bad else 0)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)

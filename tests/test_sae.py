@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from clipaudit.errors import ArtifactError, InputError, MismatchError
+from clipaudit.extraction.sources import InMemorySource
 from clipaudit.sae import (
     SAETrainConfig,
     SAETrainer,
@@ -20,7 +21,6 @@ from clipaudit.sae import (
     train_sae,
 )
 from clipaudit.sae.train import initialise_sae
-from clipaudit.sources import InMemorySource
 
 PROVENANCE = {"backbone": {"id": "tiny-vit-a@random-seed0+cfg1234", "model": "tiny-vit-a"},
               "hook": {"layer": 2, "token": "cls"}, "data_sha256": "abc"}

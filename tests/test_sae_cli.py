@@ -11,9 +11,9 @@ import torch
 from PIL import Image
 from typer.testing import CliRunner
 
-from clipaudit.backbone import BackboneSpec
-from clipaudit.cache import ExtractConfig, extract, open_cache
 from clipaudit.cli import app
+from clipaudit.extraction.backbone import BackboneSpec
+from clipaudit.extraction.cache import ExtractConfig, extract, open_cache
 from clipaudit.sae import load_sae
 
 from conftest import CONFIGS_DPATH

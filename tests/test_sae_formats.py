@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import save_file
 
 from clipaudit.errors import ArtifactError, InputError, MismatchError
+from clipaudit.extraction.sources import InMemorySource
 from clipaudit.sae import (
     detect_sae_format,
     import_sae,
@@ -23,7 +24,6 @@ from clipaudit.sae import (
     sae_info,
     save_sae,
 )
-from clipaudit.sources import InMemorySource
 
 D, M, K = 12, 40, 5
 

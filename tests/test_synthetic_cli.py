@@ -12,8 +12,8 @@ from typer.testing import CliRunner
 import clipaudit.resources
 import clipaudit.synthetic
 from clipaudit.artifacts import read_json
-from clipaudit.backbone import BackboneSpec, load_backbone
 from clipaudit.cli import app
+from clipaudit.extraction.backbone import BackboneSpec, load_backbone
 
 
 def test_make_dataset_writes_a_planted_dataset(tmp_path):

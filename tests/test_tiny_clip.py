@@ -13,7 +13,7 @@ import torch
 import yaml
 
 from clipaudit.artifacts import read_json, read_tensor_meta, sha256_file
-from clipaudit.backbone import TINY_MODEL_NAME, BackboneSpec, load_backbone
+from clipaudit.extraction.backbone import TINY_MODEL_NAME, BackboneSpec, load_backbone
 from clipaudit.resources import package_data_dpath
 from clipaudit.synthetic import ARTIFACTS, CLASSES, measure_quality
 from clipaudit.synthetic.quality import (

@@ -8,8 +8,11 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from clipaudit.attribution.explain import ExplainConfig
 from clipaudit.cli import app
 from clipaudit.cli._common import out, print_json, user_errors
+from clipaudit.cli._options import option
+from clipaudit.heads import ProbeConfig
 
 
 @app.command("fit-probe")
@@ -18,13 +21,15 @@ def fit_probe_cmd(
     cache: Path = typer.Argument(..., help="Activation cache folder (clipaudit extract)."),
     out_fpath: Path = typer.Option(..., "--out", "-o", help="Probe file to write (.safetensors)."),
     label_column: str = typer.Option("label", help="Index column holding the class labels."),
-    normalisation: str = typer.Option("l2", help="Input normalisation: none, l2 or standardize."),
-    seed: int = typer.Option(0, help="Seed for the held-out split and the solver."),
+    normalisation: str = option(ProbeConfig, "normalisation", "--normalisation",
+                                help="Input normalisation: none, l2 or standardize."),
+    seed: int = option(ProbeConfig, "seed", "--seed",
+                       help="Seed for the held-out split and the solver."),
     as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
 ) -> None:
     """Fit a multinomial logistic-regression probe on cached image embeddings."""
     from clipaudit.errors import InputError
-    from clipaudit.heads import NORMALISATIONS, ProbeConfig, fit_probe_on_cache, save_probe
+    from clipaudit.heads import NORMALISATIONS, fit_probe_on_cache, save_probe
 
     if normalisation not in NORMALISATIONS:
         raise InputError(f"--normalisation {normalisation!r}: expected one of {', '.join(NORMALISATIONS)}")
@@ -50,22 +55,14 @@ def explain_cmd(
     sae_fpath: Path = typer.Option(..., "--sae", help="SAE file (clipaudit train-sae)."),
     probe: Path = typer.Option(None, "--probe", help="Probe file."),
     prompts: Path = typer.Option(None, "--prompts", help="Zero-shot prompt-set YAML."),
-    top: int = typer.Option(5, help="Components shown per class."),
+    top: int = option(ExplainConfig, "top", "--top"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Print each image's prediction and its top components per class."""
-    from clipaudit.audit import make_heads
-    from clipaudit.backbone import load_backbone_for
-    from clipaudit.explain import explain_image
-    from clipaudit.hooks import HookPoint
-    from clipaudit.sae import load_sae
+    from clipaudit.attribution.explain import explain_images
 
-    sae = load_sae(sae_fpath)
-    backbone = load_backbone_for(sae.meta["backbone"])
-    sae = load_sae(sae_fpath, expect_backbone_id=backbone.id)
-    head = make_heads(probe, prompts, backbone)[0]
-    hook = HookPoint(**sae.meta["hook"])
-    explanations = [explain_image(f, sae, head, backbone, hook, top=top) for f in images]
+    explanations = explain_images(images, sae_fpath, probe=probe, prompts=prompts,
+                                  config=ExplainConfig(top=top))
     if as_json:
         print_json([asdict(e) for e in explanations])
         return

@@ -7,8 +7,12 @@ from pathlib import Path
 import typer
 from rich.table import Table
 
+from clipaudit.audit import AuditConfig, OutputConfig
 from clipaudit.cli import app
 from clipaudit.cli._common import RichReporter, err, out, print_json, user_errors
+from clipaudit.cli._options import option
+from clipaudit.demo import DemoConfig
+from clipaudit.describe.config import DescribeConfig
 
 _STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red"}
 
@@ -48,23 +52,30 @@ def audit_cmd(
     out_dpath: Path = typer.Option(..., "--out", "-o", help="Audit folder to write."),
     probe: Path = typer.Option(None, "--probe", help="Linear probe file (clipaudit fit-probe or your own)."),
     prompts: Path = typer.Option(None, "--prompts", help="Zero-shot prompt-set YAML."),
-    rules: str = typer.Option("default", "--rules", help="Rule file: default, dermatology, strict or a path."),
-    vocab: list[str] = typer.Option(["general"], "--vocab",
-                                    help="Concept vocabulary: general, dermatology, product or a file."),
+    rules: str = option(AuditConfig, "rules", "--rules"),
+    vocab: list[str] = option(AuditConfig, "describe.vocabularies", "--vocab",
+                              help="Concept vocabulary: general, dermatology, product or a file "
+                                   "(repeat to combine)."),
     baseline: Path = typer.Option(None, "--baseline", help="Earlier audit folder: fail only on new findings."),
-    reference_data: Path = typer.Option(None, "--reference-data",
-                                        help="Cache of a broad image set to describe components with "
-                                             "(same model; default: the audited data)."),
-    top_m: int = typer.Option(400, "--top-m", min=2,
-                              help="Top activating instances that describe each component."),
-    pdf: bool = typer.Option(True, "--pdf/--no-pdf", help="Also write report.pdf."),
+    reference_data: Path = option(AuditConfig, "describe.reference_cache", "--reference-data",
+                                  help="Cache of a broad image set to describe components with "
+                                       "(same model; default: the audited data)."),
+    top_m: int = option(AuditConfig, "describe.top_m", "--top-m", min=2,
+                        help="Top activating instances that describe each component."),
+    descriptions: Path = option(AuditConfig, "describe.reuse", "--descriptions",
+                                help="Reuse the component descriptions of an earlier audit (its "
+                                     "folder): a new rule file or head re-audits without "
+                                     "recomputing them."),
+    pdf: bool = option(OutputConfig, "pdf", "--pdf/--no-pdf", help="Also write report.pdf."),
     as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
 ) -> None:
     """Audit a probe and/or prompt set for shortcuts; exit 1 when a rule fails."""
-    from clipaudit.audit import AuditConfig, run_audit
+    from clipaudit.audit import run_audit
 
-    config = AuditConfig(rules=rules, vocabularies=tuple(vocab), pdf=pdf, reference_cache=reference_data,
-                         top_m=top_m)
+    config = AuditConfig(
+        rules=rules, outputs=OutputConfig(pdf=pdf),
+        describe=DescribeConfig(vocabularies=tuple(vocab), reference_cache=reference_data, top_m=top_m,
+                                reuse=descriptions))
     with RichReporter(quiet=as_json) as reporter:
         outcome = run_audit(cache, sae, out_dpath, probe=probe, prompts=prompts, config=config,
                             baseline_dpath=baseline, reporter=reporter)
@@ -75,13 +86,13 @@ def audit_cmd(
 @app.command("demo")
 @user_errors
 def demo_cmd(
-    out_dpath: Path = typer.Option(Path("clipaudit-demo"), "--out", "-o", help="Folder for everything."),
-    n_images: int = typer.Option(2000, "--images", help="Images in the planted data set."),
-    pdf: bool = typer.Option(True, "--pdf/--no-pdf", help="Also write report.pdf."),
+    out_dpath: Path = option(DemoConfig, "out_dpath", "--out", "-o"),
+    n_images: int = option(DemoConfig, "n_images", "--images", help="Images in the planted data set."),
+    pdf: bool = option(DemoConfig, "pdf", "--pdf/--no-pdf", help="Also write report.pdf."),
     as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
 ) -> None:
     """Run the whole pipeline on the bundled tiny CLIP and a planted ruler shortcut."""
-    from clipaudit.demo import DemoConfig, run_demo
+    from clipaudit.demo import run_demo
 
     err.print(f"clipaudit demo: planting a ruler -> malignant shortcut in {n_images} synthetic "
               f"dermoscopy images, then auditing a probe and a prompt set; output in {out_dpath}/")

@@ -6,13 +6,14 @@ from pathlib import Path
 
 import typer
 
-from clipaudit.backbone import TINY_MODEL_NAME, BackboneSpec
-from clipaudit.cache import ExtractConfig, ExtractResult, extract
 from clipaudit.cli import app
 from clipaudit.cli._common import RichReporter, err, out, print_json, user_errors
-from clipaudit.data import load_image_source
+from clipaudit.cli._options import option
 from clipaudit.errors import InputError
-from clipaudit.hooks import HookPoint
+from clipaudit.extraction.backbone import TINY_MODEL_NAME, BackboneSpec
+from clipaudit.extraction.cache import ExtractConfig, ExtractResult, extract
+from clipaudit.extraction.data import load_image_source
+from clipaudit.extraction.hooks import HookPoint
 
 
 @app.command("extract")
@@ -25,19 +26,19 @@ def extract_cmd(
     pretrained: str | None = typer.Option(None, help="open_clip pretrained tag or weights file."),
     checkpoint: Path | None = typer.Option(None, help="Local weights file (with --model-config)."),
     model_config: Path | None = typer.Option(None, help="open_clip model-config JSON."),
-    layer: int = typer.Option(-1, help="Block after which the residual is read (-1: last)."),
-    token: str = typer.Option("cls", help="cls or spatial."),
-    batch_size: int = typer.Option(64, envvar="CLIPAUDIT_BATCH_SIZE"),
-    workers: int = typer.Option(2, envvar="CLIPAUDIT_WORKERS", help="Decoding processes."),
-    device: str = typer.Option("auto", envvar="CLIPAUDIT_DEVICE", help="auto, cpu, cuda, cuda:N."),
-    shard_size: int = typer.Option(2048, help="Images per shard file."),
-    dtype: str = typer.Option("float32", help="Stored dtype: float32 or float16."),
-    worker_index: int = typer.Option(0, help="This worker's index (writes shards i, i+n, ...)."),
-    worker_count: int = typer.Option(1, help="Number of independent workers."),
+    layer: int = option(HookPoint, "layer", "--layer"),
+    token: str = option(HookPoint, "token", "--token", help="cls or spatial."),
+    batch_size: int = option(ExtractConfig, "batch_size", "--batch-size", envvar="CLIPAUDIT_BATCH_SIZE"),
+    workers: int = option(ExtractConfig, "num_workers", "--workers", envvar="CLIPAUDIT_WORKERS"),
+    device: str = option(ExtractConfig, "device", "--device", envvar="CLIPAUDIT_DEVICE"),
+    shard_size: int = option(ExtractConfig, "shard_size", "--shard-size"),
+    dtype: str = option(ExtractConfig, "store_dtype", "--dtype"),
+    worker_index: int = option(ExtractConfig, "worker_index", "--worker-index"),
+    worker_count: int = option(ExtractConfig, "worker_count", "--worker-count"),
     path_column: str = typer.Option("path", help="Manifest column with image paths."),
     label_column: str = typer.Option("label", help="Manifest column with labels (optional)."),
-    max_image_pixels: int | None = typer.Option(
-        None, envvar="CLIPAUDIT_MAX_IMAGE_PIXELS", help="Refuse larger images (bomb limit)."),
+    max_image_pixels: int | None = option(ExtractConfig, "max_image_pixels", "--max-image-pixels",
+                                          envvar="CLIPAUDIT_MAX_IMAGE_PIXELS"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:

@@ -9,6 +9,8 @@ from rich.markup import escape
 
 from clipaudit.cli import app
 from clipaudit.cli._common import RichReporter, err, out, print_json, user_errors
+from clipaudit.cli._options import option
+from clipaudit.sae.config import SAETrainConfig
 
 
 @app.command("train-sae")
@@ -16,24 +18,22 @@ from clipaudit.cli._common import RichReporter, err, out, print_json, user_error
 def train_sae_cmd(
     cache: Path = typer.Argument(..., help="Activation cache folder (clipaudit extract)."),
     out_fpath: Path = typer.Option(..., "--out", "-o", help="SAE file to write (.safetensors)."),
-    expansion: int = typer.Option(8, help="Latents = expansion x d (unless --n-latents)."),
-    n_latents: int | None = typer.Option(None, help="Dictionary size (overrides --expansion)."),
-    k: int = typer.Option(32, help="Active latents per row."),
-    steps: int | None = typer.Option(None, help="Optimisation steps (overrides --epochs)."),
-    epochs: float | None = typer.Option(
-        None, help="Passes over the data (default: 10, at least 1000 steps)."),
-    batch_size: int = typer.Option(1024, envvar="CLIPAUDIT_SAE_BATCH_SIZE"),
-    lr: float | None = typer.Option(None, help="Adam learning rate (default: scaled to size)."),
-    seed: int = typer.Option(0, help="Seed for initialisation and batch order."),
-    device: str | None = typer.Option(None, envvar="CLIPAUDIT_DEVICE",
-                                      help="cpu, cuda, cuda:N (default: CUDA when present)."),
+    expansion: int = option(SAETrainConfig, "expansion", "--expansion"),
+    n_latents: int | None = option(SAETrainConfig, "n_latents", "--n-latents"),
+    k: int = option(SAETrainConfig, "k", "--k"),
+    steps: int | None = option(SAETrainConfig, "steps", "--steps"),
+    epochs: float | None = option(SAETrainConfig, "epochs", "--epochs"),
+    batch_size: int = option(SAETrainConfig, "batch_size", "--batch-size", envvar="CLIPAUDIT_SAE_BATCH_SIZE"),
+    lr: float | None = option(SAETrainConfig, "lr", "--lr"),
+    seed: int = option(SAETrainConfig, "seed", "--seed"),
+    device: str = option(SAETrainConfig, "device", "--device", envvar="CLIPAUDIT_DEVICE"),
     embed_check: bool = typer.Option(True, help="Measure the image-embedding cosine (needs "
                                                 "the cache's model)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
 ) -> None:
     """Train a TopK SAE on an activation cache and print its metrics."""
-    from clipaudit.sae import SAETrainConfig, train_sae_on_cache
+    from clipaudit.sae import train_sae_on_cache
 
     config = SAETrainConfig(n_latents=n_latents, expansion=expansion, k=k, steps=steps,
                             epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
@@ -68,7 +68,7 @@ def sae_info_cmd(
 
     source = readout = None
     if cache is not None:
-        from clipaudit.cache import open_cache
+        from clipaudit.extraction.cache import open_cache
 
         source = open_cache(cache)
         readout = embed_readout_for(source.provenance)

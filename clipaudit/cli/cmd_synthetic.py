@@ -8,6 +8,9 @@ import typer
 
 from clipaudit.cli import app
 from clipaudit.cli._common import RichReporter, out, print_json, user_errors
+from clipaudit.cli._options import argument_default, option
+from clipaudit.synthetic.datasets import make_planted_dataset
+from clipaudit.synthetic.train import TrainConfig
 
 synthetic_app = typer.Typer(
     help="The synthetic dermatology world: planted-shortcut data sets and the tiny CLIP.",
@@ -23,17 +26,18 @@ def make_dataset_cmd(
                                    "manifest.csv and ground_truth.json into."),
     artifact: str = typer.Option("ruler", help="Artifact to plant, or 'none' for a clean "
                                  "control: ruler, band_aid, ink_marker, hair, vignette."),
-    target_class: str = typer.Option("malignant", "--class",
+    target_class: str = typer.Option(argument_default(make_planted_dataset, "target_class"), "--class",
                                      help="Class the artifact co-occurs with."),
-    rate: float = typer.Option(0.9, help="P(class | artifact); 0.5 = no shortcut, 1 = perfect."),
-    n: int = typer.Option(2000, "-n", "--n", help="Number of images."),
-    seed: int = typer.Option(0, help="Seed of the data set (same seed, same images)."),
+    rate: float = typer.Option(argument_default(make_planted_dataset, "rate"),
+                               help="P(class | artifact); 0.5 = no shortcut, 1 = perfect."),
+    n: int = typer.Option(argument_default(make_planted_dataset, "n"), "-n", "--n",
+                          help="Number of images."),
+    seed: int = typer.Option(argument_default(make_planted_dataset, "seed"),
+                             help="Seed of the data set (same seed, same images)."),
     overwrite: bool = typer.Option(False, help="Replace a data set already in --out."),
     as_json: bool = typer.Option(False, "--json", help="Print the ground truth as JSON."),
 ) -> None:
     """Generate a labelled data set with a planted shortcut (or a clean control)."""
-    from clipaudit.synthetic import make_planted_dataset
-
     with RichReporter(quiet=as_json) as reporter:
         data = make_planted_dataset(
             out_dpath, artifact=None if artifact.lower() == "none" else artifact,
@@ -57,7 +61,7 @@ def train_clip_cmd(
                                    "model.safetensors and provenance.json into."),
     install: bool = typer.Option(False, help="Write into the package as the bundled "
                                  "tiny-derm-clip (replaces the shipped weights)."),
-    seed: int = typer.Option(0, help="Seed of the weights and of every training batch."),
+    seed: int = option(TrainConfig, "seed", "--seed"),
     steps: int = typer.Option(None, help="Optimiser steps [default: the shipped model's]."),
     threads: int = typer.Option(2, help="CPU threads torch may use."),
     as_json: bool = typer.Option(False, "--json", help="Print the provenance as JSON."),
@@ -69,7 +73,7 @@ def train_clip_cmd(
 
     from clipaudit.errors import InputError
     from clipaudit.resources import package_data_dpath
-    from clipaudit.synthetic import TrainConfig, train_tiny_clip
+    from clipaudit.synthetic import train_tiny_clip
 
     if (out_dpath is None) == (not install):
         raise InputError("give exactly one of --out FOLDER or --install")

@@ -12,12 +12,13 @@ from clipaudit.sae.formats import (
 )
 from clipaudit.sae.info import SAEInfo, embed_readout_for, sae_info
 from clipaudit.sae.metrics import FVU_WARN, SAEMetrics, evaluate_sae
-from clipaudit.sae.model import SparseCodes, TopKSAE, canonical_topk
+from clipaudit.sae.model import SAE, SparseCodes, TopKSAE, canonical_topk
 from clipaudit.sae.train import TrainResult, train_sae, train_sae_on_cache
 from clipaudit.sae.trainer import SAETrainer, StepStats
 
 __all__ = [
     "FVU_WARN",
+    "SAE",
     "SAEFormat",
     "SAEInfo",
     "SAEMetrics",

@@ -6,10 +6,6 @@ import math
 from dataclasses import dataclass
 from typing import Literal
 
-import torch
-
-from clipaudit.errors import InputError
-
 
 @dataclass(frozen=True)
 class SAETrainConfig:
@@ -50,20 +46,8 @@ class SAETrainConfig:
     seed: int = 0
     """Seeds initialisation and batch order: same seed, same data -> same weights (bit
     for bit on CPU; on CUDA up to the order of atomic additions in the sparse backward)."""
-    device: str | None = None
-    """``cpu``, ``cuda``, ``cuda:1``...; None: CUDA when available."""
-
-
-def resolve_device(device: str | None) -> torch.device:
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError as e:
-        raise InputError(f"device {device!r} is not a torch device ({e})") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} asked for, but CUDA is not available here")
-    return resolved
+    device: str = "auto"
+    """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:1``, ..."""
 
 
 def default_lr(n_latents: int) -> float:

@@ -13,12 +13,12 @@ from typing import Any
 import torch
 
 from clipaudit.errors import ModelUnavailableError
+from clipaudit.extraction.sources import ActivationSource
 from clipaudit.progress import NULL_REPORTER, Reporter
 from clipaudit.sae.files import check_sae_matches
 from clipaudit.sae.formats import import_sae
 from clipaudit.sae.metrics import FVU_WARN, SAEMetrics, evaluate_sae
 from clipaudit.sae.model import TopKSAE
-from clipaudit.sources import ActivationSource
 
 log = logging.getLogger(__name__)
 
@@ -121,8 +121,8 @@ def embed_readout_for(provenance: dict[str, Any],
     """h -> image embedding for activations recorded at the last block's CLS token (the
     default hook point), from the backbone the provenance names; None elsewhere or when
     that backbone cannot be loaded here."""
-    from clipaudit.backbone import load_backbone_for
-    from clipaudit.hooks import VisionTower
+    from clipaudit.extraction.backbone import load_backbone_for
+    from clipaudit.extraction.hooks import VisionTower
 
     hook, backbone_prov = provenance.get("hook") or {}, provenance.get("backbone")
     if hook.get("token") != "cls" or not isinstance(backbone_prov, dict):

@@ -11,9 +11,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from clipaudit.extraction.sources import ActivationSource
 from clipaudit.progress import NULL_REPORTER, Reporter
 from clipaudit.sae.model import TopKSAE
-from clipaudit.sources import ActivationSource
 
 FVU_WARN = 0.3
 """Above this FVU an SAE explains too little of the data to audit with (often: the

@@ -13,7 +13,7 @@ carry decoder columns that are not of unit norm (see ``clipaudit.sae.formats``).
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -34,6 +34,31 @@ class SparseCodes:
         """The codes as a dense [n, n_latents] matrix."""
         dense = self.values.new_zeros(self.values.shape[0], n_latents)
         return dense.scatter(1, self.indices, self.values)
+
+
+@runtime_checkable
+class SAE(Protocol):
+    """What the attribution, ablation and description code needs of an SAE.
+
+    ``TopKSAE`` is one; so is any object with these attributes (a test's reference
+    implementation, a converted checkpoint). Codes are sparse: ``encode`` returns the k
+    active components of each row, ``decode`` maps them back to raw activations.
+    """
+
+    d: int
+    n_latents: int
+    k: int
+    W_dec: torch.Tensor
+    """[d, n_latents] decoder, in the normalised input space."""
+    b_dec: torch.Tensor
+    """[d] decoder bias, in the normalised input space."""
+    scale: torch.Tensor
+    """Input normalisation: the SAE sees h * scale."""
+    meta: dict[str, Any]
+
+    def encode(self, h: torch.Tensor) -> SparseCodes: ...
+
+    def decode(self, codes: SparseCodes) -> torch.Tensor: ...
 
 
 class TopKSAE(torch.nn.Module):

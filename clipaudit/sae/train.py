@@ -23,13 +23,14 @@ from typing import Any
 
 import torch
 
+from clipaudit.device import resolve_device
 from clipaudit.errors import InputError
+from clipaudit.extraction.sources import ActivationSource
 from clipaudit.progress import NULL_REPORTER, Reporter
-from clipaudit.sae.config import SAETrainConfig, resolve_device
+from clipaudit.sae.config import SAETrainConfig
 from clipaudit.sae.metrics import SAEMetrics, evaluate_sae
 from clipaudit.sae.model import TopKSAE
 from clipaudit.sae.trainer import SAETrainer
-from clipaudit.sources import ActivationSource
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,7 @@ def train_sae_on_cache(cache_dpath: Path | str, out_fpath: Path | str,
                        reporter: Reporter = NULL_REPORTER) -> TrainResult:
     """``clipaudit train-sae``: train on an activation cache, measure the downstream
     embedding cosine where the hook point allows it, and save the SAE to ``out_fpath``."""
-    from clipaudit.cache import open_cache
+    from clipaudit.extraction.cache import open_cache
     from clipaudit.sae.files import save_sae
     from clipaudit.sae.info import embed_readout_for
 

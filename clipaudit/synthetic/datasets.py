@@ -90,7 +90,7 @@ def plan_labels(n: int, *, artifact: str | None, target_class: str, rate: float,
 
 
 def make_planted_dataset(out_dpath: Path | str, *, artifact: str | None,
-                         target_class: str = "malignant", rate: float = 0.5, n: int = 2000,
+                         target_class: str = "malignant", rate: float = 0.9, n: int = 2000,
                          seed: int = 0, base_rate: float = 0.2, overwrite: bool = False,
                          reporter: Reporter = NULL_REPORTER) -> PlantedDataset:
     """Generate ``n`` world images in which ``artifact`` predicts ``target_class`` at

@@ -153,7 +153,7 @@ def train_tiny_clip(out_dpath: Path | str, cfg: TrainConfig = TrainConfig(), *,
                     reporter: Reporter = NULL_REPORTER) -> TrainedClip:
     """Train, write ``config.json``, ``model.safetensors`` (fp16) and ``provenance.json``
     into ``out_dpath``, reload the files through the backbone loader and measure them."""
-    from clipaudit.backbone import BackboneSpec, load_backbone
+    from clipaudit.extraction.backbone import BackboneSpec, load_backbone
     from clipaudit.synthetic.quality import measure_quality
 
     out_dpath = Path(out_dpath)

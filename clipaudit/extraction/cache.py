@@ -36,11 +36,12 @@ from clipaudit.artifacts import (
     write_json,
     write_parquet,
 )
-from clipaudit.backbone import Backbone, BackboneSpec, load_backbone
-from clipaudit.cache_reader import ActivationCache, open_cache, shard_fpath
-from clipaudit.data import ImageSource, iter_decoded, load_image_source, reason_category
+from clipaudit.device import resolve_device
 from clipaudit.errors import InputError, MismatchError
-from clipaudit.hooks import Capture, HookPoint, VisionTower
+from clipaudit.extraction.backbone import Backbone, BackboneSpec, load_backbone
+from clipaudit.extraction.cache_reader import ActivationCache, open_cache, shard_fpath
+from clipaudit.extraction.data import ImageSource, iter_decoded, load_image_source, reason_category
+from clipaudit.extraction.hooks import Capture, HookPoint, VisionTower
 from clipaudit.progress import NULL_REPORTER, Reporter
 
 __all__ = ["ActivationCache", "ExtractConfig", "ExtractResult", "extract", "open_cache"]
@@ -110,18 +111,6 @@ class ExtractResult:
     """True when every shard exists and the index is written."""
     cache: ActivationCache | None
     """The finished cache (None while other workers' shards are missing)."""
-
-
-def resolve_device(device: str) -> torch.device:
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        resolved = torch.device(device)
-    except RuntimeError:
-        raise InputError(f"unknown device {device!r} (use auto, cpu, cuda or cuda:N)") from None
-    if resolved.type == "cuda" and not torch.cuda.is_available():
-        raise InputError(f"device {device!r} asked for, but CUDA is not available here")
-    return resolved
 
 
 def extract(source: ImageSource | str | Path, out_dpath: str | Path,

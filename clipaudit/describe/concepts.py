@@ -9,7 +9,7 @@ of the same concept). clipaudit ships three (``general``, ``dermatology``,
   list may be empty, ``null`` or a single string), or a list whose items are
   concepts (strings) or one-key mappings ``{concept: [synonyms]}``.
 
-How synonyms are used (see ``clipaudit.describe``): a concept's text embedding is
+How synonyms are used (see ``clipaudit.describe.components``): a concept's text embedding is
 the normalised mean of the normalised text embeddings of all its phrasings (the
 concept itself and its synonyms) rendered in every prompt template, the same
 prompt ensembling a zero-shot head uses. The label shown is always the concept

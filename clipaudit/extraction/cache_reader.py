@@ -3,7 +3,7 @@
 Shards are memory-mapped (safetensors stores each tensor as one contiguous
 little-endian block after a JSON header), so streaming and shuffled batches read
 only the rows they need: memory stays bounded by a batch plus the page cache, not
-by the data set. See ``clipaudit.cache`` for the layout.
+by the data set. See ``clipaudit.extraction.cache`` for the layout.
 """
 
 from __future__ import annotations
@@ -66,7 +66,7 @@ def open_cache(dpath: Path | str) -> ActivationCache:
 
 
 class ActivationCache:
-    """An extracted cache; implements ``clipaudit.sources.ActivationSource``."""
+    """An extracted cache; implements ``clipaudit.extraction.sources.ActivationSource``."""
 
     def __init__(self, dpath: Path, manifest: dict[str, Any], index: pd.DataFrame):
         self.dpath, self.manifest, self.index = Path(dpath), manifest, index

@@ -2,7 +2,7 @@
 
 ``ActivationSource`` is the contract between the activation cache (disk, sharded,
 streamed) and its consumers. ``InMemorySource`` implements it over tensors, for
-tests and small experiments; ``clipaudit.cache.ActivationCache`` implements it
+tests and small experiments; ``clipaudit.extraction.cache_reader.ActivationCache`` implements it
 over an extracted cache.
 """
 

@@ -27,6 +27,7 @@ scores NaN; clarity is NaN below two instances.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 from collections.abc import Callable, Iterable, Sequence
@@ -38,7 +39,7 @@ import torch
 from torch import Tensor
 
 from clipaudit.artifacts import atomic_path, load_tensors, save_tensors
-from clipaudit.concepts import ConceptVocabulary
+from clipaudit.describe.concepts import ConceptVocabulary
 from clipaudit.errors import InputError, MismatchError
 from clipaudit.progress import NULL_REPORTER, Reporter
 
@@ -233,16 +234,7 @@ def describe_components(top: TopActivations, ref_image_embeds: Tensor,
     concept = ["" if d else vocabulary.concepts[i] for i, d in zip(best.tolist(), dead.tolist())]
 
     class_names = list(class_texts)
-    for name in class_names:
-        if not class_texts[name]:
-            raise InputError(f"class {name!r} has no texts to align components with")
-    alpha = torch.empty(semantic.shape[0], 0)
-    if class_names:
-        flat = [t for name in class_names for t in class_texts[name]]
-        class_align = _alignment(semantic, _encode(text_encoder, flat, dim), empty)
-        bounds = torch.tensor([0, *(len(class_texts[n]) for n in class_names)]).cumsum(0)
-        alpha = torch.stack([class_align[:, a:b].max(dim=1).values
-                             for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())], dim=1)
+    alpha = _class_alignment(semantic, empty, text_encoder, class_texts, dim)
     return ComponentDescriptions(
         semantic=semantic, clarity=clarity, concept=concept, concept_score=score,
         class_alignment=alpha, class_names=class_names, vocabulary=vocabulary.name,
@@ -250,6 +242,32 @@ def describe_components(top: TopActivations, ref_image_embeds: Tensor,
         provenance={**(provenance or {}), "vocabulary": vocabulary.name,
                     "templates": list(templates), "m": int(top.ids.shape[1])},
     )
+
+
+def realign_classes(descriptions: ComponentDescriptions, text_encoder: TextEncoder,
+                    class_texts: dict[str, list[str]]) -> ComponentDescriptions:
+    """The same descriptions with the class alignment recomputed for ``class_texts``
+    (what a new head needs; the semantic embeddings and labels stay)."""
+    dim = descriptions.semantic.shape[1]
+    alpha = _class_alignment(descriptions.semantic, descriptions.empty_text, text_encoder,
+                             class_texts, dim)
+    return dataclasses.replace(descriptions, class_alignment=alpha, class_names=list(class_texts))
+
+
+def _class_alignment(semantic: Tensor, empty: Tensor, text_encoder: TextEncoder,
+                     class_texts: dict[str, list[str]], dim: int) -> Tensor:
+    """alpha [n_latents, C]: per class, the max alignment over its texts."""
+    class_names = list(class_texts)
+    for name in class_names:
+        if not class_texts[name]:
+            raise InputError(f"class {name!r} has no texts to align components with")
+    if not class_names:
+        return torch.empty(semantic.shape[0], 0)
+    flat = [t for name in class_names for t in class_texts[name]]
+    class_align = _alignment(semantic, _encode(text_encoder, flat, dim), empty)
+    bounds = torch.tensor([0, *(len(class_texts[n]) for n in class_names)]).cumsum(0)
+    return torch.stack([class_align[:, a:b].max(dim=1).values
+                        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())], dim=1)
 
 
 def semantic_embeddings(top: TopActivations, ref_image_embeds: Tensor) -> tuple[Tensor, Tensor]:
@@ -350,13 +368,13 @@ def encode_reference_images(backbone: Any, items: Any, *, batch_size: int = 64,
                             num_workers: int = 0,
                             reporter: Reporter = NULL_REPORTER) -> Tensor:
     """Image embeddings [max id + 1, D] of a reference model other than the audited
-    CLIP (``backbone``: a ``clipaudit.backbone.Backbone``), row = instance id.
+    CLIP (``backbone``: a ``clipaudit.extraction.backbone.Backbone``), row = instance id.
 
     ``items``: DataFrame with ``id`` and ``path`` columns. Images that cannot be
     decoded, and ids not in ``items``, get zero rows (``describe_components``
     leaves them out).
     """
-    from clipaudit.data import iter_decoded
+    from clipaudit.extraction.data import iter_decoded
 
     _require_columns(items, ("id", "path"))
     n_rows = int(items["id"].max()) + 1 if len(items) else 0
@@ -385,7 +403,7 @@ def write_thumbnails(ids: Iterable[int], items: Any, out_dpath: Path | str,
     for the ids whose image could be decoded; others (and -1 padding) are logged
     and left out. Existing thumbnails are overwritten.
     """
-    from clipaudit.data import ImageDecodeError, decode_image
+    from clipaudit.extraction.data import ImageDecodeError, decode_image
 
     _require_columns(items, ("id", "path"))
     out_dpath = Path(out_dpath)

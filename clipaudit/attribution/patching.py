@@ -33,9 +33,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from clipaudit.extraction.hooks import HookPoint, VisionTower, replace_tokens, select_tokens
 from clipaudit.heads import Head
-from clipaudit.hooks import HookPoint, VisionTower, replace_tokens, select_tokens
 from clipaudit.progress import NULL_REPORTER, Reporter
+from clipaudit.sae.model import SAE
 
 log = logging.getLogger(__name__)
 
@@ -143,7 +144,7 @@ def _proj(tower: VisionTower) -> torch.Tensor:
 
 
 @torch.no_grad()
-def attribute_cls(acts_nd: torch.Tensor, ids: torch.Tensor, sae: Any, head: Head,
+def attribute_cls(acts_nd: torch.Tensor, ids: torch.Tensor, sae: SAE, head: Head,
                   tower: VisionTower, *, batch_size: int = 4096,
                   reporter: Reporter = NULL_REPORTER) -> Attributions:
     """Attributions at the default hook point (last block, CLS) from cached activations."""
@@ -154,7 +155,7 @@ def attribute_cls(acts_nd: torch.Tensor, ids: torch.Tensor, sae: Any, head: Head
 
 
 @torch.no_grad()
-def attribute_cls_batches(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], sae: Any,
+def attribute_cls_batches(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], sae: SAE,
                           head: Head, tower: VisionTower, *, n_total: int | None = None,
                           reporter: Reporter = NULL_REPORTER) -> Attributions:
     """Streaming version of ``attribute_cls`` over (acts [b, d], ids [b]) batches."""
@@ -247,13 +248,13 @@ def frozen_layernorms(module: torch.nn.Module) -> Iterator[None]:
             del m.forward
 
 
-def decode_codes(sae: Any, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+def decode_codes(sae: SAE, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
     """h_hat in raw space, differentiable in ``values`` ([..., k] -> [..., d])."""
     atoms = sae.W_dec.T[indices]  # [..., k, d]
     return (torch.einsum("...k,...kd->...d", values, atoms) + sae.b_dec) / sae.scale
 
 
-def attribute_images(images: torch.Tensor, ids: torch.Tensor, sae: Any, head: Head,
+def attribute_images(images: torch.Tensor, ids: torch.Tensor, sae: SAE, head: Head,
                      tower: VisionTower, hook: HookPoint) -> Attributions:
     """Attributions at any hook point for one batch of preprocessed images.
 

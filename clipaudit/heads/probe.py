@@ -1,14 +1,5 @@
-"""Classifier heads on CLIP image embeddings: linear probes and zero-shot prompt sets.
-
-Every head is, at a given input, the affine map
-
-    y_c = ((e - offset) . W_c) / s(e) + b_c
-
-with ``s(e)`` a per-instance scale (1, or |e| for L2-normalising heads). The
-attribution code holds ``s(e)`` fixed in the backward pass (as it holds
-LayerNorm scales fixed), which makes attributions complete: the component, error
-and bias terms sum to ``y_c - b_c``. ``LinearForm`` is that map.
-"""
+"""Linear probes on CLIP image embeddings: y_c = w_c . phi(e) + b_c, phi the input
+normalisation the probe was trained with. Fitting, files, and the head itself."""
 
 from __future__ import annotations
 
@@ -17,35 +8,22 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import torch
 
 from clipaudit.artifacts import load_tensors, require_match, save_tensors, sha256_file
 from clipaudit.errors import ArtifactError, InputError
+from clipaudit.heads.base import HeadType, LinearForm, register_head_type
+
+if TYPE_CHECKING:
+    from clipaudit.extraction.backbone import Backbone
 
 log = logging.getLogger(__name__)
 
 Normalisation = Literal["none", "l2", "standardize"]
 NORMALISATIONS: tuple[str, ...] = ("none", "l2", "standardize")
-
-
-@dataclass(frozen=True)
-class LinearForm:
-    """y = ((e - offset) @ weight.T) / scale + bias, for a batch of embeddings."""
-
-    weight: torch.Tensor
-    """[C, D] effective class directions."""
-    offset: torch.Tensor
-    """[D] subtracted from e before the dot product."""
-    scale: torch.Tensor
-    """[n] per-instance divisor (held fixed in backward passes)."""
-    bias: torch.Tensor
-    """[C] head bias b_c."""
-
-    def scores(self, e_nD: torch.Tensor) -> torch.Tensor:
-        return ((e_nD - self.offset) @ self.weight.T) / self.scale[:, None] + self.bias
 
 
 @dataclass
@@ -87,30 +65,12 @@ class LinearProbe:
             phi = e_nD
         return phi @ self.weight.to(e_nD).T + self.bias.to(e_nD)
 
+    def class_texts(self) -> dict[str, list[str]]:
+        return {name: [name] for name in self.class_names}
 
-@dataclass
-class ZeroShotHead:
-    """y_c = cos(e, t_c), t_c the normalised mean of class c's normalised prompt embeddings."""
-
-    text_dirs: torch.Tensor
-    """[C, D] unit vectors."""
-    class_names: list[str]
-    prompts: dict[str, list[str]] = field(default_factory=dict)
-    meta: dict[str, Any] = field(default_factory=dict)
-    name: str = "zero-shot"
-    kind: str = "zero-shot"
-
-    def linear_form(self, e_nD: torch.Tensor) -> LinearForm:
-        t = self.text_dirs.to(e_nD)
-        return LinearForm(t, torch.zeros(e_nD.shape[1]).to(e_nD),
-                          e_nD.detach().norm(dim=1).clamp_min(1e-12), torch.zeros(len(t)).to(e_nD))
-
-    def scores(self, e_nD: torch.Tensor) -> torch.Tensor:
-        e = e_nD / e_nD.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        return e @ self.text_dirs.to(e_nD).T
-
-
-Head = LinearProbe | ZeroShotHead
+    def provenance(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, "sha256": self.meta.get("sha256"),
+                "normalisation": self.normalisation, "metrics": self.meta.get("metrics")}
 
 
 # ------------------------------------------------------------------ probe files
@@ -244,7 +204,7 @@ def _multinomial_weights(coef: np.ndarray, intercept: np.ndarray) -> tuple[torch
 def fit_probe_on_cache(cache_dpath: Path | str, *, label_column: str = "label",
                        config: ProbeConfig = ProbeConfig()) -> ProbeFit:
     """Fit a probe on a cache's image embeddings and one of its index columns."""
-    from clipaudit.cache import open_cache
+    from clipaudit.extraction.cache import open_cache
 
     cache = open_cache(cache_dpath)
     index = cache.ok_index.reset_index(drop=True)
@@ -259,3 +219,12 @@ def fit_probe_on_cache(cache_dpath: Path | str, *, label_column: str = "label",
                   "data_sha256": cache.provenance.get("data_sha256"), "label_column": label_column}
     return fit_probe(embeds, index.loc[known, label_column].astype(str).tolist(), config,
                      provenance=provenance)
+
+
+def _load_for(fpath: Path, backbone: Backbone) -> LinearProbe:
+    return load_probe(fpath, expect_backbone_id=backbone.id, expect_dim=backbone.embed_dim)
+
+
+register_head_type(HeadType(
+    "linear-probe", "a linear probe file (safetensors: weight [C, D], bias [C]; clipaudit fit-probe)",
+    _load_for))

@@ -1,5 +1,5 @@
-"""Zero-shot prompt sets: a YAML file of classes, each with names and/or prompts,
-plus shared templates.
+"""Zero-shot heads: y_c = cos(e, t_c), from a prompt set. A prompt set is a YAML
+file of classes, each with names and/or prompts, plus shared templates.
 
 ```yaml
 templates: ["a dermoscopy image of {}.", "a close-up photo of {}."]
@@ -19,14 +19,45 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
 
 from clipaudit.artifacts import sha256_json
 from clipaudit.errors import InputError
-from clipaudit.heads import ZeroShotHead
+from clipaudit.heads.base import HeadType, LinearForm, register_head_type
+
+if TYPE_CHECKING:
+    from clipaudit.extraction.backbone import Backbone
+
+
+@dataclass
+class ZeroShotHead:
+    """y_c = cos(e, t_c), t_c the normalised mean of class c's normalised prompt embeddings."""
+
+    text_dirs: torch.Tensor
+    """[C, D] unit vectors."""
+    class_names: list[str]
+    prompts: dict[str, list[str]] = field(default_factory=dict)
+    meta: dict[str, Any] = field(default_factory=dict)
+    name: str = "zero-shot"
+    kind: str = "zero-shot"
+
+    def linear_form(self, e_nD: torch.Tensor) -> LinearForm:
+        t = self.text_dirs.to(e_nD)
+        return LinearForm(t, torch.zeros(e_nD.shape[1]).to(e_nD),
+                          e_nD.detach().norm(dim=1).clamp_min(1e-12), torch.zeros(len(t)).to(e_nD))
+
+    def scores(self, e_nD: torch.Tensor) -> torch.Tensor:
+        e = e_nD / e_nD.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return e @ self.text_dirs.to(e_nD).T
+
+    def class_texts(self) -> dict[str, list[str]]:
+        return {name: [name, *self.prompts.get(name, [])] for name in self.class_names}
+
+    def provenance(self) -> dict[str, Any]:
+        return {"name": self.name, "kind": self.kind, **self.meta}
 
 
 @dataclass(frozen=True)
@@ -106,3 +137,12 @@ def make_zero_shot_head(prompt_set: PromptSet, encode_text) -> ZeroShotHead:
     meta = {"prompt_set": prompt_set.source, "prompt_set_sha256": prompt_set.sha256}
     return ZeroShotHead(torch.stack(dirs), list(prompt_set.class_names),
                         dict(prompt_set.texts), meta=meta)
+
+
+def _load_for(fpath: Path, backbone: Backbone) -> ZeroShotHead:
+    return make_zero_shot_head(load_prompt_set(fpath), backbone.encode_text)
+
+
+register_head_type(HeadType(
+    "zero-shot", "a prompt-set YAML file (classes with names and/or prompts, templates)",
+    _load_for))

@@ -14,22 +14,23 @@ import numpy as np
 import pandas as pd
 import torch
 
+from clipaudit.extraction.hooks import VisionTower
 from clipaudit.heads import Head
-from clipaudit.hooks import VisionTower
 from clipaudit.results import AblationEffect, FaithfulnessCurve, SliceEffect
+from clipaudit.sae.model import SAE
 
 FAITHFULNESS_METHODS: tuple[str, ...] = (
     "act_x_grad", "logit_lens", "act_x_logit_lens", "activation", "random",
 )
 
 
-def _atoms(sae) -> torch.Tensor:
+def _atoms(sae: SAE) -> torch.Tensor:
     """Raw-space decoder directions [n_latents, d]."""
     return sae.W_dec.detach().float().T / float(sae.scale)
 
 
 @torch.no_grad()
-def ablated_scores(acts_nd: torch.Tensor, sae, head: Head, tower: VisionTower,
+def ablated_scores(acts_nd: torch.Tensor, sae: SAE, head: Head, tower: VisionTower,
                    components: Sequence[int], *, codes=None) -> torch.Tensor:
     """Class scores [n, C] with ``components`` set to zero (error held fixed).
 
@@ -49,7 +50,7 @@ class _Outcome:
     pred: torch.Tensor
 
 
-def ablation_effect(acts_nd: torch.Tensor, sae, head: Head, tower: VisionTower, component: int,
+def ablation_effect(acts_nd: torch.Tensor, sae: SAE, head: Head, tower: VisionTower, component: int,
                     class_name: str, labels: Sequence[str | None], metadata: pd.DataFrame | None = None,
                     *, clean_scores: torch.Tensor | None = None, codes=None) -> AblationEffect:
     """Effect of removing one component on the class score, predictions and accuracy,
@@ -105,7 +106,7 @@ def _accuracy(pred: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor | None
 
 
 @torch.no_grad()
-def deletion_curves(acts_nd: torch.Tensor, sae, head: Head, tower: VisionTower,
+def deletion_curves(acts_nd: torch.Tensor, sae: SAE, head: Head, tower: VisionTower,
                     target: torch.Tensor, *, steps: int = 16, seed: int = 0,
                     methods: Sequence[str] = FAITHFULNESS_METHODS) -> list[FaithfulnessCurve]:
     """Remove each instance's top components (by each ranking) one at a time and record
@@ -116,7 +117,7 @@ def deletion_curves(acts_nd: torch.Tensor, sae, head: Head, tower: VisionTower,
     Logit Lens, activation, random. ``auc`` is the mean of the curve normalised by
     the clean score's magnitude (lower = evidence removed faster).
     """
-    from clipaudit.attribution import attribute_cls
+    from clipaudit.attribution.patching import attribute_cls
 
     h = acts_nd.float()
     n = len(h)
@@ -153,7 +154,7 @@ def deletion_curves(acts_nd: torch.Tensor, sae, head: Head, tower: VisionTower,
     return curves
 
 
-def _logit_lens(sae, head: Head, tower: VisionTower) -> torch.Tensor:
+def _logit_lens(sae: SAE, head: Head, tower: VisionTower) -> torch.Tensor:
     """[n_latents, C]: each decoder direction through ln_post (no centring shift: a
     direction, so beta drops out) and proj, dotted with the head's class directions."""
     ln = tower.visual.ln_post

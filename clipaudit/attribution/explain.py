@@ -1,0 +1,109 @@
+"""One image's prediction and the components that carry each class's evidence.
+
+``explain_images`` is the ``clipaudit explain`` verb: it loads the SAE once, finds
+the CLIP it was trained for (or takes the one given), loads the head and attributes
+each image at the SAE's hook point.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from clipaudit.attribution.patching import attribute_images
+from clipaudit.errors import InputError
+from clipaudit.extraction.backbone import Backbone, BackboneSpec, load_backbone, load_backbone_for
+from clipaudit.extraction.data import decode_image
+from clipaudit.extraction.hooks import HookPoint, VisionTower
+from clipaudit.heads import Head, load_head
+from clipaudit.sae.model import SAE
+
+
+@dataclass(frozen=True)
+class ComponentEvidence:
+    component: int
+    activation: float
+    attribution: float
+
+
+@dataclass(frozen=True)
+class ClassEvidence:
+    class_name: str
+    score: float
+    error: float
+    """Evidence the SAE does not reconstruct."""
+    bias: float
+    top: list[ComponentEvidence] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class Explanation:
+    image: str
+    prediction: str
+    classes: list[ClassEvidence]
+
+
+def explain_image(fpath: Path | str, sae: SAE, head: Head, backbone: Backbone, hook: HookPoint,
+                  *, top: int = 5) -> Explanation:
+    """Attributions of one image for every class (any hook point), top components first."""
+    image = backbone.preprocess(decode_image(fpath)).unsqueeze(0).to(backbone.device)
+    attr = attribute_images(image, torch.tensor([0]), sae, head, VisionTower(backbone.model), hook)
+    classes = []
+    for c, name in enumerate(head.class_names):
+        order = attr.values[:, c].abs().argsort(descending=True)[:top]
+        classes.append(ClassEvidence(
+            class_name=name, score=float(attr.scores[0, c]), error=float(attr.error[0, c]),
+            bias=float(attr.bias[0, c]),
+            top=[ComponentEvidence(int(attr.components[i]), float(attr.activations[i]),
+                                   float(attr.values[i, c])) for i in order.tolist()]))
+    return Explanation(str(fpath), head.class_names[int(attr.scores[0].argmax())], classes)
+
+
+@dataclass(frozen=True)
+class ExplainConfig:
+    """How ``clipaudit explain`` attributes images."""
+
+    top: int = 5
+    """Components shown per class."""
+    hook: HookPoint | None = None
+    """Hook point; None: the one the SAE was trained at."""
+
+
+def explain_images(images: Sequence[Path | str], sae_fpath: Path | str, *,
+                   probe: Path | str | None = None, prompts: Path | str | None = None,
+                   backbone: Backbone | BackboneSpec | None = None,
+                   config: ExplainConfig = ExplainConfig()) -> list[Explanation]:
+    """Explain each image's prediction by one head (the probe, else the prompt set).
+
+    ``backbone``: the CLIP the SAE was trained for; None reads it from the SAE file,
+    which foreign SAE formats do not record (then an InputError says how to name it).
+    """
+    from clipaudit.sae import check_sae_matches, import_sae
+
+    if (probe is None) == (prompts is None):
+        raise InputError("explain needs exactly one head: --probe FILE or --prompts FILE")
+    sae = import_sae(sae_fpath)
+    recorded = sae.meta.get("backbone")
+    if isinstance(backbone, BackboneSpec):
+        backbone = load_backbone(backbone)
+    elif backbone is None:
+        if not isinstance(recorded, dict) or not recorded.get("id"):
+            raise InputError(f"{sae_fpath}: this SAE file does not record the CLIP it was trained "
+                             "for; name it with --model NAME --pretrained TAG or --checkpoint FILE "
+                             "--model-config CONFIG.json")
+        backbone = load_backbone_for(recorded)
+    check_sae_matches(sae, sae_fpath, expect_backbone_id=backbone.id,
+                      expect_d=VisionTower(backbone.model).width)
+    hook = config.hook
+    if hook is None:
+        recorded_hook = sae.meta.get("hook")
+        if not isinstance(recorded_hook, dict):
+            raise InputError(f"{sae_fpath}: this SAE file does not record its hook point; "
+                             "give it with --layer and --token")
+        hook = HookPoint(int(recorded_hook["layer"]), recorded_hook["token"])
+    head = (load_head("linear-probe", probe, backbone) if probe is not None
+            else load_head("zero-shot", prompts, backbone))  # type: ignore[arg-type]
+    return [explain_image(f, sae, head, backbone, hook, top=config.top) for f in images]
