@@ -14,7 +14,7 @@ lesion, vignette) and PIL (hair, ink, ruler, band-aid), about a millisecond each
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -109,24 +109,99 @@ def sample_scene(rng: np.random.Generator, *, diagnosis: str | None = None,
 _YY, _XX = np.mgrid[0:IMAGE_SIZE, 0:IMAGE_SIZE].astype(np.float32) + 0.5
 
 
+DRAW_ORDER = ("vignette", "hair", "ink_marker", "ruler", "band_aid")
+"""Order in which artifacts are painted: a later one hides an earlier one where they meet."""
+LOCALISED_ARTIFACTS = ("ruler", "band_aid", "ink_marker")
+"""Artifacts drawn in one place (their mask is one object)."""
+DIFFUSE_ARTIFACTS = ("hair", "vignette")
+"""Artifacts spread over the image (strands across the frame, darkened corners)."""
+
+
+@dataclass(frozen=True)
+class Rendering:
+    """A rendered scene and where each of its artifacts is visible."""
+
+    image: np.ndarray
+    """uint8 [H, W, 3]."""
+    masks: Mapping[str, np.ndarray]
+    """Per artifact painted, bool [H, W]: the pixels it changed that no later-painted artifact
+    hides (drawn objects: the object's pixels; hair: the strands; vignette: every pixel it
+    darkened, however slightly). Masks of different artifacts never overlap."""
+
+
 def render_scene(scene: Scene, rng: np.random.Generator) -> np.ndarray:
     """The scene as a uint8 array [IMAGE_SIZE, IMAGE_SIZE, 3]; ``rng`` picks the layout."""
+    return _render(scene, rng, omit=frozenset(), with_masks=False).image
+
+
+def render_scene_with_masks(scene: Scene, rng: np.random.Generator, *,
+                            omit: Collection[str] = ()) -> Rendering:
+    """``render_scene`` plus one mask per artifact painted (the image is bit-identical).
+
+    Artifacts of the scene named in ``omit`` draw their layout from ``rng`` exactly as if
+    they were painted, and are then left out: the rest of the image is unchanged, so the
+    two renderings of a scene with and without ``omit`` differ only inside that
+    artifact's mask (a counterfactual pair)."""
+    return _render(scene, rng, omit=frozenset(omit), with_masks=True)
+
+
+def _render(scene: Scene, rng: np.random.Generator, *, omit: frozenset[str],
+            with_masks: bool) -> Rendering:
     img = _skin(scene.skin_tone, rng)
     cy, cx, reach = _draw_lesion(img, scene, rng)
+    masks: dict[str, np.ndarray] = {}
     if "vignette" in scene.artifacts:
         # Before the objects, so the vignette never hides a ruler or a band-aid.
-        img = _vignette(img, rng)
+        shaded, masks["vignette"] = _vignette(img, rng)
+        img = img if "vignette" in omit else shaded
     canvas = Image.fromarray(np.clip(img, 0, 255).astype(np.uint8))
     draw = ImageDraw.Draw(canvas)
-    if "hair" in scene.artifacts:
-        _draw_hair(draw, rng)
-    if "ink_marker" in scene.artifacts:
-        _draw_ink(draw, rng, cy, cx, reach)
-    if "ruler" in scene.artifacts:
-        _draw_ruler(draw, rng)
-    if "band_aid" in scene.artifacts:
-        _draw_band_aid(draw, rng)
-    return np.asarray(canvas)
+    objects = (("hair", lambda pen: _draw_hair(pen, rng)),
+               ("ink_marker", lambda pen: _draw_ink(pen, rng, cy, cx, reach)),
+               ("ruler", lambda pen: _draw_ruler(pen, rng)),
+               ("band_aid", lambda pen: _draw_band_aid(pen, rng)))
+    for name, paint in objects:
+        if name in scene.artifacts:
+            mask = Image.new("L", canvas.size, 0) if with_masks else None
+            paint(_Pen(None if name in omit else draw, mask))
+            if mask is not None:
+                masks[name] = np.asarray(mask) > 0
+    painted = [a for a in DRAW_ORDER if a in masks and a not in omit]
+    return Rendering(np.asarray(canvas), _visible(masks, painted) if with_masks else {})
+
+
+def _visible(masks: Mapping[str, np.ndarray], painted: list[str]) -> dict[str, np.ndarray]:
+    """Each painted artifact's mask minus what artifacts painted after it cover."""
+    visible, hidden = {}, np.zeros((IMAGE_SIZE, IMAGE_SIZE), bool)
+    for name in reversed(painted):
+        visible[name] = masks[name] & ~hidden
+        hidden |= masks[name]
+    return {name: visible[name] for name in painted}
+
+
+class _Pen:
+    """Draws each shape on the image (unless the artifact is omitted) and on its mask,
+    with the same geometry, so the mask holds exactly the pixels the shape covers."""
+
+    def __init__(self, image: ImageDraw.ImageDraw | None, mask: Image.Image | None) -> None:
+        self._image = image
+        self._mask = ImageDraw.Draw(mask) if mask is not None else None
+
+    def __getattr__(self, shape: str) -> Callable[..., None]:
+        def draw(xy: Any, *args: Any, fill: Any = None, outline: Any = None,
+                 **kwargs: Any) -> None:
+            if self._image is not None:
+                getattr(self._image, shape)(xy, *args, fill=fill, **_outline(outline), **kwargs)
+            if self._mask is not None:
+                getattr(self._mask, shape)(xy, *args, fill=None if fill is None else 255,
+                                           **_outline(None if outline is None else 255),
+                                           **kwargs)
+        return draw
+
+
+def _outline(value: Any) -> dict[str, Any]:
+    # line/arc/point take no outline keyword; shapes take one.
+    return {} if value is None else {"outline": value}
 
 
 def _skin(tone: str, rng: np.random.Generator) -> np.ndarray:
@@ -186,7 +261,7 @@ def _irregular_alpha(rho: np.ndarray, theta: np.ndarray, radius: float,
     return alpha
 
 
-def _draw_hair(draw: ImageDraw.ImageDraw, rng: np.random.Generator) -> None:
+def _draw_hair(draw: _Pen, rng: np.random.Generator) -> None:
     colour = tuple(int(c) for c in rng.integers(10, 40, 3))
     for _ in range(int(rng.integers(4, 8))):
         # Each strand crosses the frame: from one edge, bending, out through another.
@@ -199,7 +274,7 @@ def _draw_hair(draw: ImageDraw.ImageDraw, rng: np.random.Generator) -> None:
         draw.line([tuple(p) for p in pts], fill=colour, width=int(rng.integers(1, 3)))
 
 
-def _draw_ink(draw: ImageDraw.ImageDraw, rng: np.random.Generator,
+def _draw_ink(draw: _Pen, rng: np.random.Generator,
               cy: float, cx: float, reach: float) -> None:
     colour = (118, 44, 170) if rng.random() < 0.6 else (40, 56, 176)
     r = reach + rng.uniform(2.5, 5)
@@ -213,7 +288,7 @@ def _draw_ink(draw: ImageDraw.ImageDraw, rng: np.random.Generator,
             draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
 
 
-def _draw_ruler(draw: ImageDraw.ImageDraw, rng: np.random.Generator) -> None:
+def _draw_ruler(draw: _Pen, rng: np.random.Generator) -> None:
     side = int(rng.integers(4))  # top, bottom, left, right
     width = int(rng.integers(6, 9))
     body = tuple(int(c) for c in rng.integers((225, 220, 185), (250, 245, 215)))
@@ -231,7 +306,7 @@ def _draw_ruler(draw: ImageDraw.ImageDraw, rng: np.random.Generator) -> None:
             draw.line([(a, pos), (a + length - 1, pos)], fill=(20, 20, 20), width=1)
 
 
-def _draw_band_aid(draw: ImageDraw.ImageDraw, rng: np.random.Generator) -> None:
+def _draw_band_aid(draw: _Pen, rng: np.random.Generator) -> None:
     long, short = int(rng.integers(26, 33)), int(rng.integers(12, 15))
     horizontal = rng.random() < 0.5
     w, h = (long, short) if horizontal else (short, long)
@@ -252,7 +327,8 @@ def _draw_band_aid(draw: ImageDraw.ImageDraw, rng: np.random.Generator) -> None:
 _CORNER_R = np.hypot(_YY - IMAGE_SIZE / 2, _XX - IMAGE_SIZE / 2) / (IMAGE_SIZE / 2)
 
 
-def _vignette(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+def _vignette(img: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """The image with darkened corners, and the mask of the pixels darkened."""
     inner = rng.uniform(0.85, 1.0)
     shade = np.clip((_CORNER_R - inner) / 0.15, 0, 1)[..., None]
-    return (1 - shade) * img + shade * rng.uniform(5, 20)
+    return (1 - shade) * img + shade * rng.uniform(5, 20), shade[..., 0] > 0
