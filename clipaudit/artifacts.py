@@ -38,10 +38,16 @@ SCHEMA_VERSIONS: dict[str, int] = {
     "prompt-set": 1,
     "attributions": 1,
     "audit": 2,
-    "synthetic-dataset": 1,
+    "synthetic-dataset": 2,
     "tiny-clip": 1,
     "component-descriptions": 1,
+    "column-roles": 1,
 }
+
+READABLE_OLDER_VERSIONS: dict[str, tuple[int, ...]] = {
+    "synthetic-dataset": (1,),  # version 1 had no artifact masks; its data still loads
+}
+"""Older schema versions a kind's loader still reads (it handles what they lack)."""
 
 _META_KEY = "clipaudit"
 _UMASK = os.umask(0)
@@ -67,7 +73,7 @@ def check_header(meta: Mapping[str, Any], kind: str, fpath: Path | str) -> None:
     if got_kind != kind:
         raise ArtifactError(f"{fpath}: expected a clipaudit '{kind}' file, found {got_kind!r}")
     version = meta.get("schema_version")
-    if version != SCHEMA_VERSIONS[kind]:
+    if version != SCHEMA_VERSIONS[kind] and version not in READABLE_OLDER_VERSIONS.get(kind, ()):
         raise ArtifactError(
             f"{fpath}: '{kind}' schema version {version!r} is not supported "
             f"(this clipaudit {__version__} reads version {SCHEMA_VERSIONS[kind]}); "

@@ -9,25 +9,30 @@ import typer
 from clipaudit.cli import app
 from clipaudit.cli._common import RichReporter, out, print_json, user_errors
 from clipaudit.cli._options import argument_default, option
+from clipaudit.synthetic.counterfactual import make_counterfactual_dataset
 from clipaudit.synthetic.datasets import make_planted_dataset
 from clipaudit.synthetic.train import TrainConfig
+from clipaudit.synthetic.worlds import get_world, list_worlds
 
 synthetic_app = typer.Typer(
-    help="The synthetic dermatology world: planted-shortcut data sets and the tiny CLIP.",
+    help="The synthetic worlds: planted-shortcut and counterfactual data sets, the tiny CLIP.",
     no_args_is_help=True,
 )
 app.add_typer(synthetic_app, name="synthetic")
+
+_WORLD_HELP = f"Synthetic world to draw from ({', '.join(list_worlds())})."
+_CLASS_HELP = "Class the artifact is planted on (default: the world's; dermatology: malignant)."
 
 
 @synthetic_app.command("make-dataset")
 @user_errors
 def make_dataset_cmd(
-    out_dpath: Path = typer.Option(..., "--out", "-o", help="Folder to write images/, "
-                                   "manifest.csv and ground_truth.json into."),
-    artifact: str = typer.Option("ruler", help="Artifact to plant, or 'none' for a clean "
-                                 "control: ruler, band_aid, ink_marker, hair, vignette."),
-    target_class: str = typer.Option(argument_default(make_planted_dataset, "target_class"), "--class",
-                                     help="Class the artifact co-occurs with."),
+    out_dpath: Path = typer.Option(..., "--out", "-o", help="Folder to write images/, masks/, "
+                                   "manifest.csv, columns.yaml and ground_truth.json into."),
+    world: str = typer.Option(argument_default(make_planted_dataset, "world"), help=_WORLD_HELP),
+    artifact: str = typer.Option(None, help="Artifact to plant, or 'none' for a clean control "
+                                 "(default: the world's; dermatology: ruler)."),
+    target_class: str = typer.Option(None, "--class", help=_CLASS_HELP),
     rate: float = typer.Option(argument_default(make_planted_dataset, "rate"),
                                help="P(class | artifact); 0.5 = no shortcut, 1 = perfect."),
     n: int = typer.Option(argument_default(make_planted_dataset, "n"), "-n", "--n",
@@ -38,11 +43,12 @@ def make_dataset_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the ground truth as JSON."),
 ) -> None:
     """Generate a labelled data set with a planted shortcut (or a clean control)."""
+    artifact = artifact or get_world(world).default_artifact
     with RichReporter(quiet=as_json) as reporter:
         data = make_planted_dataset(
             out_dpath, artifact=None if artifact.lower() == "none" else artifact,
             target_class=target_class, rate=rate, n=n, seed=seed, overwrite=overwrite,
-            reporter=reporter)
+            world=world, reporter=reporter)
     if as_json:
         print_json({"dpath": str(data.dpath), "manifest": str(data.manifest_fpath),
                     "ground_truth": data.ground_truth})
@@ -50,7 +56,37 @@ def make_dataset_cmd(
     truth = data.ground_truth
     what = (f"{truth['artifact']} -> {truth['target_class']} at rate {truth['rate']}"
             if truth["artifact"] else "clean control (no planted artifact)")
-    out.print(f"wrote {data.n} images to {data.dpath}: {what}")
+    out.print(f"wrote {data.n} {data.world} images to {data.dpath}: {what}")
+    out.print(f"manifest: {data.manifest_fpath}")
+
+
+@synthetic_app.command("make-counterfactual")
+@user_errors
+def make_counterfactual_cmd(
+    out_dpath: Path = typer.Option(..., "--out", "-o", help="Folder to write the pairs into."),
+    artifact: str = typer.Option(..., help="Artifact painted on the second image of each pair."),
+    world: str = typer.Option(argument_default(make_counterfactual_dataset, "world"),
+                              help=_WORLD_HELP),
+    target_class: str = typer.Option(None, "--class", help=_CLASS_HELP),
+    n: int = typer.Option(argument_default(make_counterfactual_dataset, "n"), "-n", "--n",
+                          help="Number of pairs (scenes); twice as many images."),
+    seed: int = typer.Option(argument_default(make_counterfactual_dataset, "seed"),
+                             help="Seed of the data set (same seed, same images)."),
+    overwrite: bool = typer.Option(False, help="Replace a data set already in --out."),
+    as_json: bool = typer.Option(False, "--json", help="Print the ground truth as JSON."),
+) -> None:
+    """Generate pairs of the same scene without and with an artifact (causal ground truth)."""
+    with RichReporter(quiet=as_json) as reporter:
+        data = make_counterfactual_dataset(out_dpath, artifact=artifact,
+                                           target_class=target_class, n=n, seed=seed,
+                                           overwrite=overwrite, world=world, reporter=reporter)
+    if as_json:
+        print_json({"dpath": str(data.dpath), "manifest": str(data.manifest_fpath),
+                    "ground_truth": data.ground_truth})
+        return
+    truth = data.ground_truth
+    out.print(f"wrote {truth['n_pairs']} pairs of {data.world} images (clean / with "
+              f"{truth['artifact']}) to {data.dpath}; {truth['target_class']} is the target class")
     out.print(f"manifest: {data.manifest_fpath}")
 
 
