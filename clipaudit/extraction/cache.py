@@ -14,6 +14,11 @@ the shards that exist, which makes a killed run resumable at shard granularity.
 Each shard is decoded and encoded in fixed batch boundaries, so a resumed cache
 equals an uninterrupted one. Worker i of n writes shards i, i + n, ...; whichever
 worker finds every shard present writes the index.
+
+This module owns the format: the plan, the manifest, which shards are pending, their
+batches (``plan_batches``), the shard files (``ShardWriter``) and the index. An engine
+(``clipaudit.extraction.engines``: ``local`` or ``ray``) only computes the batches, so
+both write the same files and either can resume a cache the other started.
 """
 
 from __future__ import annotations
@@ -25,7 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pandas as pd
 import torch
 
 from clipaudit.artifacts import (
@@ -40,11 +44,13 @@ from clipaudit.device import resolve_device
 from clipaudit.errors import InputError, MismatchError
 from clipaudit.extraction.backbone import Backbone, BackboneSpec, load_backbone
 from clipaudit.extraction.cache_reader import ActivationCache, open_cache, shard_fpath
-from clipaudit.extraction.data import ImageSource, iter_decoded, load_image_source, reason_category
-from clipaudit.extraction.hooks import Capture, HookPoint, VisionTower
+from clipaudit.extraction.data import ImageSource, load_image_source, reason_category
+from clipaudit.extraction.engines import EncodeJob, RayConfig, get_engine
+from clipaudit.extraction.hooks import HookPoint, VisionTower
 from clipaudit.progress import NULL_REPORTER, Reporter
 
-__all__ = ["ActivationCache", "ExtractConfig", "ExtractResult", "extract", "open_cache"]
+__all__ = ["ActivationCache", "EncodedBatch", "ExtractConfig", "ExtractResult", "ShardWriter",
+           "extract", "open_cache", "plan_batches"]
 
 log = logging.getLogger(__name__)
 
@@ -77,6 +83,12 @@ class ExtractConfig:
     """Independent workers writing disjoint shards of one cache."""
     max_image_pixels: int | None = None
     """Decompression-bomb limit; None: $CLIPAUDIT_MAX_IMAGE_PIXELS or Pillow's default."""
+    engine: str = "local"
+    """``local`` (worker processes on this machine) or ``ray`` (Ray Data: a local Ray or a
+    cluster). Both write the same cache; a cache started with one can be finished with
+    the other."""
+    ray: RayConfig = RayConfig()
+    """How the ``ray`` engine uses Ray."""
 
     def validate(self) -> None:
         if self.batch_size <= 0 or self.shard_size <= 0 or self.num_workers < 0:
@@ -89,6 +101,7 @@ class ExtractConfig:
         if not 0 <= self.worker_index < self.worker_count:
             raise InputError(f"worker index {self.worker_index} is out of range for "
                              f"{self.worker_count} workers (valid: 0..{self.worker_count - 1})")
+        self.ray.validate()
 
 
 @dataclass(frozen=True)
@@ -123,12 +136,15 @@ def extract(source: ImageSource | str | Path, out_dpath: str | Path,
     given here is used on its own device unless ``config.device`` names one.
     """
     config.validate()
+    engine = get_engine(config.engine)  # before any work: an unknown or uninstalled engine
     dpath = Path(out_dpath)
     if not isinstance(source, ImageSource):
         source = load_image_source(source)
     if backbone is None:
-        backbone = load_backbone(config.backbone, resolve_device(config.device))
-    elif config.device != "auto":
+        # The ray engine's actors run the model; this process only needs its description.
+        here = config.device if config.engine == "local" else "cpu"
+        backbone = load_backbone(config.backbone, resolve_device(here))
+    elif config.engine == "local" and config.device != "auto":
         backbone.to(resolve_device(config.device))
     tower = VisionTower(backbone.model)
     provenance = {"backbone": backbone.provenance, "hook": config.hook.as_dict(tower.n_blocks),
@@ -142,8 +158,11 @@ def extract(source: ImageSource | str | Path, out_dpath: str | Path,
     pending = [k for k in mine if not shard_fpath(dpath, k).is_file()]
     _remove_stale_tmp(dpath, pending)
     if pending:
-        _encode_shards(source.items, pending, dpath, config, provenance, tower, backbone,
-                       reporter)
+        writer = ShardWriter(dpath, provenance, config, len(source.items),
+                             acts_tail(tower, config.hook), backbone.embed_dim)
+        batches = plan_batches(len(source.items), pending, config.shard_size, config.batch_size)
+        engine(EncodeJob(source.items, batches, config, backbone, tower, writer), reporter)
+        assert not writer.open_shards, f"shards left unwritten: {writer.open_shards}"
     counts = Counter(_shard_statuses(dpath, mine))
     complete = all(shard_fpath(dpath, k).is_file() for k in range(n_shards))
     if complete and not manifest.get("complete"):
@@ -231,7 +250,26 @@ def _remove_stale_tmp(dpath: Path, pending: list[int]) -> None:
             tmp.unlink(missing_ok=True)
 
 
-# ---------------------------------------------------------------- encoding
+# ---------------------------------------------------------------- writing
+
+
+@dataclass(frozen=True)
+class EncodedBatch:
+    """One computed batch of a shard: what an engine hands to ``ShardWriter.add``."""
+
+    shard: int
+    n_rows: int
+    """Planned rows the batch covers (decoded or skipped)."""
+    ids: torch.Tensor
+    """int64 [b]: ids of the decoded rows, in order."""
+    acts: torch.Tensor | None
+    """[b, d] or [b, t, d] in the store dtype, on the CPU (None when b = 0)."""
+    embeds: torch.Tensor | None
+    """[b, D] in the store dtype, on the CPU (None when b = 0)."""
+    skipped: list[tuple[int, str]]
+    """(id, reason) of the rows that could not be used."""
+    sha256: dict[int, str]
+    """Content hash of every row whose bytes could be read."""
 
 
 class _ShardBuffer:
@@ -259,58 +297,58 @@ class _ShardBuffer:
         save_tensors(shard_fpath(dpath, self.k), "cache-shard", tensors, meta, provenance)
 
 
-def _encode_shards(items: pd.DataFrame, pending: list[int], dpath: Path, config: ExtractConfig,
-                   provenance: dict, tower: VisionTower, backbone: Backbone,
-                   reporter: Reporter) -> None:
-    size, n = config.shard_size, len(items)
-    batches = [list(range(s, min(s + config.batch_size, (k + 1) * size, n)))
-               for k in pending for s in range(k * size, min((k + 1) * size, n),
-                                               config.batch_size)]
-    device, dtype = backbone.device, STORE_DTYPES[config.store_dtype]
-    hook = config.hook
-    decoded = iter_decoded(items, backbone.preprocess, batches=batches,
-                           num_workers=config.num_workers, max_pixels=config.max_image_pixels,
-                           pin_memory=device.type == "cuda")
-    buffers: dict[int, _ShardBuffer] = {}
-    n_skipped = 0
-    with reporter.task("extract", total=sum(len(b) for b in batches)) as task:
-        for batch, rows in zip(decoded, batches):
-            k = rows[0] // size
-            buf = buffers.setdefault(k, _ShardBuffer(k, k * size, min(size, n - k * size)))
-            if batch.ids.numel():
-                cap = _capture(tower, batch.images.to(device, non_blocking=True), hook,
-                               config.batch_size)
-                # copy: cls acts are a view that would keep the batch's whole residual alive
-                buf.acts.append(cap.acts.to(device="cpu", dtype=dtype, copy=True))
-                buf.embeds.append(cap.embeds.to(device="cpu", dtype=dtype, copy=True))
-                buf.ids.append(batch.ids)
-            elif not buf.acts:  # keep the tensor shapes of an all-skipped batch
-                buf.acts.append(torch.empty(0, *_acts_tail(tower, hook), dtype=dtype))
-                buf.embeds.append(torch.empty(0, backbone.embed_dim, dtype=dtype))
-            for item_id, reason in batch.skipped:
-                buf.status[item_id - buf.first_id] = "skipped"
-                buf.reason[item_id - buf.first_id] = reason
-            for item_id, digest in batch.sha256.items():
-                buf.sha256[item_id - buf.first_id] = digest
-            buf.n_seen += len(rows)
-            n_skipped += len(batch.skipped)
-            if buf.n_seen == buf.n_planned:
-                buffers.pop(buf.k).write(dpath, provenance, config)
-            task.advance(len(rows), skipped=n_skipped)
-    assert not buffers, f"shards left unwritten: {sorted(buffers)}"
+class ShardWriter:
+    """Collects the batches of the pending shards, in any order, and writes each shard
+    (atomically) as soon as all its rows are in. Every engine writes through it."""
+
+    def __init__(self, dpath: Path, provenance: dict, config: ExtractConfig, n_items: int,
+                 acts_tail: tuple[int, ...], embed_dim: int):
+        self.dpath, self.provenance, self.config, self.n_items = dpath, provenance, config, n_items
+        self.acts_tail, self.embed_dim = acts_tail, embed_dim
+        self.dtype = STORE_DTYPES[config.store_dtype]
+        self._buffers: dict[int, _ShardBuffer] = {}
+        self.n_skipped = 0
+
+    def add(self, batch: EncodedBatch) -> None:
+        size = self.config.shard_size
+        k = batch.shard
+        buf = self._buffers.setdefault(
+            k, _ShardBuffer(k, k * size, min(size, self.n_items - k * size)))
+        if batch.ids.numel():
+            assert batch.acts is not None and batch.embeds is not None
+            buf.acts.append(batch.acts)
+            buf.embeds.append(batch.embeds)
+            buf.ids.append(batch.ids)
+        elif not buf.acts:  # keep the tensor shapes of an all-skipped batch
+            buf.acts.append(torch.empty(0, *self.acts_tail, dtype=self.dtype))
+            buf.embeds.append(torch.empty(0, self.embed_dim, dtype=self.dtype))
+        for item_id, reason in batch.skipped:
+            buf.status[item_id - buf.first_id] = "skipped"
+            buf.reason[item_id - buf.first_id] = reason
+        for item_id, digest in batch.sha256.items():
+            buf.sha256[item_id - buf.first_id] = digest
+        buf.n_seen += batch.n_rows
+        self.n_skipped += len(batch.skipped)
+        if buf.n_seen == buf.n_planned:
+            self._buffers.pop(k).write(self.dpath, self.provenance, self.config)
+
+    @property
+    def open_shards(self) -> list[int]:
+        """Shards with some but not all of their rows in (none once an engine is done)."""
+        return sorted(self._buffers)
 
 
-def _capture(tower: VisionTower, images: torch.Tensor, hook: HookPoint,
-             batch_size: int) -> Capture:
-    try:
-        with torch.inference_mode():
-            return tower.capture(images, hook)
-    except torch.cuda.OutOfMemoryError:
-        raise InputError(f"out of GPU memory at batch size {batch_size}; rerun with a smaller "
-                         "--batch-size (finished shards are kept)") from None
+def plan_batches(n_items: int, shards: list[int], shard_size: int,
+                 batch_size: int) -> list[list[int]]:
+    """Row positions of the batches of ``shards``: fixed boundaries within each shard, so
+    that every engine, batch size aside, computes a shard the same way."""
+    return [list(range(s, min(s + batch_size, (k + 1) * shard_size, n_items)))
+            for k in shards for s in range(k * shard_size, min((k + 1) * shard_size, n_items),
+                                           batch_size)]
 
 
-def _acts_tail(tower: VisionTower, hook: HookPoint) -> tuple[int, ...]:
+def acts_tail(tower: VisionTower, hook: HookPoint) -> tuple[int, ...]:
+    """Shape of one image's activations: (d,) for cls, (t, d) for spatial."""
     if hook.token == "cls":
         return (tower.width,)
     return (_n_patch_tokens(tower), tower.width)
