@@ -13,14 +13,17 @@ from clipaudit.errors import InputError
 from clipaudit.extraction.backbone import TINY_MODEL_NAME, BackboneSpec
 from clipaudit.extraction.cache import ExtractConfig, ExtractResult, extract
 from clipaudit.extraction.data import load_image_source
+from clipaudit.extraction.engines import RayConfig
 from clipaudit.extraction.hooks import HookPoint
 
 
 @app.command("extract")
 @user_errors
 def extract_cmd(
-    data: Path = typer.Argument(..., help="Image folder (one sub-folder per class) or a "
-                                          ".csv/.parquet manifest."),
+    data: str = typer.Argument(..., help="Image folder (one sub-folder per class), a "
+                                         ".csv/.parquet manifest, WebDataset .tar shards (a "
+                                         "folder, a file or a {000..099} brace pattern), or "
+                                         "Parquet / Hugging Face files with image bytes."),
     out_dpath: Path = typer.Option(..., "--out", "-o", help="Cache folder (created or resumed)."),
     model: str | None = typer.Option(None, help=f"open_clip model name [default: {TINY_MODEL_NAME}]."),
     pretrained: str | None = typer.Option(None, help="open_clip pretrained tag or weights file."),
@@ -37,6 +40,12 @@ def extract_cmd(
     worker_count: int = option(ExtractConfig, "worker_count", "--worker-count"),
     path_column: str = typer.Option("path", help="Manifest column with image paths."),
     label_column: str = typer.Option("label", help="Manifest column with labels (optional)."),
+    image_column: str | None = typer.Option(None, help="Parquet column with image bytes "
+                                            "[default: detected: 'image', 'img', or the only "
+                                            "one]."),
+    engine: str = option(ExtractConfig, "engine", "--engine"),
+    ray_address: str | None = option(ExtractConfig, "ray.address", "--ray-address"),
+    ray_actors: int | None = option(ExtractConfig, "ray.actors", "--ray-actors"),
     max_image_pixels: int | None = option(ExtractConfig, "max_image_pixels", "--max-image-pixels",
                                           envvar="CLIPAUDIT_MAX_IMAGE_PIXELS"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -50,8 +59,10 @@ def extract_cmd(
     config = ExtractConfig(
         backbone=spec, hook=HookPoint(layer, token), batch_size=batch_size,  # type: ignore[arg-type]
         num_workers=workers, shard_size=shard_size, device=device, store_dtype=dtype,
-        worker_index=worker_index, worker_count=worker_count, max_image_pixels=max_image_pixels)
-    source = load_image_source(data, path_column=path_column, label_column=label_column)
+        worker_index=worker_index, worker_count=worker_count, max_image_pixels=max_image_pixels,
+        engine=engine, ray=RayConfig(address=ray_address, actors=ray_actors))
+    source = load_image_source(data, path_column=path_column, label_column=label_column,
+                               image_column=image_column)
     with RichReporter(quiet=quiet or as_json) as reporter:
         result = extract(source, out_dpath, config, reporter=reporter)
     if as_json:

@@ -133,10 +133,27 @@ def _read_bytes(fpath: Path | str) -> bytes:
         return Path(fpath).read_bytes()
     except FileNotFoundError:
         raise ImageDecodeError(fpath, MISSING) from None
+    except NotADirectoryError:  # a path into a tar or Parquet file (see ``containers``)
+        return _read_member(fpath)
     except IsADirectoryError:
         raise ImageDecodeError(fpath, NOT_IMAGE, "a directory") from None
     except OSError as e:
         raise ImageDecodeError(fpath, MISSING, f"unreadable ({e.strerror})") from None
+
+
+def _read_member(fpath: Path | str) -> bytes:
+    from clipaudit.extraction.containers import read_member_bytes
+
+    try:
+        return read_member_bytes(fpath)
+    except ValueError:
+        raise ImageDecodeError(fpath, MISSING) from None
+    except FileNotFoundError as e:
+        raise ImageDecodeError(fpath, MISSING, str(e)) from None
+    except EOFError as e:
+        raise ImageDecodeError(fpath, TRUNCATED, str(e)) from None
+    except OSError as e:
+        raise ImageDecodeError(fpath, MISSING, f"unreadable ({e.strerror or e})") from None
 
 
 def _open(fpath: Path | str, data: bytes, limit: int) -> Image.Image:
@@ -225,24 +242,47 @@ class ImageSource:
 
 
 def load_image_source(path: Path | str, *, path_column: str = "path",
-                      label_column: str | None = "label") -> ImageSource:
-    """An image folder (sub-folders are labels) or a .csv/.parquet manifest.
+                      label_column: str | None = "label",
+                      image_column: str | None = None) -> ImageSource:
+    """Items from an image folder (sub-folders are labels), a .csv/.parquet manifest,
+    WebDataset tar shards or Parquet files of image bytes (Hugging Face ``datasets``).
 
     Manifest paths are relative to the manifest's folder or absolute. The label
     column is optional when it has the default name ``label``; a label column
     named explicitly must exist. A missing path column or a duplicate path is an
     ``InputError``; a listed file that does not exist is skipped when decoding.
+
+    Tar shards and Parquet files of image bytes come as one file, a folder of them
+    (recursively; a folder that holds image files is an image folder), or a brace or
+    glob pattern (``shards/{00000..00099}.tar``, ``data/train-*.parquet``). A .parquet
+    file with ``path_column`` is a manifest; one with an image column (``image_column``,
+    default: detected) holds the images. How such items are named and hashed:
+    ``clipaudit.extraction.containers``.
     """
+    from clipaudit.extraction import containers
+
+    text = str(path)
     path = Path(path)
-    if path.is_dir():
-        items, root = _scan_folder(path), path
+    if not path.exists() and containers.is_pattern(text):
+        items = containers.scan_containers(containers.expand_pattern(text), text,
+                                           label_column, image_column)
+        root = path.parent
+    elif path.is_dir():
+        items, root = _scan_dir(path, label_column, image_column), path
+    elif path.is_file() and path.suffix.lower() in containers.TAR_SUFFIXES:
+        items, root = containers.scan_webdataset([path.resolve()], label_column), path.parent
+    elif path.is_file() and path.suffix.lower() in (".parquet", ".pq") and (
+            image_column is not None or containers.is_image_parquet(path, path_column)):
+        items = containers.scan_image_parquet([path.resolve()], image_column, label_column)
+        root = path.parent
     elif path.is_file() and path.suffix.lower() in (".csv", ".parquet", ".pq"):
         items, root = _read_manifest(path, path_column, label_column), path.parent
     elif not path.exists():
-        raise InputError(f"{path}: not found (expected an image folder or a .csv/.parquet "
-                         "manifest)")
+        raise InputError(f"{path}: not found (expected an image folder, a .csv/.parquet "
+                         "manifest, .tar shards or Parquet files of images)")
     else:
-        raise InputError(f"{path}: expected an image folder or a .csv/.parquet manifest")
+        raise InputError(f"{path}: expected an image folder, a .csv/.parquet manifest, .tar "
+                         "shards or Parquet files of images")
     items.insert(0, "id", np.arange(len(items), dtype=np.int64))
     return ImageSource(items=items, root=root.resolve(), source_sha256=_hash_items(items))
 
@@ -251,6 +291,22 @@ def image_extensions() -> tuple[str, ...]:
     """File extensions a folder scan picks up (those of ``DECODE_FORMATS``)."""
     return tuple(sorted(ext for ext, fmt in Image.registered_extensions().items()
                         if fmt in (*DECODE_FORMATS, "MPO")))
+
+
+def _scan_dir(dpath: Path, label_column: str | None, image_column: str | None) -> pd.DataFrame:
+    """An image folder, or a folder of tar shards or of Parquet files of images."""
+    from clipaudit.extraction import containers
+
+    exts = set(image_extensions())
+    has_images = any(p.is_file() and p.suffix.lower() in exts
+                     and not any(part.startswith(".") for part in p.relative_to(dpath).parts)
+                     for p in dpath.rglob("*"))
+    if not has_images:
+        tars, parquets = containers.container_files(dpath)
+        if tars or parquets:
+            return containers.scan_containers(tars + parquets, str(dpath), label_column,
+                                              image_column)
+    return _scan_folder(dpath)
 
 
 def _scan_folder(dpath: Path) -> pd.DataFrame:
