@@ -5,10 +5,18 @@ Nothing here touches the network; every model is a few hundred kB of random weig
 
 from __future__ import annotations
 
+import io
+import json
+import tarfile
 from pathlib import Path
 
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import torch
+from PIL import Image
 
 from clipaudit.extraction.backbone import Backbone, BackboneSpec, load_backbone
 
@@ -71,3 +79,72 @@ class RefTopKSAE(torch.nn.Module):
 
     def decode_dense(self, z: torch.Tensor) -> torch.Tensor:
         return (z @ self.W_dec.T + self.b_dec) / self.scale
+
+
+# ---------------------------------------------------------------- container inputs
+
+LABELS = ("benign", "malignant")
+
+
+def png_bytes(seed: int) -> bytes:
+    arr = np.random.default_rng(seed).integers(0, 256, (40, 48, 3), dtype=np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(arr).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def image_samples(n: int) -> list[dict]:
+    return [{"key": f"{i:06d}", "png": png_bytes(i), "label": LABELS[i % 2],
+             "caption": f"image number {i}", "meta": {"width": 48, "source": f"s{i % 3}",
+                                                       "nested": {"a": i}}}
+            for i in range(n)]
+
+
+def add_member(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size = len(data)
+    tf.addfile(info, io.BytesIO(data))
+
+
+def write_tars(dpath: Path, samples: list[dict], per_tar: int) -> list[Path]:
+    dpath.mkdir(parents=True, exist_ok=True)
+    out = []
+    for t in range(0, len(samples), per_tar):
+        fpath = dpath / f"{t // per_tar:05d}.tar"
+        with tarfile.open(fpath, "w") as tf:
+            for s in samples[t:t + per_tar]:
+                add_member(tf, f"{s['key']}.png", s["png"])
+                add_member(tf, f"{s['key']}.cls", s["label"].encode())
+                add_member(tf, f"{s['key']}.txt", s["caption"].encode())
+                add_member(tf, f"{s['key']}.json", json.dumps(s["meta"]).encode())
+        out.append(fpath)
+    return out
+
+
+def write_manifest(dpath: Path, samples: list[dict]) -> Path:
+    (dpath / "files").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for s in samples:
+        (dpath / "files" / f"{s['key']}.png").write_bytes(s["png"])
+        rows.append({"path": f"files/{s['key']}.png", "label": s["label"]})
+    pd.DataFrame(rows).to_csv(dpath / "manifest.csv", index=False)
+    return dpath / "manifest.csv"
+
+
+def write_hf_parquet(fpath: Path, samples: list[dict], row_group_size: int = 4) -> Path:
+    """A Hugging Face ``datasets``-style file: image structs and a ClassLabel column."""
+    table = pa.table({
+        "image": pa.array([{"bytes": s["png"], "path": f"{s['key']}.png"} for s in samples],
+                          pa.struct([("bytes", pa.binary()), ("path", pa.string())])),
+        "label": pa.array([LABELS.index(s["label"]) for s in samples], pa.int64()),
+        "source": pa.array([s["meta"]["source"] for s in samples]),
+        "tags": pa.array([[s["key"]] for s in samples]),
+    })
+    features = {"image": {"_type": "Image"},
+                "label": {"names": list(LABELS), "_type": "ClassLabel"},
+                "source": {"dtype": "string", "_type": "Value"}}
+    table = table.replace_schema_metadata(
+        {b"huggingface": json.dumps({"info": {"features": features}}).encode()})
+    fpath.parent.mkdir(parents=True, exist_ok=True)
+    pq.write_table(table, fpath, row_group_size=row_group_size)
+    return fpath

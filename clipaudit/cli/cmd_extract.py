@@ -13,7 +13,7 @@ from clipaudit.errors import InputError
 from clipaudit.extraction.backbone import TINY_MODEL_NAME, BackboneSpec
 from clipaudit.extraction.cache import ExtractConfig, ExtractResult, extract
 from clipaudit.extraction.data import load_image_source
-from clipaudit.extraction.engines import RayConfig
+from clipaudit.extraction.engines import RayConfig, get_engine
 from clipaudit.extraction.hooks import HookPoint
 
 
@@ -61,6 +61,7 @@ def extract_cmd(
         num_workers=workers, shard_size=shard_size, device=device, store_dtype=dtype,
         worker_index=worker_index, worker_count=worker_count, max_image_pixels=max_image_pixels,
         engine=engine, ray=RayConfig(address=ray_address, actors=ray_actors))
+    get_engine(engine)  # an unknown engine, or Ray missing, before the data is read
     source = load_image_source(data, path_column=path_column, label_column=label_column,
                                image_column=image_column)
     with RichReporter(quiet=quiet or as_json) as reporter:

@@ -165,9 +165,15 @@ def _stream(dataset: Any) -> Iterator[EncodedBatch]:
     """The encoded batches in job order, as ``EncodedBatch``es; a ClipAuditError raised in
     a task or an actor comes out as itself."""
     ctx = ray.data.DataContext.get_current()
-    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars)
+    data_log = logging.getLogger("ray.data")
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars,
+             ctx.issue_detectors_config.detectors, data_log.level)
     ctx.execution_options.preserve_order = True  # shards complete one after the other
-    ctx.enable_progress_bars = False  # the caller's reporter shows progress
+    # The caller's reporter shows progress: no Ray progress bars, nor their log lines, nor
+    # advice about Ray's own memory settings on stderr.
+    ctx.enable_progress_bars = False
+    ctx.issue_detectors_config.detectors = []
+    data_log.setLevel(logging.WARNING)
     try:
         for row in dataset.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=1):
             yield _encoded_batch(row)
@@ -177,7 +183,9 @@ def _stream(dataset: Any) -> Iterator[EncodedBatch]:
             raise cause from None
         raise
     finally:
-        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved
+        (ctx.execution_options.preserve_order, ctx.enable_progress_bars,
+         ctx.issue_detectors_config.detectors) = saved[:3]
+        data_log.setLevel(saved[3])
 
 
 def _user_error(e: BaseException) -> ClipAuditError | None:
@@ -198,9 +206,9 @@ def _encoded_batch(row: dict[str, np.ndarray]) -> EncodedBatch:
     n_ok = int(row["n_ok"][0])
     ids = torch.from_numpy(row["ids"][0][:n_ok].copy())
     acts = embeds = None
-    if n_ok:
-        acts = torch.from_numpy(np.ascontiguousarray(row["acts"][0][:n_ok]))
-        embeds = torch.from_numpy(np.ascontiguousarray(row["embeds"][0][:n_ok]))
+    if n_ok:  # copies: Ray's arrays are read-only views of its object store
+        acts = torch.from_numpy(row["acts"][0][:n_ok].copy())
+        embeds = torch.from_numpy(row["embeds"][0][:n_ok].copy())
     skipped = [(int(i), str(r)) for i, r in json.loads(str(row["skipped"][0]))]
     sha256 = {int(i): str(d) for i, d in json.loads(str(row["sha256"][0]))}
     return EncodedBatch(shard=int(row["shard"][0]), n_rows=int(row["n_rows"][0]), ids=ids,
@@ -247,7 +255,7 @@ class _Encoder:
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n_ok = int(batch["n_ok"][0])
-        pixels = torch.from_numpy(batch["pixels"][0][:n_ok]).to(self.device)
+        pixels = torch.from_numpy(batch["pixels"][0][:n_ok].copy()).to(self.device)
         if n_ok:
             acts, embeds = run_tower(self.tower, pixels, self.hook, self.dtype, self.batch_size)
         else:
