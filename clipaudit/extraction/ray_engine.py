@@ -32,6 +32,7 @@ initialised Ray in this process is used as it is.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -62,9 +63,9 @@ def encode_ray(job: EncodeJob, reporter: Reporter) -> None:
     started = _connect(rc, config.num_workers, config.device)
     try:
         use_gpu, n_actors = _actor_layout(rc, config.device)
-        dataset = _pipeline(job, use_gpu, n_actors, _threads(rc, n_actors, use_gpu, started))
-        with reporter.task("extract", total=sum(len(b) for b in job.batches)) as task:
-            for batch in _stream(dataset):
+        threads = _threads(rc, n_actors, use_gpu, started)
+        with _data_context(), reporter.task("extract", total=sum(map(len, job.batches))) as task:
+            for batch in _stream(_pipeline(job, use_gpu, n_actors, threads)):
                 job.writer.add(batch)
                 task.advance(batch.n_rows, skipped=job.writer.n_skipped)
     finally:
@@ -97,10 +98,16 @@ def _connect(rc: RayConfig, num_workers: int, device: str) -> bool:
         # CPU per decoding worker, whatever the machine (logical CPUs are only tokens).
         n_gpus = torch.cuda.device_count() if device != "cpu" else 0
         n_actors = rc.actors or max(1, n_gpus)
-        ray.init(address="local", num_cpus=int(np.ceil(n_actors * rc.cpus_per_actor))
-                 + max(1, num_workers), num_gpus=n_gpus,
-                 object_store_memory=rc.object_store_mb * 1024 * 1024,
-                 include_dashboard=False, **common)
+        ray_log = logging.getLogger("ray")
+        level = ray_log.level
+        ray_log.setLevel(logging.ERROR)  # Ray's notes on its own set-up: not for our users
+        try:
+            ray.init(address="local", num_cpus=int(np.ceil(n_actors * rc.cpus_per_actor))
+                     + max(1, num_workers), num_gpus=n_gpus,
+                     object_store_memory=rc.object_store_mb * 1024 * 1024,
+                     include_dashboard=False, **common)
+        finally:
+            ray_log.setLevel(level)
     except ConnectionError as e:
         raise InputError(f"cannot connect to the Ray cluster at {address!r} ({e}); check "
                          "--ray-address or $RAY_ADDRESS") from None
@@ -161,19 +168,30 @@ def _pipeline(job: EncodeJob, use_gpu: bool, n_actors: int, threads: int | None)
             "acts_tail": job.writer.acts_tail})
 
 
-def _stream(dataset: Any) -> Iterator[EncodedBatch]:
-    """The encoded batches in job order, as ``EncodedBatch``es; a ClipAuditError raised in
-    a task or an actor comes out as itself."""
+@contextlib.contextmanager
+def _data_context() -> Iterator[None]:
+    """Ray Data settings for this run (a dataset keeps the context it was built in)."""
     ctx = ray.data.DataContext.get_current()
     data_log = logging.getLogger("ray.data")
     saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars,
              ctx.issue_detectors_config.detectors, data_log.level)
     ctx.execution_options.preserve_order = True  # shards complete one after the other
-    # The caller's reporter shows progress: no Ray progress bars, nor their log lines, nor
-    # advice about Ray's own memory settings on stderr.
+    # The caller's reporter shows progress: no Ray progress bars, no log lines about them,
+    # no advice on Ray's own settings on stderr (errors still come as exceptions).
     ctx.enable_progress_bars = False
     ctx.issue_detectors_config.detectors = []
-    data_log.setLevel(logging.WARNING)
+    data_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        (ctx.execution_options.preserve_order, ctx.enable_progress_bars,
+         ctx.issue_detectors_config.detectors) = saved[:3]
+        data_log.setLevel(saved[3])
+
+
+def _stream(dataset: Any) -> Iterator[EncodedBatch]:
+    """The encoded batches in job order, as ``EncodedBatch``es; a ClipAuditError raised in
+    a task or an actor comes out as itself."""
     try:
         for row in dataset.iter_batches(batch_size=1, batch_format="numpy", prefetch_batches=1):
             yield _encoded_batch(row)
@@ -182,10 +200,6 @@ def _stream(dataset: Any) -> Iterator[EncodedBatch]:
         if cause is not None:
             raise cause from None
         raise
-    finally:
-        (ctx.execution_options.preserve_order, ctx.enable_progress_bars,
-         ctx.issue_detectors_config.detectors) = saved[:3]
-        data_log.setLevel(saved[3])
 
 
 def _user_error(e: BaseException) -> ClipAuditError | None:
