@@ -34,6 +34,7 @@ SCHEMA_VERSIONS: dict[str, int] = {
     "cache-index": 1,
     "cache-plan": 1,
     "sae": 1,
+    "sae-checkpoint": 1,
     "probe": 1,
     "prompt-set": 1,
     "attributions": 1,

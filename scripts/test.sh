@@ -7,7 +7,7 @@ if ! command -v chromium >/dev/null || ! command -v pdftoppm >/dev/null; then
   SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
   $SUDO apt-get update -qq && $SUDO apt-get install -y -qq chromium poppler-utils libpango-1.0-0 libpangoft2-1.0-0 >/dev/null
 fi
-bash scripts/setup.sh
+CLIPAUDIT_EXTRAS=test,ray bash scripts/setup.sh  # the ray engine's tests need Ray
 set +e
 .venv/bin/python -m pytest "$@"
 rc=$?

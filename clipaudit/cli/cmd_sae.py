@@ -27,6 +27,10 @@ def train_sae_cmd(
     lr: float | None = option(SAETrainConfig, "lr", "--lr"),
     seed: int = option(SAETrainConfig, "seed", "--seed"),
     device: str = option(SAETrainConfig, "device", "--device", envvar="CLIPAUDIT_DEVICE"),
+    bf16: bool = option(SAETrainConfig, "bf16", "--bf16/--no-bf16"),
+    shuffle_window: int | None = option(SAETrainConfig, "shuffle_window", "--shuffle-window"),
+    checkpoint_every: int | None = option(SAETrainConfig, "checkpoint_every",
+                                          "--checkpoint-every"),
     embed_check: bool = typer.Option(True, help="Measure the image-embedding cosine (needs "
                                                 "the cache's model)."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
@@ -36,7 +40,9 @@ def train_sae_cmd(
     from clipaudit.sae import train_sae_on_cache
 
     config = SAETrainConfig(n_latents=n_latents, expansion=expansion, k=k, steps=steps,
-                            epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device)
+                            epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, device=device,
+                            bf16=bf16, shuffle_window=shuffle_window,
+                            checkpoint_every=checkpoint_every)
     with RichReporter(quiet=quiet or as_json) as reporter:
         result = train_sae_on_cache(cache, out_fpath, config, embed_check=embed_check,
                                     reporter=reporter)

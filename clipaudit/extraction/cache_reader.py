@@ -176,12 +176,19 @@ class ActivationCache:
         return np.concatenate(parts)
 
     def iter_batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-                     fields: Sequence[str] = ("acts",)) -> Iterator[dict[str, torch.Tensor]]:
+                     fields: Sequence[str] = ("acts",), window_rows: int | None = None,
+                     skip_batches: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """Batches of rows (spatial tokens flattened into rows), float32 ``acts`` [b, d],
         ``embeds`` [b, D] (cls caches only) and ``ids`` [b] (int64, the image of the row).
 
-        ``shuffle``: a permutation of all rows drawn from ``seed`` (8 bytes per row);
-        rows are gathered from memory-mapped shards, so memory is bounded by a batch."""
+        ``shuffle``: a permutation of the rows drawn from ``seed`` (8 bytes per row); rows
+        are gathered from memory-mapped shards, so memory is bounded by a batch. With
+        ``window_rows`` below the number of rows, the permutation is local: shards in a
+        random order, grouped into windows of at least ``window_rows`` rows, rows shuffled
+        within each window; a batch then reads a few neighbouring shards instead of
+        touching every shard of a large cache (which the page cache cannot hold).
+        ``skip_batches``: start after that many batches of the same order (a resumed
+        training run), without reading them."""
         unknown = [f for f in fields if f not in FIELDS]
         if unknown:
             raise ValueError(f"unknown field(s) {unknown}; available: {', '.join(FIELDS)}")
@@ -189,9 +196,8 @@ class ActivationCache:
             raise ValueError("embeds are only available for cls activations")
         if batch_size <= 0:
             raise ValueError(f"batch size must be positive, got {batch_size}")
-        order = (torch.randperm(self.n_rows, generator=torch.Generator().manual_seed(seed))
-                 .numpy() if shuffle else None)
-        for start in range(0, self.n_rows, batch_size):
+        order = self._order(seed, window_rows) if shuffle else None
+        for start in range(skip_batches * batch_size, self.n_rows, batch_size):
             stop = min(start + batch_size, self.n_rows)
             if order is None:
                 yield {f: self._tensor(f, np.arange(start, stop)) for f in fields}
@@ -205,6 +211,29 @@ class ActivationCache:
                 values[torch.from_numpy(sort)] = self._tensor(f, rows[sort])
                 batch[f] = values
             yield batch
+
+    def _order(self, seed: int, window_rows: int | None) -> np.ndarray:
+        """A permutation of the rows: global, or local to windows of whole shards."""
+        gen = torch.Generator().manual_seed(seed)
+        if window_rows is None or window_rows >= self.n_rows:
+            return torch.randperm(self.n_rows, generator=gen).numpy()
+        t = self.tokens_per_image
+        starts = self._shard_start * t
+        shards = np.flatnonzero(self._shard_n_ok)
+        parts: list[np.ndarray] = []
+        window: list[np.ndarray] = []
+        n_window = 0
+        for k in shards[torch.randperm(len(shards), generator=gen).numpy()]:
+            window.append(np.arange(starts[k], starts[k + 1]))
+            n_window += len(window[-1])
+            if n_window >= window_rows:
+                rows = np.concatenate(window)
+                parts.append(rows[torch.randperm(len(rows), generator=gen).numpy()])
+                window, n_window = [], 0
+        if window:
+            rows = np.concatenate(window)
+            parts.append(rows[torch.randperm(len(rows), generator=gen).numpy()])
+        return np.concatenate(parts)
 
     def _field_tail(self, name: str) -> tuple[int, ...]:
         return {"acts": (self.d,), "embeds": (self.embed_dim,), "ids": ()}[name]

@@ -63,7 +63,7 @@ def encode_ray(job: EncodeJob, reporter: Reporter) -> None:
     started = _connect(rc, config.num_workers, config.device)
     try:
         use_gpu, n_actors = _actor_layout(rc, config.device)
-        threads = _threads(rc, n_actors, use_gpu, started)
+        threads = _threads(rc, n_actors, use_gpu)
         with _data_context(), reporter.task("extract", total=sum(map(len, job.batches))) as task:
             for batch in _stream(_pipeline(job, use_gpu, n_actors, threads)):
                 job.writer.add(batch)
@@ -128,12 +128,14 @@ def _actor_layout(rc: RayConfig, device: str) -> tuple[bool, int]:
     return use_gpu, n_actors
 
 
-def _threads(rc: RayConfig, n_actors: int, use_gpu: bool, local: bool) -> int | None:
+def _threads(rc: RayConfig, n_actors: int, use_gpu: bool) -> int | None:
+    """torch threads of a CPU actor: the cores shared out in a local Ray (whoever started
+    it in this process), the CPUs an actor reserves on a cluster."""
     if use_gpu:
         return None
     if rc.threads_per_actor is not None:
         return rc.threads_per_actor
-    if local and not (rc.address or os.environ.get("RAY_ADDRESS")):
+    if not (rc.address or os.environ.get("RAY_ADDRESS")):
         return max(1, _local_cpus() // n_actors)
     return max(1, int(rc.cpus_per_actor))
 
@@ -173,20 +175,23 @@ def _data_context() -> Iterator[None]:
     """Ray Data settings for this run (a dataset keeps the context it was built in)."""
     ctx = ray.data.DataContext.get_current()
     data_log = logging.getLogger("ray.data")
-    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars,
-             ctx.issue_detectors_config.detectors, data_log.level)
+    detectors = getattr(ctx, "issue_detectors_config", None)  # Ray >= 2.50
+    saved = (ctx.execution_options.preserve_order, ctx.enable_progress_bars, data_log.level,
+             detectors.detectors if detectors is not None else None)
     ctx.execution_options.preserve_order = True  # shards complete one after the other
     # The caller's reporter shows progress: no Ray progress bars, no log lines about them,
     # no advice on Ray's own settings on stderr (errors still come as exceptions).
     ctx.enable_progress_bars = False
-    ctx.issue_detectors_config.detectors = []
     data_log.setLevel(logging.ERROR)
+    if detectors is not None:
+        detectors.detectors = []
     try:
         yield
     finally:
-        (ctx.execution_options.preserve_order, ctx.enable_progress_bars,
-         ctx.issue_detectors_config.detectors) = saved[:3]
-        data_log.setLevel(saved[3])
+        ctx.execution_options.preserve_order, ctx.enable_progress_bars = saved[:2]
+        data_log.setLevel(saved[2])
+        if detectors is not None:
+            detectors.detectors = saved[3]
 
 
 def _stream(dataset: Any) -> Iterator[EncodedBatch]:

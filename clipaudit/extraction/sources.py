@@ -33,7 +33,11 @@ class ActivationSource(Protocol):
                      fields: Sequence[str] = ("acts",)) -> Iterator[dict[str, torch.Tensor]]:
         """Batches of rows as float32 tensors, ``acts`` [b, d] (spatial tokens flattened
         into rows) and, for ``cls`` caches, optionally ``embeds`` [b, D]. Shuffled
-        deterministically from ``seed``; memory bounded by a shard, not the data set."""
+        deterministically from ``seed``; memory bounded by a shard, not the data set.
+
+        Optional keywords a source may take (the SAE trainer passes them only when it
+        needs them): ``window_rows`` (shuffle within windows of that many rows) and
+        ``skip_batches`` (start after that many batches of the same order)."""
 
 
 @dataclass
@@ -53,7 +57,9 @@ class InMemorySource:
         return int(self.acts.reshape(-1, self.d).shape[0])
 
     def iter_batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
-                     fields: Sequence[str] = ("acts",)) -> Iterator[dict[str, torch.Tensor]]:
+                     fields: Sequence[str] = ("acts",), window_rows: int | None = None,
+                     skip_batches: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+        """As the protocol says; ``window_rows`` is ignored (the rows are in memory)."""
         rows = {"acts": self.acts.reshape(-1, self.d).float()}
         if "embeds" in fields:
             if self.embeds is None or self.acts.dim() != 2:
@@ -61,6 +67,6 @@ class InMemorySource:
             rows["embeds"] = self.embeds.float()
         order = (torch.randperm(self.n_rows, generator=torch.Generator().manual_seed(seed))
                  if shuffle else torch.arange(self.n_rows))
-        for start in range(0, self.n_rows, batch_size):
+        for start in range(skip_batches * batch_size, self.n_rows, batch_size):
             idx = order[start:start + batch_size]
             yield {k: rows[k][idx] for k in fields}

@@ -48,6 +48,19 @@ class SAETrainConfig:
     for bit on CPU; on CUDA up to the order of atomic additions in the sparse backward)."""
     device: str = "auto"
     """``auto`` (CUDA when present, else CPU), ``cpu``, ``cuda``, ``cuda:1``, ..."""
+    bf16: bool = False
+    """Run the encoder's dense matmul (the bulk of a step) in bfloat16 autocast: for CUDA
+    GPUs with bf16 (Ampere and later). The selection of the top k latents then sees
+    bf16 pre-activations; gradients, weights and Adam state stay float32."""
+    shuffle_window: int | None = 2_000_000
+    """Rows shuffled together: caches with more rows are shuffled within windows of whole
+    shards of at least this many rows, read a few shards at a time (a global permutation
+    of a cache larger than memory reads every shard for every batch); None: always one
+    global permutation."""
+    checkpoint_every: int | None = None
+    """Write a checkpoint (weights, Adam state, step) every this many steps; a rerun with
+    the same options resumes from it and ends with the same weights as an uninterrupted
+    run (bit for bit on the CPU). None: no checkpoints."""
 
 
 def default_lr(n_latents: int) -> float:

@@ -14,6 +14,8 @@ with the number of cached rows.
 from __future__ import annotations
 
 import dataclasses
+import inspect
+import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator
@@ -27,6 +29,12 @@ from clipaudit.device import resolve_device
 from clipaudit.errors import InputError
 from clipaudit.extraction.sources import ActivationSource
 from clipaudit.progress import NULL_REPORTER, Reporter
+from clipaudit.sae.checkpoint import (
+    checkpoint_fpath_for,
+    load_checkpoint,
+    save_checkpoint,
+    training_identity,
+)
 from clipaudit.sae.config import SAETrainConfig
 from clipaudit.sae.metrics import SAEMetrics, evaluate_sae
 from clipaudit.sae.model import TopKSAE
@@ -54,28 +62,46 @@ class TrainResult:
 
 def train_sae(source: ActivationSource, config: SAETrainConfig = SAETrainConfig(), *,
               reporter: Reporter = NULL_REPORTER,
-              embed_readout: Callable[[torch.Tensor], torch.Tensor] | None = None) -> TrainResult:
+              embed_readout: Callable[[torch.Tensor], torch.Tensor] | None = None,
+              checkpoint_fpath: Path | str | None = None) -> TrainResult:
     """Train a TopK SAE on ``source`` and evaluate it; the SAE's ``meta`` carries the
-    source's provenance, the config, the seed and the metrics."""
+    source's provenance, the config, the seed and the metrics.
+
+    With ``checkpoint_fpath`` and ``config.checkpoint_every``, the training state is
+    written there every that many steps, and a checkpoint found there is resumed from
+    (``clipaudit.sae.checkpoint``; the caller removes it once the SAE is saved)."""
     d, n_rows = source.d, source.n_rows
     n_latents = config.n_latents if config.n_latents is not None else config.expansion * d
     _validate(config, n_latents, n_rows)
     device = resolve_device(config.device)
     total_steps = _total_steps(config, n_rows)
+    if config.bf16 and device.type != "cuda":
+        log.warning("bf16 autocast on %s: supported, but rarely faster than float32 there",
+                    device)
 
     sae = TopKSAE(d, n_latents, config.k, relu=True)
-    data_variance = initialise_sae(sae, _head_rows(source, config), config)
-    sae.to(device)
     dead_after = config.dead_after_samples or min(max(n_rows, 4 * config.batch_size), 1_000_000)
+    resume = checkpoint_fpath is not None and Path(checkpoint_fpath).is_file()
+    data_variance = 1.0 if resume else initialise_sae(sae, _head_rows(source, config), config)
+    sae.to(device)
     trainer = SAETrainer(sae, config, total_steps=total_steps, dead_after_samples=dead_after,
                          data_variance=data_variance)
+    identity = training_identity(source, config)
+    if resume:
+        assert checkpoint_fpath is not None
+        load_checkpoint(checkpoint_fpath, trainer, identity)
     log.info("training a %d-latent TopK SAE (k=%d) on %d rows of width %d for %d steps on %s",
              n_latents, config.k, n_rows, d, total_steps, device)
+    every = config.checkpoint_every if checkpoint_fpath is not None else None
     task = reporter.task("train SAE", total=total_steps)
     try:
-        for h_nd in _batches(source, config, total_steps):
+        task.advance(trainer.steps_done)
+        for h_nd in _batches(source, config, total_steps, start=trainer.steps_done):
             stats = trainer.step(h_nd)
             task.advance(1, loss=stats.loss, fvu=stats.fvu, dead=stats.dead_fraction)
+            if every and trainer.steps_done % every == 0 and trainer.steps_done < total_steps:
+                assert checkpoint_fpath is not None
+                save_checkpoint(checkpoint_fpath, trainer, identity)
     finally:
         task.close()
 
@@ -102,6 +128,10 @@ def _validate(config: SAETrainConfig, n_latents: int, n_rows: int) -> None:
         raise InputError(f"epochs must be positive, got {config.epochs}")
     if config.lr is not None and config.lr <= 0:
         raise InputError(f"lr must be positive, got {config.lr}")
+    if config.checkpoint_every is not None and config.checkpoint_every < 1:
+        raise InputError(f"checkpoint_every must be at least 1, got {config.checkpoint_every}")
+    if config.shuffle_window is not None and config.shuffle_window < 1:
+        raise InputError(f"shuffle_window must be at least 1 row, got {config.shuffle_window}")
 
 
 def _total_steps(config: SAETrainConfig, n_rows: int) -> int:
@@ -113,10 +143,26 @@ def _total_steps(config: SAETrainConfig, n_rows: int) -> int:
     return max(_MIN_DEFAULT_STEPS, math.ceil(_DEFAULT_EPOCHS * steps_per_epoch))
 
 
+def _shuffled(source: ActivationSource, config: SAETrainConfig, seed: int,
+              skip_batches: int = 0) -> Iterator[dict[str, torch.Tensor]]:
+    """One shuffled pass; the keywords a source may lack are passed only when needed."""
+    kwargs: dict[str, Any] = {}
+    if config.shuffle_window is not None and config.shuffle_window < source.n_rows:
+        kwargs["window_rows"] = config.shuffle_window
+    if skip_batches:
+        if "skip_batches" in inspect.signature(source.iter_batches).parameters:
+            kwargs["skip_batches"] = skip_batches
+        else:  # a source that cannot skip: read the batches and drop them
+            batches = source.iter_batches(config.batch_size, shuffle=True, seed=seed, **kwargs)
+            yield from itertools.islice(batches, skip_batches, None)
+            return
+    yield from source.iter_batches(config.batch_size, shuffle=True, seed=seed, **kwargs)
+
+
 def _head_rows(source: ActivationSource, config: SAETrainConfig) -> torch.Tensor:
     """The first ``init_rows`` rows of a shuffled pass (read lazily, then dropped)."""
     parts, n = [], 0
-    for batch in source.iter_batches(config.batch_size, shuffle=True, seed=config.seed):
+    for batch in _shuffled(source, config, config.seed):
         parts.append(batch["acts"].float())
         n += parts[-1].shape[0]
         if n >= config.init_rows:
@@ -124,18 +170,20 @@ def _head_rows(source: ActivationSource, config: SAETrainConfig) -> torch.Tensor
     return torch.cat(parts)[: config.init_rows]
 
 
-def _batches(source: ActivationSource, config: SAETrainConfig,
-             total_steps: int) -> Iterator[torch.Tensor]:
-    """``total_steps`` batches, epoch after epoch, each epoch in its own seeded order."""
-    done, epoch = 0, 0
+def _batches(source: ActivationSource, config: SAETrainConfig, total_steps: int,
+             start: int = 0) -> Iterator[torch.Tensor]:
+    """Batches ``start`` to ``total_steps``, epoch after epoch, each epoch in its own seeded
+    order (so that a resumed run sees exactly the batches an uninterrupted one would)."""
+    per_epoch = math.ceil(source.n_rows / config.batch_size)
+    done, epoch = start, start // per_epoch
+    skip = start - epoch * per_epoch
     while done < total_steps:
-        seed = config.seed + 1 + epoch
-        for batch in source.iter_batches(config.batch_size, shuffle=True, seed=seed):
+        for batch in _shuffled(source, config, config.seed + 1 + epoch, skip):
             yield batch["acts"]
             done += 1
             if done == total_steps:
                 return
-        epoch += 1
+        epoch, skip = epoch + 1, 0
 
 
 @torch.no_grad()
@@ -194,7 +242,12 @@ def train_sae_on_cache(cache_dpath: Path | str, out_fpath: Path | str,
                        config: SAETrainConfig = SAETrainConfig(), *, embed_check: bool = True,
                        reporter: Reporter = NULL_REPORTER) -> TrainResult:
     """``clipaudit train-sae``: train on an activation cache, measure the downstream
-    embedding cosine where the hook point allows it, and save the SAE to ``out_fpath``."""
+    embedding cosine where the hook point allows it, and save the SAE to ``out_fpath``.
+
+    The cache is streamed from its memory-mapped shards (``config.shuffle_window``), never
+    loaded whole. With ``config.checkpoint_every`` the training state goes to
+    ``checkpoint_fpath_for(out_fpath)`` every that many steps; a rerun with the same
+    options resumes from it, and it is removed once the SAE is saved."""
     from clipaudit.extraction.cache import open_cache
     from clipaudit.sae.files import save_sae
     from clipaudit.sae.info import embed_readout_for
@@ -203,7 +256,10 @@ def train_sae_on_cache(cache_dpath: Path | str, out_fpath: Path | str,
     device = resolve_device(config.device)
     config = dataclasses.replace(config, device=str(device))
     readout = embed_readout_for(cache.provenance, device) if embed_check else None
-    result = train_sae(cache, config, reporter=reporter, embed_readout=readout)
+    checkpoint = checkpoint_fpath_for(out_fpath)
+    result = train_sae(cache, config, reporter=reporter, embed_readout=readout,
+                       checkpoint_fpath=checkpoint if config.checkpoint_every else None)
     result.sae.meta["data"]["cache"] = str(cache_dpath)
     save_sae(result.sae, out_fpath)
+    checkpoint.unlink(missing_ok=True)  # the SAE is saved: nothing left to resume
     return result

@@ -103,9 +103,11 @@ class SAETrainer:
         # arrives as a plain tensor that autograd keeps as it is, instead of copying a
         # transposed view into W_dec's layout (100 MB per step at d=768, m=32768).
         W_dec_md = sae.W_dec.detach().T.requires_grad_()
-        with torch.no_grad():
+        with torch.no_grad(), torch.autocast(sae.device.type, torch.bfloat16,
+                                             enabled=self.config.bf16):
             pre_nm = torch.addmm(sae.b_enc, xc_nd, sae.W_enc.T)
             top_vals, top_idx = pre_nm.topk(sae.k, dim=1, sorted=False)
+        top_vals = top_vals.float()  # a no-op without autocast
         vals = torch.relu(selected_preacts(xc_nd, sae.W_enc, sae.b_enc, top_idx, top_vals))
         vals.retain_grad()
         x_hat = sparse_decode(top_idx, vals, W_dec_md) + sae.b_dec
@@ -140,7 +142,7 @@ class SAETrainer:
         k_aux = min(self.aux_k, int(dead_idx.numel()))
         with torch.no_grad():
             aux_vals, local = pre_nm[:, dead_idx].topk(k_aux, dim=1, sorted=False)
-            aux_idx = dead_idx[local]
+            aux_vals, aux_idx = aux_vals.float(), dead_idx[local]
         sae = self.sae
         acts = torch.relu(selected_preacts(xc_nd, sae.W_enc, sae.b_enc, aux_idx, aux_vals))
         acts.retain_grad()
