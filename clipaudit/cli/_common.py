@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from collections.abc import Callable
 from typing import Any, TypeVar
 
-import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.progress import (
@@ -23,12 +21,12 @@ from rich.progress import (
 )
 from rich.text import Text
 
-from clipaudit.errors import ClipAuditError
+from clipaudit.errors import EXIT_PASS, EXIT_RULE_FAILED, EXIT_USAGE
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
 
-EXIT_OK, EXIT_VIOLATION, EXIT_USAGE = 0, 1, 2
+EXIT_OK, EXIT_VIOLATION, EXIT_USAGE = EXIT_PASS, EXIT_RULE_FAILED, EXIT_USAGE
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -39,20 +37,10 @@ def print_error(e: Exception) -> None:
 
 
 def user_errors(fn: F) -> F:
-    """Turn a ClipAuditError into one line on stderr and exit code 2 (never a traceback)."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except ClipAuditError as e:
-            print_error(e)
-            raise typer.Exit(EXIT_USAGE) from None
-        except KeyboardInterrupt:
-            err.print("interrupted")
-            raise typer.Exit(130) from None
-
-    return wrapper  # type: ignore[return-value]
+    """Kept for the verbs that carry it: errors are mapped to exit codes (2 for a
+    ClipAuditError, 3 for an internal error) in one place, ``ClipAuditGroup.invoke``
+    (clipaudit/cli/_exit.py), for every verb."""
+    return fn
 
 
 def print_json(obj: Any) -> None:

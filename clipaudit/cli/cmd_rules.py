@@ -11,11 +11,12 @@ from rich.text import Text
 
 from clipaudit.cli import app
 from clipaudit.cli._common import EXIT_USAGE, err, out, print_json, user_errors
+from clipaudit.cli._exit import ClipAuditGroup
 from clipaudit.errors import RuleFileError
 from clipaudit.results import to_dict
 
-rules_app = typer.Typer(help="Rule files of the CI gate: lint, list, schema, apply.",
-                        no_args_is_help=True)
+rules_app = typer.Typer(cls=ClipAuditGroup, no_args_is_help=True,
+                        help="Rule files of the CI gate: lint, list, schema, apply.")
 app.add_typer(rules_app, name="rules")
 
 _STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red"}

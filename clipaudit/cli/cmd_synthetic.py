@@ -8,6 +8,7 @@ import typer
 
 from clipaudit.cli import app
 from clipaudit.cli._common import RichReporter, out, print_json, user_errors
+from clipaudit.cli._exit import ClipAuditGroup
 from clipaudit.cli._options import argument_default, option
 from clipaudit.synthetic.counterfactual import make_counterfactual_dataset
 from clipaudit.synthetic.datasets import make_planted_dataset
@@ -15,6 +16,7 @@ from clipaudit.synthetic.train import TrainConfig
 from clipaudit.synthetic.worlds import get_world, list_worlds
 
 synthetic_app = typer.Typer(
+    cls=ClipAuditGroup,
     help="The synthetic worlds: planted-shortcut and counterfactual data sets, the tiny CLIP.",
     no_args_is_help=True,
 )
