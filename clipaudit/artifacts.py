@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from clipaudit._version import __version__
-from clipaudit.errors import ArtifactError, MismatchError
+from clipaudit.errors import ArtifactError, ClipAuditError, MismatchError, OutputError
 
 SCHEMA_VERSIONS: dict[str, int] = {
     "activation-cache": 1,
@@ -89,19 +91,64 @@ def require_match(what: str, expected: Any, got: Any, fpath: Path | str) -> None
 
 @contextlib.contextmanager
 def atomic_path(fpath: Path | str) -> Iterator[Path]:
-    """Yield a temporary path beside ``fpath``; rename it into place on success."""
+    """Yield a temporary path beside ``fpath``; rename it into place on success.
+
+    A write that fails for want of space or permission raises ``OutputError`` naming
+    ``fpath`` (exit code 2), and the temporary file is removed."""
     fpath = Path(fpath)
-    fpath.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{fpath.name}.", suffix=".tmp", dir=fpath.parent)
-    os.close(fd)
-    tmp_fpath = Path(tmp)
+    with output_error(fpath):
+        fpath.parent.mkdir(parents=True, exist_ok=True)
+        tmp_fpath = _make_tmp(fpath)
     try:
-        yield tmp_fpath
-        os.chmod(tmp_fpath, 0o666 & ~_UMASK)  # mkstemp makes 0600; files get the usual mode
-        os.replace(tmp_fpath, fpath)
+        with output_error(fpath):
+            yield tmp_fpath
+            os.replace(tmp_fpath, fpath)
     finally:
-        if tmp_fpath.exists():
+        if tmp_fpath.exists() or tmp_fpath.is_symlink():
             tmp_fpath.unlink()
+
+
+def _make_tmp(fpath: Path) -> Path:
+    """A new empty file beside ``fpath`` with the usual mode (mkstemp makes 0600)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{fpath.name}.", suffix=".tmp", dir=fpath.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+    finally:
+        os.close(fd)
+    return Path(tmp)
+
+
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)|\[errno (\d+)\]", re.IGNORECASE)
+# Errors of the machine, not of clipaudit: the output cannot be written where asked.
+_OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
+                            errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG,
+                            errno.EEXIST, errno.ENOTEMPTY, errno.ELOOP})
+
+
+def write_errno(e: BaseException) -> int | None:
+    """The errno behind a failed write: an OSError's, or the one that a library's own
+    error type quotes (safetensors: ``(os error 28)``; pyarrow: ``[errno 28]``)."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return e.errno
+    match = _OS_ERROR_CODE.search(str(e))
+    if match:
+        return int(match.group(1) or match.group(2))
+    return None
+
+
+@contextlib.contextmanager
+def output_error(path: Path | str) -> Iterator[None]:
+    """Turn a failure to write ``path`` (disk full, read-only, permission, a file in
+    the way) into an ``OutputError`` that names it; other errors pass unchanged."""
+    try:
+        yield
+    except ClipAuditError:
+        raise
+    except Exception as e:
+        code = write_errno(e)
+        if code not in _OUTPUT_ERRNOS:
+            raise
+        raise OutputError(f"{path}: cannot write: {os.strerror(code)}") from e
 
 
 def sha256_file(fpath: Path | str, chunk: int = 1 << 20) -> str:

@@ -40,6 +40,7 @@ from clipaudit.heads import Head, LinearProbe, PromptSet, load_head, make_zero_s
 from clipaudit.progress import NULL_REPORTER, Reporter
 from clipaudit.report.model import ReportConfig
 from clipaudit.results import (
+    AUDIT_FNAME,
     AuditResult,
     ClassAudit,
     ComponentInfo,
@@ -49,6 +50,7 @@ from clipaudit.results import (
     save_audit,
 )
 from clipaudit.sae.model import SAE
+from clipaudit.staging import staged_output
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +134,7 @@ class _Stage:
     reporter: Reporter
 
 
+@staged_output("out_dpath", command="audit", replaces=AUDIT_FNAME)  # replaced whole or not at all
 def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | str, *,
               probe: Path | str | LinearProbe | None = None,
               prompts: Path | str | PromptSet | None = None,
@@ -177,7 +180,7 @@ def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | 
                                                       ref_cache.ok_index.reset_index(drop=True),
                                                       out_dpath, config.outputs)
     result = AuditResult(
-        audit_id=_audit_id(cache, sae_fpath, audited),
+        audit_id=_audit_id(cache, sae_fpath, audited, config),
         provenance=_provenance(cache, backbone, sae, sae_fpath, audited, config),
         sae_metrics={k: float(v) for k, v in (sae.meta.get("metrics") or {}).items()
                      if isinstance(v, (int, float)) and v is not None},
@@ -467,8 +470,14 @@ def _provenance(cache: ActivationCache, backbone: Backbone, sae: SAE, sae_fpath:
     }
 
 
-def _audit_id(cache: ActivationCache, sae_fpath: Path | str, heads: Sequence[Head]) -> str:
-    key = sha256_json({"data": cache.provenance.get("data_sha256"), "sae": sha256_file(sae_fpath),
-                       "heads": [h.name for h in heads],
-                       "time": _dt.datetime.now(_dt.timezone.utc).isoformat()})
+def _audit_id(cache: ActivationCache, sae_fpath: Path | str, heads: Sequence[Head],
+              config: AuditConfig) -> str:
+    """Deterministic: the same data, SAE, heads and settings give the same id, so an audit
+    run twice gives the same audit.json apart from its dates. The rule file is left out:
+    ``rules apply`` re-judges an audit under its id."""
+    settings = dataclasses.asdict(dataclasses.replace(config, rules=""))
+    key = sha256_json({"data": cache.provenance.get("data_sha256"),
+                       "backbone": (cache.provenance.get("backbone") or {}).get("id"),
+                       "hook": cache.provenance.get("hook"), "sae": sha256_file(sae_fpath),
+                       "heads": [h.provenance() for h in heads], "settings": settings})
     return key[:12]
