@@ -164,6 +164,44 @@ def sha256_json(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def require_finite(tensors: Mapping[str, Any], fpath: Path | str, what: str) -> None:
+    """Refuse weights holding NaN or infinite values, naming the file and the tensor: such
+    a file would make every score NaN and every share meaningless, silently."""
+    import torch
+
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise ArtifactError(f"{fpath}: {what} tensor '{name}' holds {bad} NaN or infinite "
+                                    f"value(s) of {tensor.numel()}; refusing to use it "
+                                    "(re-export or retrain it)")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_PICKLED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def torch_load_reason(e: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in words for the user.
+
+    torch's own message advises loading with ``weights_only=False``, which runs whatever
+    code the file carries; clipaudit never repeats that advice."""
+    text = _ANSI.sub("", str(e))
+    if "weights only" in text.lower() or type(e).__name__ == "UnpicklingError":
+        found = _PICKLED_GLOBAL.search(text)
+        what = f"a pickled Python object ({found.group(1)})" if found else "pickled Python objects"
+        return (f"it holds {what}, and clipaudit loads tensors only: unpickling runs code "
+                "from the file. Save only the tensors (a state_dict of tensors, ideally as "
+                "safetensors) and use that file")
+    if isinstance(e, EOFError) or "central directory" in text or "PytorchStreamReader" in text:
+        return "the file is truncated or corrupt (not a complete torch file)"
+    first = text.strip().splitlines()[0][:300] if text.strip() else type(e).__name__
+    if "weights_only" in first:
+        return "torch cannot read it as plain tensors"
+    return first
+
+
 # ---------------------------------------------------------------- JSON
 
 

@@ -42,6 +42,7 @@ from clipaudit.extraction.backbone import Backbone, BackboneSpec, load_backbone
 from clipaudit.extraction.cache_reader import ActivationCache, open_cache, shard_fpath
 from clipaudit.extraction.data import ImageSource, iter_decoded, load_image_source, reason_category
 from clipaudit.extraction.hooks import Capture, HookPoint, VisionTower
+from clipaudit.extraction.locking import one_writer_per_worker_slot
 from clipaudit.progress import NULL_REPORTER, Reporter
 
 __all__ = ["ActivationCache", "ExtractConfig", "ExtractResult", "extract", "open_cache"]
@@ -113,6 +114,7 @@ class ExtractResult:
     """The finished cache (None while other workers' shards are missing)."""
 
 
+@one_writer_per_worker_slot
 def extract(source: ImageSource | str | Path, out_dpath: str | Path,
             config: ExtractConfig = ExtractConfig(), *, reporter: Reporter = NULL_REPORTER,
             backbone: Backbone | None = None) -> ExtractResult:

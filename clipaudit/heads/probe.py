@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from clipaudit.artifacts import load_tensors, require_match, save_tensors, sha256_file
+from clipaudit.artifacts import load_tensors, require_finite, require_match, save_tensors, sha256_file
 from clipaudit.errors import ArtifactError, InputError
 from clipaudit.heads.base import HeadType, LinearForm, register_head_type
 
@@ -94,6 +94,7 @@ def load_probe(fpath: Path | str, *, expect_backbone_id: str | None = None,
     for key in ("weight", "bias"):
         if key not in t:
             raise ArtifactError(f"{fpath}: probe file has no '{key}' tensor")
+    require_finite(t, fpath, "probe")
     weight, bias = t["weight"].float(), t["bias"].float()
     names = meta.get("class_names")
     if (weight.dim() != 2 or bias.shape != (weight.shape[0],) or not isinstance(names, list)

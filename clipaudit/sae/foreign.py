@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from clipaudit.artifacts import torch_load_reason
 from clipaudit.errors import ArtifactError, InputError
 from clipaudit.sae.model import TopKSAE
 
@@ -53,11 +54,7 @@ def torch_load_safely(source: Path | io.BytesIO, fpath: Path) -> Any:
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError...
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise ArtifactError(
-            f"{fpath}: cannot be read safely with torch.load(weights_only=True) ({first}); "
-            "clipaudit never unpickles objects: re-save only the tensors (the state_dict)"
-        ) from None
+        raise ArtifactError(f"{fpath}: cannot be read: {torch_load_reason(e)}") from None
 
 
 # ------------------------------------------------------------------ reference code
