@@ -102,6 +102,7 @@ def atomic_path(fpath: Path | str) -> Iterator[Path]:
     try:
         with output_error(fpath):
             yield tmp_fpath
+            os.chmod(tmp_fpath, 0o666 & ~_UMASK)  # writers that replace the file make it 0600
             os.replace(tmp_fpath, fpath)
     finally:
         if tmp_fpath.exists() or tmp_fpath.is_symlink():

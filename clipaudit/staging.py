@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from clipaudit.artifacts import output_error
-from clipaudit.errors import ClipAuditError, OutputError
+from clipaudit.errors import ArtifactError, ClipAuditError, OutputError
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +133,8 @@ def _check_target(target: Path, shown: Path, copy: bool, replaces: str | None,
     if target.exists() and not target.is_dir():
         raise OutputError(f"{shown}: exists and is not a folder; give a folder path (it "
                           "is created, or replaced whole when it holds an earlier output)")
+    if copy and replaces is not None and not (target / replaces).is_file():
+        raise ArtifactError(f"{shown / replaces}: file not found")  # as reading it would say
     if copy or not target.is_dir():
         return
     if cwd == target or target in cwd.parents:

@@ -33,7 +33,8 @@ class GateRun:
     """The baseline audit compared with, if any."""
 
 
-@staged_output("audit_dpath", command="rules apply", copy=True)  # verdicts change together
+# verdicts, junit.xml, summary.md and reports change together, or not at all
+@staged_output("audit_dpath", command="rules apply", copy=True, replaces=AUDIT_FNAME)
 def apply_rules(audit_dpath: Path | str, rules: str | Path | RuleSet, *,
                 baseline: Path | str | None = None, junit_fpath: Path | str | None = None,
                 summary_fpath: Path | str | None = None,
