@@ -150,8 +150,9 @@ def _check_target(target: Path, shown: Path, copy: bool, replaces: str | None,
 
 def staged_output(argument: str, *, command: str, copy: bool = False,
                   replaces: str | None = None) -> Callable[[F], F]:
-    """Run the decorated function with its ``argument`` (an output folder, or a file in
-    one) pointing into a staging folder, and swap that folder in when it returns.
+    """Run the decorated function with its ``argument`` (an output folder; with ``copy``
+    also a file in one) pointing into a staging folder, and swap that folder in when it
+    returns.
 
     Paths under the staging folder in the return value (a Path, or the Path fields of a
     dataclass, also inside dicts) are returned pointing at the target."""
@@ -163,7 +164,8 @@ def staged_output(argument: str, *, command: str, copy: bool = False,
         def wrapper(*args: Any, **kwargs: Any) -> Any:
             bound = signature.bind(*args, **kwargs)
             given = Path(bound.arguments[argument])
-            folder = given.parent if given.is_file() else given
+            # a folder to rewrite may be named by its audit.json; a folder to create never
+            folder = given.parent if copy and given.is_file() else given
             with staged_folder(folder, command=command, copy=copy, replaces=replaces) as staging:
                 bound.arguments[argument] = staging / given.name if given != folder else staging
                 result = fn(*bound.args, **bound.kwargs)

@@ -276,9 +276,9 @@ def _scan_folder(dpath: Path) -> pd.DataFrame:
         label = rel.parts[0] if len(rel.parts) > 1 else None
         rows.append((text, str(root / rel), label))
     if bad_names:
-        shown = bad_names[0].encode("utf-8", "backslashreplace").decode("utf-8")
+        shown = os.fsencode(bad_names[0]).decode("utf-8", "backslashreplace")
         raise InputError(f"{dpath}: {len(bad_names)} file name(s) are not valid UTF-8 (first: "
-                         f"{shown!r}); clipaudit stores paths as text: rename them, or list "
+                         f"{shown}); clipaudit stores paths as text: rename them, or list "
                          "the images to use in a .csv manifest")
     if not rows:
         raise InputError(f"{dpath}: no image files found (extensions: {', '.join(sorted(exts))})")
