@@ -261,8 +261,8 @@ def _load_data(cache: ActivationCache, sae: SAE, batch_size: int) -> _Data:
     index = cache.ok_index.reset_index(drop=True)
     acts = cache.load_acts().float()
     ids = torch.tensor(index["id"].to_numpy(), dtype=torch.long)
-    labels = ([None if pd.isna(x) else str(x) for x in index["label"]] if "label" in index
-              else [None] * len(ids))
+    labels: list[str | None] = ([None if pd.isna(x) else str(x) for x in index["label"]]
+                                if "label" in index else [None] * len(ids))
     metadata = index[[c for c in index.columns if c not in _INDEX_COLUMNS]]
     return _Data(acts, ids, labels, metadata, _encode_all(sae, acts, batch_size))
 
@@ -394,7 +394,7 @@ def _audit_head(head: Head, attr: Attributions, data: _Data, stage: _Stage) -> H
 def _findings(head: Head, candidates: Sequence[Any], data: _Data, stage: _Stage) -> list[Any]:
     """Each candidate with its evidence: top images, metadata AUCs, ablation effect."""
     clean = ablated_scores(data.acts, stage.sae, head, stage.tower, [])
-    findings, rank = [], {}
+    findings, rank = [], dict[str, int]()
     with stage.reporter.task(f"findings ({head.name})", total=len(candidates)) as task:
         for cand in candidates:
             rank[cand.class_name] = rank.get(cand.class_name, 0) + 1

@@ -329,7 +329,7 @@ def _owner_alive(marker: Path) -> bool:
     if fcntl is None:  # pragma: no cover - Windows: fall back on the recorded pid
         pid = _read_marker(marker).get("pid")
         try:
-            os.kill(int(pid), 0)  # type: ignore[arg-type]
+            os.kill(int(pid), 0)
         except (OSError, TypeError, ValueError):
             return False
         return True

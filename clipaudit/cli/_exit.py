@@ -88,7 +88,7 @@ def exit_code_for(e: BaseException, command: str) -> int:
         err.print("interrupted", markup=False)
         return EXIT_INTERRUPTED
     if isinstance(e, OSError) and e.errno == errno.EPIPE:  # `clipaudit ... | head`
-        sys.stdout = _Silent()  # type: ignore[assignment]
+        sys.stdout = _Silent()  # type: ignore[assignment,unused-ignore]  # not a TextIO
         return EXIT_BROKEN_PIPE
     if isinstance(e, OSError) and e.errno in _ENVIRONMENT_ERRNOS:
         where = f"{e.filename}: " if e.filename else ""

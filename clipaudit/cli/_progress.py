@@ -60,7 +60,8 @@ def _fields_text(fields: dict[str, Any]) -> str:
 class _PlainTask:
     def __init__(self, console: Console, description: str, total: int | None, interval: float):
         self._console, self._description, self._total = console, description, total
-        self._interval, self._done, self._fields = interval, 0, {}
+        self._interval, self._done = interval, 0
+        self._fields: dict[str, Any] = {}
         self._start = self._last = time.monotonic()
         self._closed = False
 

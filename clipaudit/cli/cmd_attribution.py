@@ -36,7 +36,7 @@ def fit_probe_cmd(
     if normalisation not in NORMALISATIONS:
         raise InputError(f"--normalisation {normalisation!r}: expected one of {', '.join(NORMALISATIONS)}")
     fit = fit_probe_on_cache(cache, label_column=label_column,
-                             config=ProbeConfig(normalisation=normalisation, seed=seed))
+                             config=ProbeConfig(normalisation=normalisation, seed=seed))  # type: ignore[arg-type]
     save_probe(fit.probe, out_fpath)
     if as_json:
         print_json({"probe": str(out_fpath), **fit.metrics})

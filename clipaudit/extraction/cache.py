@@ -178,7 +178,7 @@ def _check_same(dpath: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
     for key, what in labels.items():
         before, now = old.get(key), new.get(key)
         if key == "backbone":
-            before, now = (before or {}).get("id"), now.get("id")
+            before, now = (before or {}).get("id"), (now or {}).get("id")
         if before != now:
             raise MismatchError(
                 f"{dpath}: holds a cache of {what} {_describe(key, old.get(key))}; this run "

@@ -371,11 +371,11 @@ def _manifest_paths(fpath: Path, raw: pd.Series) -> list[str]:
         p = Path(str(value)).expanduser()
         paths.append(os.path.normpath(p if p.is_absolute() else base / p))
     first_row: dict[str, int] = {}
-    for row, p in enumerate(paths):
-        if p in first_row:
-            raise InputError(f"{fpath}: duplicate path {p!r} in rows {first_row[p] + 1} and "
+    for row, path in enumerate(paths):
+        if path in first_row:
+            raise InputError(f"{fpath}: duplicate path {path!r} in rows {first_row[path] + 1} and "
                              f"{row + 1}; each image must be listed once")
-        first_row[p] = row
+        first_row[path] = row
     if not paths:
         raise InputError(f"{fpath}: the manifest lists no images")
     return paths
@@ -434,7 +434,7 @@ def _collate(samples: list[tuple[int, torch.Tensor | None, str | None, str | Non
     return DecodedBatch(
         ids=torch.tensor([i for i, _ in ok], dtype=torch.int64),
         images=torch.stack([img for _, img in ok]) if ok else torch.empty(0),
-        skipped=[(i, reason) for i, img, reason, _ in samples if img is None],
+        skipped=[(i, reason or FAILED) for i, img, reason, _ in samples if img is None],
         sha256={i: digest for i, _, _, digest in samples if digest is not None},
     )
 

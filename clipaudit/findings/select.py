@@ -23,7 +23,7 @@ import pandas as pd
 import torch
 
 from clipaudit.gate.matching import ConceptMatcher
-from clipaudit.results import ComponentPoint, Finding, FindingConfig
+from clipaudit.results import ComponentPoint, Finding, FindingConfig, FindingKind
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ class Candidate:
     clarity: float
     concept: str
     concept_score: float
-    kind: str
+    kind: FindingKind
 
 
 _MATCHER = ConceptMatcher()  # the lists of a FindingConfig already hold every synonym

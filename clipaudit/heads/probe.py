@@ -60,6 +60,7 @@ class LinearProbe:
         if self.normalisation == "l2":
             phi = e_nD / e_nD.norm(dim=1, keepdim=True).clamp_min(1e-12)
         elif self.normalisation == "standardize":
+            assert self.mean is not None and self.std is not None
             phi = (e_nD - self.mean.to(e_nD)) / self.std.to(e_nD)
         else:
             phi = e_nD
@@ -80,6 +81,7 @@ def save_probe(probe: LinearProbe, fpath: Path | str) -> Path:
     """Write a probe: safetensors (weight [C, D], bias [C], optional mean/std) + JSON header."""
     tensors = {"weight": probe.weight.float(), "bias": probe.bias.float()}
     if probe.normalisation == "standardize":
+        assert probe.mean is not None and probe.std is not None
         tensors |= {"mean": probe.mean.float(), "std": probe.std.float()}
     meta = {"class_names": list(probe.class_names), "normalisation": probe.normalisation,
             "embed_dim": int(probe.weight.shape[1]), **probe.meta}
