@@ -107,3 +107,21 @@ def test_usage_errors_stay_2_and_help_documents_the_codes():
     assert helped.exit_code == 0
     flat = " ".join(helped.output.split())
     assert "3 internal error" in flat and "1 a rule failed" in flat
+
+
+def test_junit_and_summary_document_the_codes_and_carry_this_audits(tmp_path):
+    import xml.etree.ElementTree as ET
+
+    from test_report import make_audit_folder
+
+    from clipaudit.gate import render_summary_md, write_junit
+
+    result = make_audit_folder(tmp_path / "audit")  # one failing rule
+    summary = render_summary_md(result)
+    assert "3 internal error" in summary and "this audit: 1." in summary
+    write_junit(result, tmp_path / "junit.xml")
+    text = (tmp_path / "junit.xml").read_text()
+    assert "3 internal error" in text
+    codes = {p.get("value") for p in ET.parse(tmp_path / "junit.xml").iter("property")
+             if p.get("name") == "exit_code"}
+    assert codes == {"1"}
