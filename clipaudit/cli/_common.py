@@ -11,12 +11,11 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from clipaudit.cli._progress import RichReporter
 from clipaudit.errors import EXIT_PASS, EXIT_RULE_FAILED, EXIT_USAGE
 
 out = Console(highlight=False, soft_wrap=True)
 err = Console(stderr=True, highlight=False, soft_wrap=True)
-
-from clipaudit.cli._progress import RichReporter  # noqa: E402  (needs ``err``)
 
 __all__ = ["RichReporter", "err", "json_option", "out", "print_error", "print_json",
            "quiet_option", "user_errors"]
