@@ -394,7 +394,8 @@ def _audit_head(head: Head, attr: Attributions, data: _Data, stage: _Stage) -> H
 def _findings(head: Head, candidates: Sequence[Any], data: _Data, stage: _Stage) -> list[Any]:
     """Each candidate with its evidence: top images, metadata AUCs, ablation effect."""
     clean = ablated_scores(data.acts, stage.sae, head, stage.tower, [])
-    findings, rank = [], dict[str, int]()
+    findings = []
+    rank: dict[str, int] = {}
     with stage.reporter.task(f"findings ({head.name})", total=len(candidates)) as task:
         for cand in candidates:
             rank[cand.class_name] = rank.get(cand.class_name, 0) + 1
