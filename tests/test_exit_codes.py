@@ -28,6 +28,8 @@ VERBS = {
     "rules schema": ([], "clipaudit.gate.ruleset_json_schema"),
     "rules apply": (["audit", "--rules", "default"], "clipaudit.gate.apply_rules"),
     "synthetic make-dataset": (["--out", "data"], "clipaudit.cli.cmd_synthetic.make_planted_dataset"),
+    "synthetic make-counterfactual": (["--out", "pairs", "--artifact", "ruler"],
+                                      "clipaudit.cli.cmd_synthetic.make_counterfactual_dataset"),
     "synthetic train-clip": (["--out", "clip"], "clipaudit.synthetic.train_tiny_clip"),
 }
 
