@@ -16,9 +16,11 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
+import errno
 import hashlib
 import json
 import os
+import re
 import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
@@ -26,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 from clipaudit._version import __version__
-from clipaudit.errors import ArtifactError, MismatchError
+from clipaudit.errors import ArtifactError, ClipAuditError, MismatchError, OutputError
 
 SCHEMA_VERSIONS: dict[str, int] = {
     "activation-cache": 1,
@@ -90,19 +92,65 @@ def require_match(what: str, expected: Any, got: Any, fpath: Path | str) -> None
 
 @contextlib.contextmanager
 def atomic_path(fpath: Path | str) -> Iterator[Path]:
-    """Yield a temporary path beside ``fpath``; rename it into place on success."""
+    """Yield a temporary path beside ``fpath``; rename it into place on success.
+
+    A write that fails for want of space or permission raises ``OutputError`` naming
+    ``fpath`` (exit code 2), and the temporary file is removed."""
     fpath = Path(fpath)
-    fpath.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{fpath.name}.", suffix=".tmp", dir=fpath.parent)
-    os.close(fd)
-    tmp_fpath = Path(tmp)
+    with output_error(fpath):
+        fpath.parent.mkdir(parents=True, exist_ok=True)
+        tmp_fpath = _make_tmp(fpath)
     try:
-        yield tmp_fpath
-        os.chmod(tmp_fpath, 0o666 & ~_UMASK)  # mkstemp makes 0600; files get the usual mode
-        os.replace(tmp_fpath, fpath)
+        with output_error(fpath):
+            yield tmp_fpath
+            os.chmod(tmp_fpath, 0o666 & ~_UMASK)  # writers that replace the file make it 0600
+            os.replace(tmp_fpath, fpath)
     finally:
-        if tmp_fpath.exists():
+        if tmp_fpath.exists() or tmp_fpath.is_symlink():
             tmp_fpath.unlink()
+
+
+def _make_tmp(fpath: Path) -> Path:
+    """A new empty file beside ``fpath`` with the usual mode (mkstemp makes 0600)."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{fpath.name}.", suffix=".tmp", dir=fpath.parent)
+    try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
+    finally:
+        os.close(fd)
+    return Path(tmp)
+
+
+_OS_ERROR_CODE = re.compile(r"\(os error (\d+)\)|\[errno (\d+)\]", re.IGNORECASE)
+# Errors of the machine, not of clipaudit: the output cannot be written where asked.
+_OUTPUT_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EROFS, errno.EACCES,
+                            errno.EPERM, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG,
+                            errno.EEXIST, errno.ENOTEMPTY, errno.ELOOP})
+
+
+def write_errno(e: BaseException) -> int | None:
+    """The errno behind a failed write: an OSError's, or the one that a library's own
+    error type quotes (safetensors: ``(os error 28)``; pyarrow: ``[errno 28]``)."""
+    if isinstance(e, OSError) and e.errno is not None:
+        return e.errno
+    match = _OS_ERROR_CODE.search(str(e))
+    if match:
+        return int(match.group(1) or match.group(2))
+    return None
+
+
+@contextlib.contextmanager
+def output_error(path: Path | str) -> Iterator[None]:
+    """Turn a failure to write ``path`` (disk full, read-only, permission, a file in
+    the way) into an ``OutputError`` that names it; other errors pass unchanged."""
+    try:
+        yield
+    except ClipAuditError:
+        raise
+    except Exception as e:
+        code = write_errno(e)
+        if code not in _OUTPUT_ERRNOS:
+            raise
+        raise OutputError(f"{path}: cannot write: {os.strerror(code)}") from e
 
 
 def sha256_file(fpath: Path | str, chunk: int = 1 << 20) -> str:
@@ -116,6 +164,44 @@ def sha256_file(fpath: Path | str, chunk: int = 1 << 20) -> str:
 def sha256_json(obj: Any) -> str:
     """Stable hash of a JSON-serialisable object (sorted keys)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def require_finite(tensors: Mapping[str, Any], fpath: Path | str, what: str) -> None:
+    """Refuse weights holding NaN or infinite values, naming the file and the tensor: such
+    a file would make every score NaN and every share meaningless, silently."""
+    import torch
+
+    for name, tensor in tensors.items():
+        if isinstance(tensor, torch.Tensor) and tensor.is_floating_point():
+            bad = int((~torch.isfinite(tensor)).sum())
+            if bad:
+                raise ArtifactError(f"{fpath}: {what} tensor '{name}' holds {bad} NaN or infinite "
+                                    f"value(s) of {tensor.numel()}; refusing to use it "
+                                    "(re-export or retrain it)")
+
+
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_PICKLED_GLOBAL = re.compile(r"GLOBAL ([\w.]+)")
+
+
+def torch_load_reason(e: BaseException) -> str:
+    """Why ``torch.load(weights_only=True)`` refused a file, in words for the user.
+
+    torch's own message advises loading with ``weights_only=False``, which runs whatever
+    code the file carries; clipaudit never repeats that advice."""
+    text = _ANSI.sub("", str(e))
+    if "weights only" in text.lower() or type(e).__name__ == "UnpicklingError":
+        found = _PICKLED_GLOBAL.search(text)
+        what = f"a pickled Python object ({found.group(1)})" if found else "pickled Python objects"
+        return (f"it holds {what}, and clipaudit loads tensors only: unpickling runs code "
+                "from the file. Save only the tensors (a state_dict of tensors, ideally as "
+                "safetensors) and use that file")
+    if isinstance(e, EOFError) or "central directory" in text or "PytorchStreamReader" in text:
+        return "the file is truncated or corrupt (not a complete torch file)"
+    first = text.strip().splitlines()[0][:300] if text.strip() else type(e).__name__
+    if "weights_only" in first:
+        return "torch cannot read it as plain tensors"
+    return first
 
 
 # ---------------------------------------------------------------- JSON

@@ -40,6 +40,7 @@ from clipaudit.heads import Head, LinearProbe, PromptSet, load_head, make_zero_s
 from clipaudit.progress import NULL_REPORTER, Reporter
 from clipaudit.report.model import ReportConfig
 from clipaudit.results import (
+    AUDIT_FNAME,
     AuditResult,
     ClassAudit,
     ComponentInfo,
@@ -49,6 +50,7 @@ from clipaudit.results import (
     save_audit,
 )
 from clipaudit.sae.model import SAE
+from clipaudit.staging import staged_output
 
 log = logging.getLogger(__name__)
 
@@ -132,6 +134,7 @@ class _Stage:
     reporter: Reporter
 
 
+@staged_output("out_dpath", command="audit", replaces=AUDIT_FNAME)  # replaced whole or not at all
 def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | str, *,
               probe: Path | str | LinearProbe | None = None,
               prompts: Path | str | PromptSet | None = None,
@@ -177,7 +180,7 @@ def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | 
                                                       ref_cache.ok_index.reset_index(drop=True),
                                                       out_dpath, config.outputs)
     result = AuditResult(
-        audit_id=_audit_id(cache, sae_fpath, audited),
+        audit_id=_audit_id(cache, sae_fpath, audited, config),
         provenance=_provenance(cache, backbone, sae, sae_fpath, audited, config),
         sae_metrics={k: float(v) for k, v in (sae.meta.get("metrics") or {}).items()
                      if isinstance(v, (int, float)) and v is not None},
@@ -258,8 +261,8 @@ def _load_data(cache: ActivationCache, sae: SAE, batch_size: int) -> _Data:
     index = cache.ok_index.reset_index(drop=True)
     acts = cache.load_acts().float()
     ids = torch.tensor(index["id"].to_numpy(), dtype=torch.long)
-    labels = ([None if pd.isna(x) else str(x) for x in index["label"]] if "label" in index
-              else [None] * len(ids))
+    labels: list[str | None] = ([None if pd.isna(x) else str(x) for x in index["label"]]
+                                if "label" in index else [None] * len(ids))
     metadata = index[[c for c in index.columns if c not in _INDEX_COLUMNS]]
     return _Data(acts, ids, labels, metadata, _encode_all(sae, acts, batch_size))
 
@@ -391,7 +394,8 @@ def _audit_head(head: Head, attr: Attributions, data: _Data, stage: _Stage) -> H
 def _findings(head: Head, candidates: Sequence[Any], data: _Data, stage: _Stage) -> list[Any]:
     """Each candidate with its evidence: top images, metadata AUCs, ablation effect."""
     clean = ablated_scores(data.acts, stage.sae, head, stage.tower, [])
-    findings, rank = [], {}
+    findings = []
+    rank: dict[str, int] = {}
     with stage.reporter.task(f"findings ({head.name})", total=len(candidates)) as task:
         for cand in candidates:
             rank[cand.class_name] = rank.get(cand.class_name, 0) + 1
@@ -467,8 +471,14 @@ def _provenance(cache: ActivationCache, backbone: Backbone, sae: SAE, sae_fpath:
     }
 
 
-def _audit_id(cache: ActivationCache, sae_fpath: Path | str, heads: Sequence[Head]) -> str:
-    key = sha256_json({"data": cache.provenance.get("data_sha256"), "sae": sha256_file(sae_fpath),
-                       "heads": [h.name for h in heads],
-                       "time": _dt.datetime.now(_dt.timezone.utc).isoformat()})
+def _audit_id(cache: ActivationCache, sae_fpath: Path | str, heads: Sequence[Head],
+              config: AuditConfig) -> str:
+    """Deterministic: the same data, SAE, heads and settings give the same id, so an audit
+    run twice gives the same audit.json apart from its dates. The rule file is left out:
+    ``rules apply`` re-judges an audit under its id."""
+    settings = dataclasses.asdict(dataclasses.replace(config, rules=""))
+    key = sha256_json({"data": cache.provenance.get("data_sha256"),
+                       "backbone": (cache.provenance.get("backbone") or {}).get("id"),
+                       "hook": cache.provenance.get("hook"), "sae": sha256_file(sae_fpath),
+                       "heads": [h.provenance() for h in heads], "settings": settings})
     return key[:12]

@@ -15,6 +15,7 @@ from pathlib import Path
 
 from clipaudit.audit import AuditConfig, AuditOutcome, OutputConfig, run_audit
 from clipaudit.describe.config import DescribeConfig
+from clipaudit.errors import OutputError
 from clipaudit.extraction.backbone import BackboneSpec, load_backbone
 from clipaudit.progress import NULL_REPORTER, Reporter
 from clipaudit.resources import package_data_dpath
@@ -58,6 +59,8 @@ def run_demo(config: DemoConfig = DemoConfig(), *, reporter: Reporter = NULL_REP
     from clipaudit.synthetic import make_planted_dataset
 
     out = Path(config.out_dpath)
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: exists and is not a folder; give the demo a folder to write into")
     backbone = load_backbone(config.backbone)
     data = make_planted_dataset(out / "data", artifact=config.artifact, target_class=config.target_class,
                                 rate=config.rate, n=config.n_images, seed=config.seed,

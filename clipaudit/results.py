@@ -230,7 +230,7 @@ def from_dict(cls: type, data: Any) -> Any:
 
 def _convert(tp: Any, data: Any) -> Any:
     origin = typing.get_origin(tp)
-    if dataclasses.is_dataclass(tp):
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
         if not isinstance(data, dict):
             raise ValueError(f"expected an object for {tp.__name__}, got {type(data).__name__}")
         hints = typing.get_type_hints(tp)

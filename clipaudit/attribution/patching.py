@@ -240,7 +240,7 @@ def frozen_layernorms(module: torch.nn.Module) -> Iterator[None]:
     in backward passes (values are unchanged)."""
     patched = [m for m in module.modules() if isinstance(m, torch.nn.LayerNorm)]
     for m in patched:
-        m.forward = types.MethodType(_frozen_ln_forward, m)
+        m.forward = types.MethodType(_frozen_ln_forward, m)  # type: ignore[method-assign]
     try:
         yield
     finally:

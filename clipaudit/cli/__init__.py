@@ -1,8 +1,8 @@
 """The ``clipaudit`` command: a thin typer layer over the library.
 
 Each verb lives in its own module and registers itself on ``app``; commands parse
-options, call one library function and print. Exit codes: 0 pass, 1 rule
-violations, 2 usage or input error.
+options, call one library function and print. Exit codes (clipaudit/cli/_exit.py):
+0 pass, 1 a rule failed, 2 usage or input error, 3 internal error.
 """
 
 from __future__ import annotations
@@ -13,10 +13,16 @@ import typer
 
 from clipaudit._version import __version__
 from clipaudit.cli._config import CONFIG_ENV, ENV_PREFIX, find_config, load_default_map
+from clipaudit.cli._exit import DEBUG_ENV, ClipAuditGroup
+
+EXIT_CODES_HELP = ("Exit codes: 0 pass, 1 a rule failed (audit, demo, rules apply), "
+                   "2 usage or input error, 3 internal error.")
 
 app = typer.Typer(
     name="clipaudit",
-    help="Audit CLIP-based classifiers for shortcuts: SAE components x attribution x meaning.",
+    cls=ClipAuditGroup,
+    help="Audit CLIP-based classifiers for shortcuts: SAE components x attribution x meaning. "
+         + EXIT_CODES_HELP,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
@@ -39,25 +45,30 @@ def _root(
     config: Path = typer.Option(None, "--config", envvar=CONFIG_ENV, dir_okay=False,
                                 help="Option defaults, one TOML table per command "
                                      "(default: ./clipaudit.toml if present)."),
+    debug: bool = typer.Option(False, "--debug", envvar=DEBUG_ENV,
+                               help="On an internal error (exit 3), print the traceback "
+                                    "instead of writing it to a file. Accepted anywhere "
+                                    "on the command line."),
 ) -> None:
     """clipaudit: find the components a classifier relies on that mean something else.
 
     Options come from the command line, else CLIPAUDIT_<COMMAND>_<OPTION> environment
     variables, else the config file, else their defaults.
+
+    Exit codes: 0 pass; 1 a rule failed (audit, demo, rules apply); 2 usage or input
+    error (one line on stderr; nothing half-written is left); 3 internal error (one
+    line naming the command and where the traceback was written).
     """
     from rich.markup import escape
 
-    from clipaudit.cli._common import err, print_error
-    from clipaudit.errors import ClipAuditError
+    from clipaudit.cli import _exit
+    from clipaudit.cli._common import err
 
+    _exit._debug = _exit._debug or debug
     fpath = find_config(config)
     if fpath is None:
         return
-    try:
-        ctx.default_map = load_default_map(fpath, ctx.command)
-    except ClipAuditError as e:
-        print_error(e)
-        raise typer.Exit(2) from None
+    ctx.default_map = load_default_map(fpath, ctx.command)  # a bad file: exit 2 (_exit.py)
     err.print(f"[dim]option defaults from {escape(str(fpath))}[/]", markup=True, highlight=False)
 
 

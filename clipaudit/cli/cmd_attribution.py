@@ -7,10 +7,11 @@ from pathlib import Path
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from clipaudit.attribution.explain import ExplainConfig
 from clipaudit.cli import app
-from clipaudit.cli._common import out, print_json, user_errors
+from clipaudit.cli._common import json_option, out, print_json, quiet_option, user_errors
 from clipaudit.cli._options import option
 from clipaudit.heads import ProbeConfig
 
@@ -25,7 +26,8 @@ def fit_probe_cmd(
                                 help="Input normalisation: none, l2 or standardize."),
     seed: int = option(ProbeConfig, "seed", "--seed",
                        help="Seed for the held-out split and the solver."),
-    as_json: bool = typer.Option(False, "--json", help="Print the metrics as JSON."),
+    as_json: bool = json_option("the metrics"),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Fit a multinomial logistic-regression probe on cached image embeddings."""
     from clipaudit.errors import InputError
@@ -34,14 +36,18 @@ def fit_probe_cmd(
     if normalisation not in NORMALISATIONS:
         raise InputError(f"--normalisation {normalisation!r}: expected one of {', '.join(NORMALISATIONS)}")
     fit = fit_probe_on_cache(cache, label_column=label_column,
-                             config=ProbeConfig(normalisation=normalisation, seed=seed))
+                             config=ProbeConfig(normalisation=normalisation, seed=seed))  # type: ignore[arg-type]
     save_probe(fit.probe, out_fpath)
     if as_json:
         print_json({"probe": str(out_fpath), **fit.metrics})
         return
-    table = Table("class", "held-out accuracy", title=f"probe -> {out_fpath}")
+    if quiet:
+        out.print(f"{out_fpath}: held-out accuracy {fit.metrics['heldout_accuracy']:.3f}",
+                  markup=False)
+        return
+    table = Table("class", "held-out accuracy", title=Text(f"probe -> {out_fpath}"))
     for name, acc in fit.metrics["heldout_accuracy_per_class"].items():
-        table.add_row(name, f"{acc:.3f}")
+        table.add_row(Text(name), f"{acc:.3f}")
     table.add_row("[bold]all", f"[bold]{fit.metrics['heldout_accuracy']:.3f}")
     out.print(table)
     out.print(f"C = {fit.metrics['C']:g} (cross-validated), {fit.metrics['n_train']} train / "
@@ -56,7 +62,8 @@ def explain_cmd(
     probe: Path = typer.Option(None, "--probe", help="Probe file."),
     prompts: Path = typer.Option(None, "--prompts", help="Zero-shot prompt-set YAML."),
     top: int = option(ExplainConfig, "top", "--top"),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+    as_json: bool = json_option("each image's prediction and components"),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Print each image's prediction and its top components per class."""
     from clipaudit.attribution.explain import explain_images
@@ -67,11 +74,14 @@ def explain_cmd(
         print_json([asdict(e) for e in explanations])
         return
     for e in explanations:
+        if quiet:
+            out.print(f"{e.image}: predicted {e.prediction}", markup=False)
+            continue
         table = Table("class", "score", "component", "activation", "attribution",
-                      title=f"{e.image}: predicted [bold]{e.prediction}[/]")
+                      title=Text.assemble(f"{e.image}: predicted ", (str(e.prediction), "bold")))
         for cls in e.classes:
             for i, comp in enumerate(cls.top):
-                table.add_row(cls.class_name if i == 0 else "", f"{cls.score:.4f}" if i == 0 else "",
+                table.add_row(Text(cls.class_name) if i == 0 else "", f"{cls.score:.4f}" if i == 0 else "",
                               str(comp.component), f"{comp.activation:.3f}", f"{comp.attribution:+.4f}")
             table.add_row("", "", "SAE error", "", f"{cls.error:+.4f}", end_section=True)
         out.print(table)

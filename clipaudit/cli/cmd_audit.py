@@ -6,10 +6,19 @@ from pathlib import Path
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from clipaudit.audit import AuditConfig, OutputConfig
 from clipaudit.cli import app
-from clipaudit.cli._common import RichReporter, err, out, print_json, user_errors
+from clipaudit.cli._common import (
+    RichReporter,
+    err,
+    json_option,
+    out,
+    print_json,
+    quiet_option,
+    user_errors,
+)
 from clipaudit.cli._options import option
 from clipaudit.demo import DemoConfig
 from clipaudit.describe.config import DescribeConfig
@@ -17,7 +26,7 @@ from clipaudit.describe.config import DescribeConfig
 _STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red"}
 
 
-def _print_outcome(outcome, as_json: bool) -> None:
+def _print_outcome(outcome, as_json: bool, quiet: bool = False, verbose: bool = False) -> None:
     from clipaudit.results import to_dict
 
     result = outcome.result
@@ -28,20 +37,52 @@ def _print_outcome(outcome, as_json: bool) -> None:
                     "verdicts": to_dict(result.verdicts),
                     "findings": [to_dict(f) for h in result.heads for f in h.findings]})
         return
+    if verbose:
+        _print_tables(result)
+    elif not quiet:
+        n_findings = {h.name: len(h.findings) for h in result.heads}
+        out.print(f"findings: {sum(n_findings.values())} ("
+                  + ", ".join(f"{name} {n}" for name, n in n_findings.items()) + ")",
+                  markup=False)
+        print_verdicts(result.verdicts)
+    print_verdict_line(result.verdict, outcome.audit_dpath, verbose)
+
+
+def print_verdicts(verdicts) -> None:
+    """Counts, then one line per failing rule and per warning (never a wrapped table)."""
+    failing = [v for v in verdicts if v.status == "fail" and v.waived is None]
+    warnings = [v for v in verdicts if v.status == "warn" and v.waived is None]
+    waived = [v for v in verdicts if v.waived is not None]
+    passing = len(verdicts) - len(failing) - len(warnings) - len(waived)
+    out.print(f"rules: {len(verdicts)} results: {len(failing)} failing, {len(warnings)} "
+              f"warning(s), {passing} passing, {len(waived)} waived", markup=False)
+    for v in [*failing, *warnings]:
+        scope = " / ".join(x for x in (v.head, v.class_name) if x)
+        out.print(Text.assemble(("  FAIL " if v.status == "fail" else "  WARN ", _STYLE[v.status]),
+                                f" {v.rule}" + (f" [{scope}]" if scope else "") + f": {v.message}"))
+
+
+def print_verdict_line(verdict: str, audit_dpath, verbose: bool) -> None:
+    more = "" if verbose else " (summary.md lists every rule; --verbose prints them here)"
+    out.print(Text.assemble("verdict: ", (verdict.upper(), _STYLE[verdict]),
+                            f"   audit folder: {audit_dpath}{more}"))
+
+
+def _print_tables(result) -> None:
     findings = Table("head", "class", "component", "concept", "share", "alignment", "clarity", "kind",
                      title="findings")
     for head in result.heads:
         for f in head.findings:
-            findings.add_row(head.name, f.class_name, str(f.component), f"{f.concept} ({f.concept_score:.2f})",
-                             f"{f.share:.3f}", f"{f.alignment:+.3f}", f"{f.clarity:.2f}", f.kind)
+            findings.add_row(*(Text(x) for x in (
+                head.name, f.class_name, str(f.component), f"{f.concept} ({f.concept_score:.2f})",
+                f"{f.share:.3f}", f"{f.alignment:+.3f}", f"{f.clarity:.2f}", f.kind)))
     out.print(findings)
     rules = Table("rule", "head", "class", "status", "why", title="rules")
     for v in result.verdicts:
-        status = f"[{_STYLE[v.status]}]{v.status}[/]" + (" (waived)" if v.waived else "")
-        rules.add_row(v.rule, v.head or "", v.class_name or "", status, v.message)
+        status = Text(v.status + (" (waived)" if v.waived else ""), style=_STYLE[v.status])
+        rules.add_row(Text(v.rule), Text(v.head or ""), Text(v.class_name or ""), status,
+                      Text(v.message))
     out.print(rules)
-    out.print(f"verdict: [{_STYLE[result.verdict]}]{result.verdict.upper()}[/]   "
-              f"audit folder: {outcome.audit_dpath}")
 
 
 @app.command("audit")
@@ -67,19 +108,26 @@ def audit_cmd(
                                      "folder): a new rule file or head re-audits without "
                                      "recomputing them."),
     pdf: bool = option(OutputConfig, "pdf", "--pdf/--no-pdf", help="Also write report.pdf."),
-    as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
+    as_json: bool = json_option("the verdict, every rule result and the findings"),
+    quiet: bool = quiet_option(),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print every finding and rule "
+                                 "result as tables (summary.md always has them)."),
 ) -> None:
-    """Audit a probe and/or prompt set for shortcuts; exit 1 when a rule fails."""
+    """Audit a probe and/or prompt set for shortcuts. The audit folder is replaced whole
+    when the audit is complete (a killed audit leaves the earlier one as it was).
+
+    Exit codes: 0 every rule passed, 1 a rule failed, 2 usage or input error,
+    3 internal error."""
     from clipaudit.audit import run_audit
 
     config = AuditConfig(
         rules=rules, outputs=OutputConfig(pdf=pdf),
         describe=DescribeConfig(vocabularies=tuple(vocab), reference_cache=reference_data, top_m=top_m,
                                 reuse=descriptions))
-    with RichReporter(quiet=as_json) as reporter:
+    with RichReporter(quiet=as_json or quiet) as reporter:
         outcome = run_audit(cache, sae, out_dpath, probe=probe, prompts=prompts, config=config,
                             baseline_dpath=baseline, reporter=reporter)
-    _print_outcome(outcome, as_json)
+    _print_outcome(outcome, as_json, quiet, verbose)
     raise typer.Exit(outcome.exit_code)
 
 
@@ -89,19 +137,26 @@ def demo_cmd(
     out_dpath: Path = option(DemoConfig, "out_dpath", "--out", "-o"),
     n_images: int = option(DemoConfig, "n_images", "--images", help="Images in the planted data set."),
     pdf: bool = option(DemoConfig, "pdf", "--pdf/--no-pdf", help="Also write report.pdf."),
-    as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
+    as_json: bool = json_option("the verdict, every rule result and the findings"),
+    quiet: bool = quiet_option(),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print every finding and rule "
+                                 "result as tables."),
 ) -> None:
-    """Run the whole pipeline on the bundled tiny CLIP and a planted ruler shortcut."""
+    """Run the whole pipeline on the bundled tiny CLIP and a planted ruler shortcut
+    (exit 1, as intended: the probe relies on rulers)."""
     from clipaudit.demo import run_demo
 
-    err.print(f"clipaudit demo: planting a ruler -> malignant shortcut in {n_images} synthetic "
-              f"dermoscopy images, then auditing a probe and a prompt set; output in {out_dpath}/")
-    with RichReporter(quiet=as_json) as reporter:
+    if not (as_json or quiet):
+        err.print(f"clipaudit demo: planting a ruler -> malignant shortcut in {n_images} synthetic "
+                  f"dermoscopy images, then auditing a probe and a prompt set; output in {out_dpath}/",
+                  markup=False)
+    with RichReporter(quiet=as_json or quiet) as reporter:
         outcome = run_demo(DemoConfig(out_dpath=out_dpath, n_images=n_images, pdf=pdf), reporter=reporter)
-    _print_outcome(outcome, as_json)
-    if not as_json:
+    _print_outcome(outcome, as_json, quiet, verbose)
+    if not (as_json or quiet):
         if outcome.exit_code == 1:
             out.print("[bold]The audit FAILED, as intended:[/] the probe relies on rulers to call lesions "
                       "malignant, which rules/dermatology.yaml forbids. A CI job would stop here (exit 1).")
-        out.print(f"Open {outcome.audit_dpath / 'report.html'} (or report.pdf) to see the evidence.")
+        out.print(f"Open {outcome.audit_dpath / 'report.html'} (or report.pdf) to see the evidence.",
+                  markup=False)
     raise typer.Exit(outcome.exit_code)

@@ -7,7 +7,15 @@ from pathlib import Path
 import typer
 
 from clipaudit.cli import app
-from clipaudit.cli._common import RichReporter, err, out, print_json, user_errors
+from clipaudit.cli._common import (
+    RichReporter,
+    err,
+    json_option,
+    out,
+    print_json,
+    quiet_option,
+    user_errors,
+)
 from clipaudit.cli._options import option
 from clipaudit.errors import InputError
 from clipaudit.extraction.backbone import TINY_MODEL_NAME, BackboneSpec
@@ -48,8 +56,8 @@ def extract_cmd(
     ray_actors: int | None = option(ExtractConfig, "ray.actors", "--ray-actors"),
     max_image_pixels: int | None = option(ExtractConfig, "max_image_pixels", "--max-image-pixels",
                                           envvar="CLIPAUDIT_MAX_IMAGE_PIXELS"),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    as_json: bool = json_option(),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Decode images and store the activations at the hook point plus image embeddings."""
     if pretrained and not model:
@@ -69,8 +77,8 @@ def extract_cmd(
     if as_json:
         print_json(_as_dict(result))
     else:
-        out.print(_summary(result))
-        if not result.complete:
+        out.print(_summary(result), markup=False)
+        if not result.complete and not quiet:
             err.print("the index is written by the worker that finishes the last shard")
 
 

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 
 from clipaudit.cli import app
-from clipaudit.cli._common import out, print_json, user_errors
+from clipaudit.cli._common import json_option, out, print_json, quiet_option, user_errors
 
 
 @app.command("report")
@@ -17,9 +17,11 @@ def report(
                                        help="Audit folder (holds audit.json)."),
     html: bool = typer.Option(True, "--html/--no-html", help="Write report.html."),
     pdf: bool = typer.Option(True, "--pdf/--no-pdf", help="Write report.pdf."),
-    as_json: bool = typer.Option(False, "--json", help="Print the written paths as JSON."),
+    as_json: bool = json_option("the written paths"),
+    quiet: bool = quiet_option(),
 ) -> None:
-    """Render the HTML and PDF reports of a finished audit, without recomputing anything."""
+    """Render the HTML and PDF reports of a finished audit, without recomputing anything
+    (both files change together, or neither does)."""
     from clipaudit.report import write_report
 
     paths = write_report(audit_dpath, html=html, pdf=pdf)
@@ -29,4 +31,4 @@ def report(
         return
     for fpath in (paths.html, paths.pdf):
         if fpath is not None:
-            out.print(str(fpath))
+            out.print(str(fpath), markup=False)

@@ -10,12 +10,22 @@ from rich.table import Table
 from rich.text import Text
 
 from clipaudit.cli import app
-from clipaudit.cli._common import EXIT_USAGE, err, out, print_json, user_errors
+from clipaudit.cli._common import (
+    EXIT_USAGE,
+    err,
+    json_option,
+    out,
+    print_json,
+    quiet_option,
+    user_errors,
+)
+from clipaudit.cli._exit import ClipAuditGroup
+from clipaudit.cli.cmd_audit import print_verdict_line, print_verdicts
 from clipaudit.errors import RuleFileError
 from clipaudit.results import to_dict
 
-rules_app = typer.Typer(help="Rule files of the CI gate: lint, list, schema, apply.",
-                        no_args_is_help=True)
+rules_app = typer.Typer(cls=ClipAuditGroup, no_args_is_help=True,
+                        help="Rule files of the CI gate: lint, list, schema, apply.")
 app.add_typer(rules_app, name="rules")
 
 _STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red"}
@@ -25,7 +35,8 @@ _STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red"}
 @user_errors
 def check_cmd(
     file: Path = typer.Argument(..., help="Rule file to lint (extends is followed)."),
-    json_out: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    json_out: bool = json_option(),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Lint a rule file: exit code 0 when valid, 2 with one line per problem."""
     from clipaudit.gate import load_ruleset
@@ -50,15 +61,15 @@ def check_cmd(
     chain = " -> ".join(p.name for p in ruleset.sources)
     out.print(f"{file}: valid ({len(ruleset.checks)} rules, {len(ruleset.waivers)} waivers; "
               f"{chain})", markup=False)
-    for w in expired:
-        err.print(f"note: waiver '{w.reason}' expired on {w.expires}; it no longer applies",
+    for w in expired:  # a warning, not a note: printed even with --quiet
+        err.print(f"warning: waiver '{w.reason}' expired on {w.expires}; it no longer applies",
                   markup=False)
 
 
 @rules_app.command("list")
 @user_errors
-def list_cmd(json_out: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
-    """List the shipped rule sets and the registered checks."""
+def list_cmd(json_out: bool = json_option(), quiet: bool = quiet_option()) -> None:
+    """List the shipped rule sets and the registered checks (--quiet: names only)."""
     from clipaudit.gate import get_check, list_checks, list_rulesets, load_ruleset
 
     rulesets = [{"name": n, "description": load_ruleset(n).description or ""}
@@ -67,6 +78,10 @@ def list_cmd(json_out: bool = typer.Option(False, "--json", help="Print as JSON.
               for n in list_checks()]
     if json_out:
         print_json({"rulesets": rulesets, "checks": checks})
+        return
+    if quiet:
+        out.print("rule sets: " + " ".join(r["name"] for r in rulesets), markup=False)
+        out.print("checks: " + " ".join(c["name"] for c in checks), markup=False)
         return
     for title, rows in (("Rule sets", rulesets), ("Checks", checks)):
         table = Table(title=title, title_justify="left")
@@ -79,7 +94,11 @@ def list_cmd(json_out: bool = typer.Option(False, "--json", help="Print as JSON.
 
 @rules_app.command("schema")
 @user_errors
-def schema_cmd() -> None:
+def schema_cmd(
+    json_out: bool = typer.Option(False, "--json", help="Accepted for uniformity: the schema "
+                                  "is JSON either way."),
+    quiet: bool = quiet_option(),
+) -> None:
     """Print the JSON Schema of rule files (rules/schema.json is this output)."""
     from clipaudit.gate import ruleset_json_schema
 
@@ -96,9 +115,14 @@ def apply_cmd(
     junit: Path = typer.Option(None, "--junit", help="JUnit XML path [AUDIT_DIR/junit.xml]."),
     summary: Path = typer.Option(None, "--summary", help="Markdown summary path "
                                  "[AUDIT_DIR/summary.md]."),
-    json_out: bool = typer.Option(False, "--json", help="Print the verdicts as JSON."),
+    json_out: bool = json_option("the verdicts"),
+    quiet: bool = quiet_option(),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print every rule result as a "
+                                 "table."),
 ) -> None:
-    """Judge a finished audit with a rule set; exit code 0 pass, 1 a failing rule, 2 error."""
+    """Judge a finished audit with a rule set, rewriting its verdicts, junit.xml, summary.md
+    and reports together. Exit codes: 0 pass, 1 a rule failed, 2 usage or input error,
+    3 internal error."""
     from clipaudit.gate import apply_rules
 
     run = apply_rules(audit_dir, rules, baseline=baseline, junit_fpath=junit,
@@ -109,7 +133,7 @@ def apply_cmd(
                     "verdict": result.verdict, "exit_code": run.exit_code,
                     "verdicts": to_dict(result.verdicts), "junit": str(run.junit_fpath),
                     "summary": str(run.summary_fpath)})
-    else:
+    elif verbose:
         table = Table(title=Text(f"{result.audit_id}: rules {result.rules_file}"),
                       title_justify="left")
         for column in ("status", "rule", "head", "class", "message"):
@@ -119,6 +143,8 @@ def apply_cmd(
             table.add_row(status, *(Text(t) for t in (v.rule, v.head or "-",
                                                       v.class_name or "-", v.message)))
         out.print(table)
-        err.print(f"verdict: {result.verdict}; wrote {run.junit_fpath} and {run.summary_fpath}",
-                  markup=False)
+    elif not quiet:
+        print_verdicts(result.verdicts)
+    if not json_out:
+        print_verdict_line(result.verdict, run.audit_fpath.parent, verbose)
     raise typer.Exit(run.exit_code)

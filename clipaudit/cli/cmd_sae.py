@@ -8,7 +8,15 @@ import typer
 from rich.markup import escape
 
 from clipaudit.cli import app
-from clipaudit.cli._common import RichReporter, err, out, print_json, user_errors
+from clipaudit.cli._common import (
+    RichReporter,
+    err,
+    json_option,
+    out,
+    print_json,
+    quiet_option,
+    user_errors,
+)
 from clipaudit.cli._options import option
 from clipaudit.sae.config import SAETrainConfig
 
@@ -33,8 +41,8 @@ def train_sae_cmd(
                                           "--checkpoint-every"),
     embed_check: bool = typer.Option(True, help="Measure the image-embedding cosine (needs "
                                                 "the cache's model)."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    as_json: bool = json_option(),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Train a TopK SAE on an activation cache and print its metrics."""
     from clipaudit.sae import train_sae_on_cache
@@ -66,8 +74,8 @@ def sae_info_cmd(
                                    "attributing-clip (default: detected)."),
     k: int | None = typer.Option(None, help="k for checkpoints that do not store it."),
     scale: float | None = typer.Option(None, help="Input scale the checkpoint was trained with."),
-    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars."),
+    as_json: bool = json_option(),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Print what an SAE file is, its stored metrics and (with --cache) its FVU there."""
     from clipaudit.sae import embed_readout_for, sae_info

@@ -7,7 +7,15 @@ from pathlib import Path
 import typer
 
 from clipaudit.cli import app
-from clipaudit.cli._common import RichReporter, out, print_json, user_errors
+from clipaudit.cli._common import (
+    RichReporter,
+    json_option,
+    out,
+    print_json,
+    quiet_option,
+    user_errors,
+)
+from clipaudit.cli._exit import ClipAuditGroup
 from clipaudit.cli._options import argument_default, option
 from clipaudit.synthetic.counterfactual import make_counterfactual_dataset
 from clipaudit.synthetic.datasets import make_planted_dataset
@@ -15,6 +23,7 @@ from clipaudit.synthetic.train import TrainConfig
 from clipaudit.synthetic.worlds import get_world, list_worlds
 
 synthetic_app = typer.Typer(
+    cls=ClipAuditGroup,
     help="The synthetic worlds: planted-shortcut and counterfactual data sets, the tiny CLIP.",
     no_args_is_help=True,
 )
@@ -40,11 +49,12 @@ def make_dataset_cmd(
     seed: int = typer.Option(argument_default(make_planted_dataset, "seed"),
                              help="Seed of the data set (same seed, same images)."),
     overwrite: bool = typer.Option(False, help="Replace a data set already in --out."),
-    as_json: bool = typer.Option(False, "--json", help="Print the ground truth as JSON."),
+    as_json: bool = json_option("the ground truth"),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Generate a labelled data set with a planted shortcut (or a clean control)."""
     artifact = artifact or get_world(world).default_artifact
-    with RichReporter(quiet=as_json) as reporter:
+    with RichReporter(quiet=as_json or quiet) as reporter:
         data = make_planted_dataset(
             out_dpath, artifact=None if artifact.lower() == "none" else artifact,
             target_class=target_class, rate=rate, n=n, seed=seed, overwrite=overwrite,
@@ -56,8 +66,9 @@ def make_dataset_cmd(
     truth = data.ground_truth
     what = (f"{truth['artifact']} -> {truth['target_class']} at rate {truth['rate']}"
             if truth["artifact"] else "clean control (no planted artifact)")
-    out.print(f"wrote {data.n} {data.world} images to {data.dpath}: {what}")
-    out.print(f"manifest: {data.manifest_fpath}")
+    out.print(f"wrote {data.n} {data.world} images to {data.dpath}: {what}", markup=False)
+    if not quiet:
+        out.print(f"manifest: {data.manifest_fpath}", markup=False)
 
 
 @synthetic_app.command("make-counterfactual")
@@ -73,10 +84,11 @@ def make_counterfactual_cmd(
     seed: int = typer.Option(argument_default(make_counterfactual_dataset, "seed"),
                              help="Seed of the data set (same seed, same images)."),
     overwrite: bool = typer.Option(False, help="Replace a data set already in --out."),
-    as_json: bool = typer.Option(False, "--json", help="Print the ground truth as JSON."),
+    as_json: bool = json_option("the ground truth"),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Generate pairs of the same scene without and with an artifact (causal ground truth)."""
-    with RichReporter(quiet=as_json) as reporter:
+    with RichReporter(quiet=as_json or quiet) as reporter:
         data = make_counterfactual_dataset(out_dpath, artifact=artifact,
                                            target_class=target_class, n=n, seed=seed,
                                            overwrite=overwrite, world=world, reporter=reporter)
@@ -86,8 +98,10 @@ def make_counterfactual_cmd(
         return
     truth = data.ground_truth
     out.print(f"wrote {truth['n_pairs']} pairs of {data.world} images (clean / with "
-              f"{truth['artifact']}) to {data.dpath}; {truth['target_class']} is the target class")
-    out.print(f"manifest: {data.manifest_fpath}")
+              f"{truth['artifact']}) to {data.dpath}; {truth['target_class']} is the target class",
+              markup=False)
+    if not quiet:
+        out.print(f"manifest: {data.manifest_fpath}", markup=False)
 
 
 @synthetic_app.command("train-clip")
@@ -100,7 +114,8 @@ def train_clip_cmd(
     seed: int = option(TrainConfig, "seed", "--seed"),
     steps: int = typer.Option(None, help="Optimiser steps [default: the shipped model's]."),
     threads: int = typer.Option(2, help="CPU threads torch may use."),
-    as_json: bool = typer.Option(False, "--json", help="Print the provenance as JSON."),
+    as_json: bool = json_option("the provenance"),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Train the tiny CLIP on the synthetic world (about 8 minutes on 2 CPU cores)."""
     import dataclasses
@@ -120,7 +135,7 @@ def train_clip_cmd(
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
     try:
-        with RichReporter(quiet=as_json) as reporter:
+        with RichReporter(quiet=as_json or quiet) as reporter:
             trained = train_tiny_clip(target, config, reporter=reporter)
     finally:  # callers in the same process (tests, notebooks) keep their setting
         torch.set_num_threads(previous)
@@ -128,7 +143,10 @@ def train_clip_cmd(
         print_json({"dpath": str(trained.dpath), **trained.provenance})
         return
     q = trained.provenance["quality"]
-    out.print(f"trained in {trained.provenance['training_seconds']:.0f} s -> {trained.dpath}")
+    out.print(f"trained in {trained.provenance['training_seconds']:.0f} s -> {trained.dpath}",
+              markup=False)
+    if quiet:
+        return
     out.print(f"zero-shot accuracy on {q['n_images']} fresh images: skin tone "
               f"{q['skin_tone']:.3f}, lesion colour {q['lesion_colour']:.3f}, diagnosis "
               f"{q['diagnosis']:.3f}, artifacts "

@@ -125,7 +125,7 @@ def _load_file(fpath: Path) -> ConceptVocabulary:
 
 
 def _parse_text(text: str) -> list[tuple[str, list[str]]]:
-    entries = []
+    entries: list[tuple[str, list[str]]] = []
     for line in text.splitlines():
         concept = line.split("#", 1)[0].strip()
         if concept:

@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from clipaudit.artifacts import sha256_file, sha256_json
+from clipaudit.artifacts import sha256_file, sha256_json, torch_load_reason
 from clipaudit.errors import InputError, ModelUnavailableError
 from clipaudit.resources import package_data_dpath
 
@@ -296,7 +296,7 @@ def _load_local(spec: BackboneSpec) -> Backbone:
             open_clip.load_checkpoint(model, str(ckpt), weights_only=True)
         except Exception as e:  # torch/safetensors raise many types for bad files
             raise InputError(f"{ckpt}: cannot load these weights into the model of "
-                             f"{spec.config} ({str(e).splitlines()[0][:300]})") from None
+                             f"{spec.config}: {torch_load_reason(e)}") from None
         weights = f"sha256:{sha256_file(ckpt)}"
     else:
         weights = f"random-seed{spec.seed}"

@@ -47,6 +47,7 @@ from clipaudit.extraction.cache_reader import ActivationCache, open_cache, shard
 from clipaudit.extraction.data import ImageSource, load_image_source, reason_category
 from clipaudit.extraction.engines import EncodeJob, RayConfig, get_engine
 from clipaudit.extraction.hooks import HookPoint, VisionTower
+from clipaudit.extraction.locking import one_writer_per_worker_slot
 from clipaudit.progress import NULL_REPORTER, Reporter
 
 __all__ = ["ActivationCache", "EncodedBatch", "ExtractConfig", "ExtractResult", "ShardWriter",
@@ -126,6 +127,7 @@ class ExtractResult:
     """The finished cache (None while other workers' shards are missing)."""
 
 
+@one_writer_per_worker_slot
 def extract(source: ImageSource | str | Path, out_dpath: str | Path,
             config: ExtractConfig = ExtractConfig(), *, reporter: Reporter = NULL_REPORTER,
             backbone: Backbone | None = None) -> ExtractResult:
@@ -195,7 +197,7 @@ def _check_same(dpath: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
     for key, what in labels.items():
         before, now = old.get(key), new.get(key)
         if key == "backbone":
-            before, now = (before or {}).get("id"), now.get("id")
+            before, now = (before or {}).get("id"), (now or {}).get("id")
         if before != now:
             raise MismatchError(
                 f"{dpath}: holds a cache of {what} {_describe(key, old.get(key))}; this run "

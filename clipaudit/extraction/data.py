@@ -19,6 +19,7 @@ import io
 import json
 import logging
 import os
+import stat
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
@@ -130,6 +131,9 @@ def decode_image(fpath: Path | str, *, max_pixels: int | None = None,
 
 def _read_bytes(fpath: Path | str) -> bytes:
     try:
+        if not stat.S_ISREG(os.stat(fpath).st_mode) and not os.path.isdir(fpath):
+            raise ImageDecodeError(fpath, NOT_IMAGE, "not a regular file (a pipe, socket or "
+                                                     "device)")
         return Path(fpath).read_bytes()
     except FileNotFoundError:
         raise ImageDecodeError(fpath, MISSING) from None
@@ -310,24 +314,78 @@ def _scan_dir(dpath: Path, label_column: str | None, image_column: str | None) -
 
 
 def _scan_folder(dpath: Path) -> pd.DataFrame:
+    """Every image file under ``dpath`` (hidden names skipped), the first folder level as
+    the label. Symlinked folders are followed, each real folder once, so a symlink loop
+    ends the walk there; a symlink with an image extension that leads nowhere (broken,
+    looping) is kept, and decoding records it as skipped."""
     exts = set(image_extensions())
     root = dpath.resolve()
-    rows, n_ignored = [], 0
-    for fpath in sorted(dpath.rglob("*")):
-        rel = fpath.relative_to(dpath)
-        if any(part.startswith(".") for part in rel.parts) or not fpath.is_file():
-            continue
-        if fpath.suffix.lower() not in exts:
+    rows, n_ignored, bad_names = [], 0, []
+    for rel in _walk(dpath):
+        if rel.suffix.lower() not in exts:
             n_ignored += 1
             continue
+        text = rel.as_posix()
+        if not _is_utf8(text):
+            bad_names.append(text)
+            continue
         label = rel.parts[0] if len(rel.parts) > 1 else None
-        rows.append((rel.as_posix(), str(root / rel), label))
+        rows.append((text, str(root / rel), label))
+    if bad_names:
+        shown = os.fsencode(bad_names[0]).decode("utf-8", "backslashreplace")
+        raise InputError(f"{dpath}: {len(bad_names)} file name(s) are not valid UTF-8 (first: "
+                         f"{shown}); clipaudit stores paths as text: rename them, or list "
+                         "the images to use in a .csv manifest")
     if not rows:
         raise InputError(f"{dpath}: no image files found (extensions: {', '.join(sorted(exts))})")
     if n_ignored:
         log.info("%s: ignored %d files that are not images by extension", dpath, n_ignored)
     rows.sort()  # by path relative to the folder: independent of where the folder lives
     return pd.DataFrame({"path": [r[1] for r in rows], "label": [r[2] for r in rows]})
+
+
+def _walk(dpath: Path) -> Iterator[Path]:
+    """Relative paths of the non-folder entries under ``dpath``, following symlinked
+    folders once per real folder (so a loop stops instead of recursing forever)."""
+    seen: set[tuple[int, int]] = set()
+
+    def on_error(e: OSError) -> None:
+        log.warning("%s: skipping an unreadable folder (%s)", e.filename, e.strerror)
+
+    for folder, dnames, fnames in os.walk(dpath, followlinks=True, onerror=on_error):
+        try:
+            st = os.stat(folder)
+        except OSError:
+            dnames[:] = []
+            continue
+        if (st.st_dev, st.st_ino) in seen:
+            log.warning("%s: a symlink leads back to a folder already scanned; not followed",
+                        folder)
+            dnames[:] = []
+            continue
+        seen.add((st.st_dev, st.st_ino))
+        rel_folder = Path(folder).relative_to(dpath)
+        dnames[:] = sorted(d for d in dnames if not d.startswith("."))
+        for name in fnames:
+            if not name.startswith(".") and _may_be_image(Path(folder, name)):
+                yield rel_folder / name
+
+
+def _may_be_image(fpath: Path) -> bool:
+    """Regular files, and symlinks that lead nowhere (decoding records why); never a
+    pipe, socket or device, which reading would block on or stream from forever."""
+    try:
+        return stat.S_ISREG(os.stat(fpath).st_mode)
+    except OSError:
+        return os.path.islink(fpath)
+
+
+def _is_utf8(text: str) -> bool:
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:  # undecodable bytes of a file name (surrogate escapes)
+        return False
+    return True
 
 
 def _read_manifest(fpath: Path, path_column: str, label_column: str | None) -> pd.DataFrame:
@@ -369,11 +427,11 @@ def _manifest_paths(fpath: Path, raw: pd.Series) -> list[str]:
         p = Path(str(value)).expanduser()
         paths.append(os.path.normpath(p if p.is_absolute() else base / p))
     first_row: dict[str, int] = {}
-    for row, p in enumerate(paths):
-        if p in first_row:
-            raise InputError(f"{fpath}: duplicate path {p!r} in rows {first_row[p] + 1} and "
+    for row, path in enumerate(paths):
+        if path in first_row:
+            raise InputError(f"{fpath}: duplicate path {path!r} in rows {first_row[path] + 1} and "
                              f"{row + 1}; each image must be listed once")
-        first_row[p] = row
+        first_row[path] = row
     if not paths:
         raise InputError(f"{fpath}: the manifest lists no images")
     return paths
@@ -432,7 +490,7 @@ def _collate(samples: list[tuple[int, torch.Tensor | None, str | None, str | Non
     return DecodedBatch(
         ids=torch.tensor([i for i, _ in ok], dtype=torch.int64),
         images=torch.stack([img for _, img in ok]) if ok else torch.empty(0),
-        skipped=[(i, reason) for i, img, reason, _ in samples if img is None],
+        skipped=[(i, reason or FAILED) for i, img, reason, _ in samples if img is None],
         sha256={i: digest for i, _, _, digest in samples if digest is not None},
     )
 

@@ -151,7 +151,7 @@ def _pipeline(job: EncodeJob, use_gpu: bool, n_actors: int, threads: int | None)
              "ids": ids[rows].tolist(), "paths": paths[rows].tolist()} for rows in job.batches]
     image_shape = tuple(job.backbone.preprocess(Image.new("RGB", (32, 32))).shape)
     limit = max_image_pixels() if config.max_image_pixels is None else config.max_image_pixels
-    dataset = ray.data.from_items(jobs, override_num_blocks=min(len(jobs), 4096))
+    dataset: Any = ray.data.from_items(jobs, override_num_blocks=min(len(jobs), 4096))
     # The memory a decoded batch takes (pixels, twice: decoded and padded), reserved per
     # task; unlike the actors' resources, which also keeps Ray from fusing decoding into
     # the model actors (it fuses stages whose resource requests are the same).
@@ -275,10 +275,10 @@ class _Encoder:
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n_ok = int(batch["n_ok"][0])
         pixels = torch.from_numpy(batch["pixels"][0][:n_ok].copy()).to(self.device)
+        acts: torch.Tensor | None = None
+        embeds: torch.Tensor | None = None
         if n_ok:
             acts, embeds = run_tower(self.tower, pixels, self.hook, self.dtype, self.batch_size)
-        else:
-            acts = embeds = None
         np_dtype = np.float16 if self.dtype == torch.float16 else np.float32
         out_acts = _padded(acts, (self.batch_size, *self.acts_tail), np_dtype)
         out_embeds = _padded(embeds, (self.batch_size, self.embed_dim), np_dtype)

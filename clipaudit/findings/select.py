@@ -22,7 +22,8 @@ import numpy as np
 import pandas as pd
 import torch
 
-from clipaudit.results import ComponentPoint, Finding, FindingConfig
+from clipaudit.gate.matching import ConceptMatcher
+from clipaudit.results import ComponentPoint, Finding, FindingConfig, FindingKind
 
 
 @dataclass(frozen=True)
@@ -35,14 +36,16 @@ class Candidate:
     clarity: float
     concept: str
     concept_score: float
-    kind: str
+    kind: FindingKind
+
+
+_MATCHER = ConceptMatcher()  # the lists of a FindingConfig already hold every synonym
 
 
 def _concept_listed(concept: str, listing: dict[str, list[str]], class_name: str) -> bool:
-    """Whole-phrase, case-insensitive: 'hair' matches 'dark hair', not 'chair'."""
-    label = f" {' '.join(concept.lower().replace('-', ' ').split())} "
-    terms = listing.get("*", []) + listing.get(class_name, [])
-    return any(f" {' '.join(t.lower().replace('-', ' ').split())} " in label for t in terms if t.strip())
+    """The gate's matching (clipaudit/gate/matching.py): whole words, any case,
+    punctuation and plurals: 'hair' matches 'dark hair' and 'Hairs.', not 'chair'."""
+    return _MATCHER.matches(concept, [*listing.get("*", []), *listing.get(class_name, [])])
 
 
 def select_candidates(share_jc: torch.Tensor, alignment_jc: torch.Tensor, clarity_j: torch.Tensor,

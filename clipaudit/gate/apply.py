@@ -13,6 +13,7 @@ from clipaudit.gate.loader import load_ruleset
 from clipaudit.gate.model import RuleSet
 from clipaudit.gate.outputs import JUNIT_FNAME, SUMMARY_FNAME, write_junit, write_summary
 from clipaudit.results import AUDIT_FNAME, AuditResult, load_audit, save_audit
+from clipaudit.staging import staged_output
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +33,8 @@ class GateRun:
     """The baseline audit compared with, if any."""
 
 
+# verdicts, junit.xml, summary.md and reports change together, or not at all
+@staged_output("audit_dpath", command="rules apply", copy=True, replaces=AUDIT_FNAME)
 def apply_rules(audit_dpath: Path | str, rules: str | Path | RuleSet, *,
                 baseline: Path | str | None = None, junit_fpath: Path | str | None = None,
                 summary_fpath: Path | str | None = None,
@@ -39,7 +42,9 @@ def apply_rules(audit_dpath: Path | str, rules: str | Path | RuleSet, *,
     """Evaluate ``rules`` on the audit in ``audit_dpath`` and rewrite its verdicts.
 
     ``baseline`` (an audit folder) overrides the rule set's ``baseline``. Writes
-    audit.json, junit.xml and summary.md (by default into ``audit_dpath``).
+    audit.json, junit.xml and summary.md (by default into ``audit_dpath``), and
+    re-renders the folder's report.html and report.pdf where they exist, so no file of
+    the folder shows the old verdict. The folder changes whole or not at all.
     """
     audit_dpath = Path(audit_dpath)
     ruleset = rules if isinstance(rules, RuleSet) else load_ruleset(rules)
@@ -52,5 +57,14 @@ def apply_rules(audit_dpath: Path | str, rules: str | Path | RuleSet, *,
     save_audit(result, audit_fpath.parent)
     junit = write_junit(result, junit_fpath or audit_fpath.parent / JUNIT_FNAME)
     summary = write_summary(result, summary_fpath or audit_fpath.parent / SUMMARY_FNAME)
+    _rerender_reports(audit_fpath.parent)
     log.info("rules %s on audit %s: %s", ruleset.name, result.audit_id, result.verdict)
     return GateRun(result, exit_code(verdicts), audit_fpath, junit, summary, baseline_dpath)
+
+
+def _rerender_reports(audit_dpath: Path) -> None:
+    from clipaudit.report.render import HTML_FNAME, PDF_FNAME, write_report
+
+    html, pdf = (audit_dpath / HTML_FNAME).is_file(), (audit_dpath / PDF_FNAME).is_file()
+    if html or pdf:
+        write_report(audit_dpath, html=html, pdf=pdf)

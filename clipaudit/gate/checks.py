@@ -179,7 +179,8 @@ def metadata_confirmed(spec: MetadataConfirmedParams, scope: Scope) -> CheckOutc
     if not patterns:
         return CheckOutcome([], "no artifact or protected columns configured", skipped=True)
     listed = _column_matcher(patterns)
-    violations, looked_at = [], set()
+    violations = []
+    looked_at: set[str] = set()
     for f in scope.findings():
         scored = [(c, auc, max(auc, 1.0 - auc) if spec.symmetric else auc)
                   for c, auc in f.metadata_auc.items() if listed(c) and math.isfinite(auc)]

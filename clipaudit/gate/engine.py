@@ -182,7 +182,7 @@ def _status(spec: CheckSpec, outcome: CheckOutcome, active: list[Violation],
 def _waiver_for(v: Violation, spec: CheckSpec, scope: Scope, ruleset: RuleSet,
                 today: dt.date) -> tuple[Waiver | None, list[Waiver]]:
     """The first active waiver covering ``v``, and the expired ones that would have."""
-    expired = []
+    expired: list[Waiver] = []
     for waiver in ruleset.waivers:
         if not _covers(waiver, v, spec, scope, ruleset):
             continue

@@ -55,7 +55,8 @@ def parse_ruleset(data: Any, source: str = "<rules>", base_dpath: Path | None = 
     """Validate rule-file content already read (a dict as YAML would give it); relative
     ``extends`` and ``baseline`` paths are taken from ``base_dpath`` (default: cwd)."""
     fpath, base_dpath = Path(source), base_dpath or Path.cwd()
-    raw, sources = _validated_raw(data, fpath, base_dpath), ()
+    raw = _validated_raw(data, fpath, base_dpath)
+    sources: tuple[Path, ...] = ()
     if raw.get("extends") is not None:
         parent_fpath = _resolve(raw["extends"], base_dpath=base_dpath, referrer=fpath)
         parent, sources = _load_merged(parent_fpath, chain=(fpath,))

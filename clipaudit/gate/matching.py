@@ -1,8 +1,13 @@
-"""Concept matching: case-insensitive, word-based, synonym-aware.
+"""Concept matching: case-insensitive, word-based, plural- and synonym-aware.
+
+The one matcher of "is this concept label one of these terms?": the findings
+(``clipaudit.findings``: forbidden and expected concepts), the gate's checks and
+waivers, and so the report, all decide with it, so they cannot disagree.
 
 A concept label matches a listed term when the term's words appear as consecutive
-words of the label, ignoring case and punctuation: ``ruler`` matches ``ruler`` and
-``measuring ruler``; ``band-aid`` matches ``band aid`` and ``Band-Aid``; ``ink``
+words of the label, ignoring case, punctuation and plural endings: ``ruler``
+matches ``ruler``, ``Ruler.``, ``rulers``, ``measuring ruler`` and ``ruler/scale
+bar``; ``band-aid`` matches ``band aid``, ``band_aid`` and ``Band-Aids``; ``ink``
 does not match ``pink skin``. Synonym groups (``synonyms: {ruler: [scale bar]}``)
 make every member of a group stand for all of them; groups sharing a member merge.
 """
@@ -18,8 +23,24 @@ _WORD_RE = re.compile(r"[^\W_]+")
 
 
 def words_of(text: str) -> Words:
-    """The lower-cased words of ``text`` (hyphens, underscores and punctuation split)."""
-    return tuple(_WORD_RE.findall(text.casefold()))
+    """The lower-cased, singular words of ``text`` (hyphens, underscores, slashes and
+    punctuation split). Idempotent: ``words_of(" ".join(words_of(t))) == words_of(t)``."""
+    return tuple(singular(w) for w in _WORD_RE.findall(text.casefold()))
+
+
+def singular(word: str) -> str:
+    """One form for a word's singular and plural (rulers, patches, bodies, glasses ->
+    ruler, patch, body, glass). A light rule, not a dictionary: both sides of every
+    comparison go through it, so what it misses (lenses) stays unmatched on both."""
+    if len(word) <= 3 or not word.isalpha():
+        return word
+    if word.endswith("ies") and len(word) > 4:
+        return word[:-3] + "y"
+    if word.endswith(("sses", "shes", "ches", "xes")):
+        return word[:-2]
+    if word.endswith("s") and not word.endswith(("ss", "us", "is")):
+        return word[:-1]
+    return word
 
 
 def phrase_in(term: Words, label: Words) -> bool:

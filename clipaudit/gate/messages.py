@@ -62,7 +62,7 @@ def show(value: Any) -> str:
     return f"a {type(value).__name__}"
 
 
-def _problem(item: dict[str, Any], parent: Any) -> str:
+def _problem(item: Any, parent: Any) -> str:
     kind, ctx, value = item["type"], item.get("ctx") or {}, item.get("input")
     if kind == "missing":
         return "required key is missing"

@@ -49,9 +49,18 @@ def _counts(verdicts: Iterable[RuleVerdict]) -> dict[str, str]:
             "errors": "0", "time": "0"}
 
 
+EXIT_CODES = ("clipaudit exit codes: 0 every rule passed, 1 a rule failed, 2 usage or input "
+              "error, 3 internal error")
+
+
+def _exit_code(result: AuditResult) -> int:
+    return 1 if any(map(_failed, result.verdicts)) else 0
+
+
 def junit_tree(result: AuditResult) -> ET.Element:
     """The JUnit XML document: a suite per head (plus ``audit``), a case per verdict."""
     root = ET.Element("testsuites", {"name": "clipaudit", **_counts(result.verdicts)})
+    root.append(ET.Comment(f" {EXIT_CODES}; this audit: {_exit_code(result)} "))
     groups: dict[str, list[RuleVerdict]] = {}
     for v in result.verdicts:
         groups.setdefault(v.head if v.head is not None else AUDIT_GROUP, []).append(v)
@@ -60,7 +69,8 @@ def junit_tree(result: AuditResult) -> ET.Element:
                               {"name": _x(f"clipaudit.{group}"), **_counts(verdicts)})
         props = ET.SubElement(suite, "properties")
         for key, value in (("audit_id", result.audit_id), ("verdict", result.verdict),
-                           ("rules", result.rules_file or "")):
+                           ("rules", result.rules_file or ""),
+                           ("exit_code", str(_exit_code(result)))):
             ET.SubElement(props, "property", name=key, value=_x(value))
         for v in verdicts:
             case = ET.SubElement(suite, "testcase", classname=_x(f"clipaudit.{group}"),
@@ -154,7 +164,8 @@ def render_summary_md(result: AuditResult, max_rows: int = 50) -> str:
              md_escape(v.message)] for v in verdicts]
     lines += [f"<details><summary>All {len(verdicts)} rule results</summary>", ""]
     lines += _table(["Status", "Rule", "Check", "Head", "Class", "Message"], rows, max_rows)
-    lines += ["", "</details>", ""]
+    lines += ["", "</details>", "",
+              f"<sub>{EXIT_CODES}; this audit: {_exit_code(result)}.</sub>", ""]
     return "\n".join(lines)
 
 

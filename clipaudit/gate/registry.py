@@ -129,7 +129,7 @@ def register_check(name: str, *, params: type[CheckSpec] = CheckSpec,
             raise ValueError(f"check {name!r} is already registered by {known.fn.__module__}")
         title = "".join(part.capitalize() for part in name.split("-")) + "Rule"
         model = create_model(title, __base__=params, __doc__=params.__doc__,
-                             check=(Literal[name], Field(description="Registered check name.")))
+                             check=(Literal[name], Field(description="Registered check name.")))  # type: ignore[arg-type]
         doc = (fn.__doc__ or "").strip().splitlines()
         _REGISTRY[name] = RegisteredCheck(name, fn, model, scope, doc[0] if doc else "")
         _MODEL_CACHE.clear()

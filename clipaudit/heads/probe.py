@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 import torch
 
-from clipaudit.artifacts import load_tensors, require_match, save_tensors, sha256_file
+from clipaudit.artifacts import load_tensors, require_finite, require_match, save_tensors, sha256_file
 from clipaudit.errors import ArtifactError, InputError
 from clipaudit.heads.base import HeadType, LinearForm, register_head_type
 
@@ -60,6 +60,7 @@ class LinearProbe:
         if self.normalisation == "l2":
             phi = e_nD / e_nD.norm(dim=1, keepdim=True).clamp_min(1e-12)
         elif self.normalisation == "standardize":
+            assert self.mean is not None and self.std is not None
             phi = (e_nD - self.mean.to(e_nD)) / self.std.to(e_nD)
         else:
             phi = e_nD
@@ -80,6 +81,7 @@ def save_probe(probe: LinearProbe, fpath: Path | str) -> Path:
     """Write a probe: safetensors (weight [C, D], bias [C], optional mean/std) + JSON header."""
     tensors = {"weight": probe.weight.float(), "bias": probe.bias.float()}
     if probe.normalisation == "standardize":
+        assert probe.mean is not None and probe.std is not None
         tensors |= {"mean": probe.mean.float(), "std": probe.std.float()}
     meta = {"class_names": list(probe.class_names), "normalisation": probe.normalisation,
             "embed_dim": int(probe.weight.shape[1]), **probe.meta}
@@ -94,6 +96,7 @@ def load_probe(fpath: Path | str, *, expect_backbone_id: str | None = None,
     for key in ("weight", "bias"):
         if key not in t:
             raise ArtifactError(f"{fpath}: probe file has no '{key}' tensor")
+    require_finite(t, fpath, "probe")
     weight, bias = t["weight"].float(), t["bias"].float()
     names = meta.get("class_names")
     if (weight.dim() != 2 or bias.shape != (weight.shape[0],) or not isinstance(names, list)

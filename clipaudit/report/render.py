@@ -24,7 +24,8 @@ from clipaudit.artifacts import atomic_path
 from clipaudit.errors import InputError
 from clipaudit.report.model import ReportConfig, ReportData
 from clipaudit.resources import templates_dpath
-from clipaudit.results import load_audit
+from clipaudit.results import AUDIT_FNAME, load_audit
+from clipaudit.staging import staged_output
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,8 @@ def _offline_fetcher() -> Any:
     return fetch
 
 
+# both reports change together, or (a killed or failed render) neither does
+@staged_output("audit_dpath", command="report", copy=True, replaces=AUDIT_FNAME)
 def write_report(audit_dpath: Path | str, *, html: bool = True, pdf: bool = True,
                  config: ReportConfig | None = None) -> ReportPaths:
     """(Re-)render ``report.html`` and/or ``report.pdf`` from a finished audit folder.

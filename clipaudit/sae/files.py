@@ -87,4 +87,4 @@ def is_sae_file(fpath: Path) -> bool:
         meta = read_tensor_meta(fpath)
     except ArtifactError:
         return False
-    return bool(meta) and meta.get("kind") == KIND
+    return meta is not None and meta.get("kind") == KIND

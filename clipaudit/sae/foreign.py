@@ -26,6 +26,7 @@ from typing import Any
 
 import torch
 
+from clipaudit.artifacts import torch_load_reason
 from clipaudit.errors import ArtifactError, InputError
 from clipaudit.sae.model import TopKSAE
 
@@ -53,11 +54,7 @@ def torch_load_safely(source: Path | io.BytesIO, fpath: Path) -> Any:
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError...
-        first = str(e).strip().splitlines()[0][:300] if str(e).strip() else type(e).__name__
-        raise ArtifactError(
-            f"{fpath}: cannot be read safely with torch.load(weights_only=True) ({first}); "
-            "clipaudit never unpickles objects: re-save only the tensors (the state_dict)"
-        ) from None
+        raise ArtifactError(f"{fpath}: cannot be read: {torch_load_reason(e)}") from None
 
 
 # ------------------------------------------------------------------ reference code
@@ -179,7 +176,7 @@ def _saelens_activation(cfg: dict[str, Any], cfg_fpath: Path, options: ImportOpt
     if arch == "topk" or cfg.get("activation_fn_str") == "topk":
         if k is None and options.k is None:
             raise ArtifactError(f"{cfg_fpath}: a topk SAE without k")
-        return int(k if k is not None else options.k), True
+        return int(k if k is not None else options.k), True  # type: ignore[arg-type]
     if arch in ("standard", "relu"):
         return _relu_as_topk(cfg_fpath, arch, options, notes), True
     raise ArtifactError(f"{cfg_fpath}: SAELens architecture {arch!r} is not supported "
@@ -234,7 +231,7 @@ def read_saev(fpath: Path, options: ImportOptions) -> TopKSAE:
     if activation == "Relu":
         k, relu = _relu_as_topk(fpath, "saev Relu", options, notes), True
     elif activation in ("TopK", "BatchTopK"):
-        k, relu = int(top_k), False
+        k, relu = int(top_k), False  # type: ignore[arg-type]
         if activation == "BatchTopK":
             notes.append("BatchTopK read as per-row TopK (saev applies top-k per row at inference)")
     else:
@@ -310,7 +307,7 @@ def build_sae(path: Path, fmt: str, *, W_enc: torch.Tensor, b_enc: torch.Tensor,
                      "reconstructions match the source")
     for note in notes:
         log.warning("%s: %s", path, note)
-    meta = {"source_format": fmt, "source_path": str(path), "backbone": None, "hook": None,
+    meta: dict[str, Any] = {"source_format": fmt, "source_path": str(path), "backbone": None, "hook": None,
             "d": d, "n_latents": m, "k": k, "relu": relu, "scale": float(scale),
             "normalisation": "none" if scale == 1.0 else f"inputs x {scale:g}",
             "seed": None, "metrics": {}, "notes": notes}

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from clipaudit.artifacts import require_finite
 from clipaudit.errors import ArtifactError, InputError
 from clipaudit.sae.files import check_sae_matches, is_sae_file, read_sae_file
 from clipaudit.sae.foreign import (
@@ -73,7 +74,9 @@ def import_sae(path: Path | str, fmt: str | None = None, *, k: int | None = None
     if not path.exists():
         raise ArtifactError(f"{path}: file not found")
     options = ImportOptions(k=k, apply_b_dec_to_input=apply_b_dec_to_input, scale=scale)
-    return _FORMATS[name].read(path, options)
+    sae = _FORMATS[name].read(path, options)
+    require_finite(sae.state_dict(), path, "SAE")  # NaN weights would poison every share
+    return sae
 
 
 def load_sae(fpath: Path | str, *, expect_backbone_id: str | None = None,

@@ -40,7 +40,7 @@ class SAEMetrics:
 
     @classmethod
     def from_dict(cls, doc: dict[str, Any]) -> SAEMetrics:
-        return cls(**{f.name: doc.get(f.name) for f in dataclasses.fields(cls)})
+        return cls(**{f.name: doc.get(f.name) for f in dataclasses.fields(cls)})  # type: ignore[arg-type]
 
 
 @torch.no_grad()

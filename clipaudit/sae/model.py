@@ -48,13 +48,20 @@ class SAE(Protocol):
     d: int
     n_latents: int
     k: int
-    W_dec: torch.Tensor
-    """[d, n_latents] decoder, in the normalised input space."""
-    b_dec: torch.Tensor
-    """[d] decoder bias, in the normalised input space."""
-    scale: torch.Tensor
-    """Input normalisation: the SAE sees h * scale."""
     meta: dict[str, Any]
+
+    # Read-only in the protocol, so a module's Parameter (a Tensor subclass) satisfies it.
+    @property
+    def W_dec(self) -> torch.Tensor:
+        """[d, n_latents] decoder, in the normalised input space."""
+
+    @property
+    def b_dec(self) -> torch.Tensor:
+        """[d] decoder bias, in the normalised input space."""
+
+    @property
+    def scale(self) -> torch.Tensor:
+        """Input normalisation: the SAE sees h * scale."""
 
     def encode(self, h: torch.Tensor) -> SparseCodes: ...
 
@@ -64,6 +71,8 @@ class SAE(Protocol):
 class TopKSAE(torch.nn.Module):
     """TopK SAE with parameters ``W_enc`` [m, d], ``b_enc`` [m], ``W_dec`` [d, m], ``b_dec`` [d]
     and the buffer ``scale`` (0-d)."""
+
+    scale: torch.Tensor  # a registered buffer (for the type checker: not a Module)
 
     def __init__(self, d: int, n_latents: int, k: int, *, relu: bool = True,
                  meta: dict[str, Any] | None = None):

@@ -22,13 +22,13 @@ class SelectedPreacts(torch.autograd.Function):
     computed by the dense forward; the backward is sparse."""
 
     @staticmethod
-    def forward(ctx, xc_nd: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,  # type: ignore[override]
+    def forward(ctx, xc_nd: torch.Tensor, W_enc: torch.Tensor, b_enc: torch.Tensor,  # type: ignore[override,unused-ignore]
                 indices_nk: torch.Tensor, values_nk: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(xc_nd, W_enc, indices_nk)
         return values_nk.clone()
 
     @staticmethod
-    def backward(ctx, grad_nk: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad_nk: torch.Tensor):  # type: ignore[override,unused-ignore]
         xc_nd, W_enc, indices_nk = ctx.saved_tensors
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_nk = grad_nk.contiguous()

@@ -118,8 +118,10 @@ class SAETrainer:
 
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        assert vals.grad is not None
         terms = [(top_idx, vals.detach(), vals.grad)]
         if aux:
+            assert aux[2].grad is not None
             terms.append((aux[1], aux[2].detach(), aux[2].grad))
         assert W_dec_md.grad is not None
         remove_parallel_(W_dec_md.grad, W_dec_md.detach(),
