@@ -18,7 +18,8 @@ TINY_CONFIGS = ("tiny-vit-a", "tiny-vit-b")
 
 def tiny_backbone(name: str = "tiny-vit-a", seed: int = 0) -> Backbone:
     """A tiny random-weight ViT CLIP from tests/configs/<name>.json."""
-    return load_backbone(BackboneSpec(model=name, config=CONFIGS_DPATH / f"{name}.json", seed=seed))
+    return load_backbone(BackboneSpec(model=name, config=CONFIGS_DPATH / f"{name}.json",
+                                       pretrained="random", seed=seed))
 
 
 @pytest.fixture(params=TINY_CONFIGS)

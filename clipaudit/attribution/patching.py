@@ -4,27 +4,29 @@ Conventions (the contract is shared/DESIGN.md section 2):
 
 - The SAE error eps = h - h_hat is computed on the clean pass and held fixed, so
   the patched model reproduces the original scores exactly.
-- Gradients are taken with every LayerNorm scale downstream of the hook point
-  and the head's per-instance normalisation (|e| for cosine / L2 heads) held
-  fixed: the common "frozen LayerNorm" linearisation. At the default hook point
-  (last block, CLS) the rest of the tower is then affine in h, and attributions
-  are complete: for every instance and class
+- Two gradient modes. ``frozen`` (the default) holds every norm scale downstream of
+  the hook point and the head's per-instance normalisation (|e| for cosine / L2
+  heads) fixed: the common "frozen LayerNorm" linearisation. At the pooled hook
+  point (and the last block's class token of a class-token ViT) the rest of the
+  tower is then affine in h for every open_clip tower but the two with an MLP
+  projection, and attributions are complete: for every instance and class
       y_c - b_c = sum_j A[n, j, c] + A_err[n, c] + A_bias[n, c],
   where A_err = eps . dy_c/dh and A_bias = b_dec . dy_c/dh plus the constant
-  that the downstream biases (ln_post's beta, the head's offset) contribute.
-  (With exact LayerNorm gradients h . dy/dh is zero, since LayerNorm is scale
-  invariant, and no such decomposition exists.) At earlier blocks the tower is
-  not affine, and A_bias is the b_dec term alone.
-- All classes come from one forward pass per batch: analytically at the default
-  hook point (the gradient is a fixed direction per class divided by a
-  per-instance scale), by one batched backward pass elsewhere.
+  that the downstream biases (the norm's beta, the projection's bias, the head's
+  offset) contribute. (With exact LayerNorm gradients h . dy/dh is zero, since
+  LayerNorm is scale invariant, and no such decomposition exists.) ``exact`` is
+  plain autograd through every norm and the head's normalisation, as the paper's
+  reference code does; it reproduces that code's attributions. Elsewhere (earlier
+  blocks, exact mode, MLP projections) A_bias is the b_dec term alone.
+- All classes come from one forward pass per batch: in closed form from a pooled
+  cache (the gradient is a fixed direction per class divided by a per-instance
+  scale), by one batched backward pass elsewhere.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +35,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from clipaudit.extraction.hooks import HookPoint, VisionTower, replace_tokens, select_tokens
+from clipaudit.errors import InputError
+from clipaudit.extraction.hooks import HookPoint, Tower
+from clipaudit.extraction.readout import PooledReadout, frozen_norms
 from clipaudit.heads import Head
 from clipaudit.progress import NULL_REPORTER, Reporter
 from clipaudit.sae.model import SAE
@@ -115,83 +119,131 @@ class Attributions:
         })
 
 
-# ------------------------------------------------------------------ default hook point
+# ------------------------------------------------------------------ pooled hook point
+
+GRADIENT_MODES: tuple[str, ...] = ("frozen", "exact")
+
+
+def check_gradient(gradient: str) -> None:
+    if gradient not in GRADIENT_MODES:
+        raise InputError(f"gradient {gradient!r} is not one of {', '.join(GRADIENT_MODES)}")
+
+
+def as_readout(tower: Tower | PooledReadout) -> PooledReadout:
+    """The rest of the tower from its pooled vector (a readout passes through)."""
+    return tower if isinstance(tower, PooledReadout) else tower.pooled_readout
 
 
 @dataclass(frozen=True)
-class _ClsReadout:
-    """The affine structure of ln_post -> proj -> head for one head (default hook point)."""
+class _ClosedForm:
+    """The affine structure of norm -> projection -> head for one head (frozen mode)."""
 
     directions: torch.Tensor
-    """[C, d] centred g * (proj @ W_eff_c): dy_c/dh = directions[c] / (sigma_n * s_n)."""
+    """[C, d]: dy_c/dh = directions[c] / (sigma_n * s_n)."""
     latent_dirs: torch.Tensor
     """[C, n_latents] directions @ W_dec / scale."""
     b_dec_term: torch.Tensor
     """[C] directions @ b_dec / scale."""
+    offset: torch.Tensor
+    """[D] the embedding of h = 0 with the norm's scale set aside: beta @ W + b."""
 
 
-def _ln_params(ln: torch.nn.Module, d: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    if not isinstance(ln, torch.nn.LayerNorm):
-        raise TypeError(f"ln_post is {type(ln).__name__}, not a LayerNorm")
-    weight = ln.weight if ln.weight is not None else torch.ones(d)
-    bias = ln.bias if ln.bias is not None else torch.zeros(d)
-    return weight.detach().float(), bias.detach().float(), float(ln.eps)
-
-
-def _proj(tower: VisionTower) -> torch.Tensor:
-    proj = tower.visual.proj
-    return proj.detach().float() if proj is not None else torch.eye(tower.width)
+def _closed_form(readout: PooledReadout, weight: torch.Tensor, sae: SAE) -> _ClosedForm:
+    assert readout.affine is not None
+    W, b = (t.float().to(weight.device) for t in readout.affine)
+    u = weight @ W.T  # [C, d]
+    norm = readout.norm
+    dirs = norm.linear_part(u) if norm is not None else u
+    has_beta = norm is not None and norm.bias is not None
+    beta = norm.bias.float().to(W) if has_beta else torch.zeros(W.shape[0]).to(W)  # type: ignore[union-attr]
+    scale = float(sae.scale)
+    return _ClosedForm(dirs, dirs @ sae.W_dec.detach().float() / scale,
+                       dirs @ sae.b_dec.detach().float() / scale, beta @ W + b)
 
 
 @torch.no_grad()
 def attribute_cls(acts_nd: torch.Tensor, ids: torch.Tensor, sae: SAE, head: Head,
-                  tower: VisionTower, *, batch_size: int = 4096,
-                  reporter: Reporter = NULL_REPORTER) -> Attributions:
-    """Attributions at the default hook point (last block, CLS) from cached activations."""
+                  tower: Tower | PooledReadout, *, batch_size: int = 4096,
+                  gradient: str = "frozen", reporter: Reporter = NULL_REPORTER) -> Attributions:
+    """Attributions from cached pooled vectors (or the last block's class token of a
+    class-token ViT, which is the same vector). ``tower``: the tower or its
+    ``pooled_readout``. ``gradient``: ``frozen`` (complete attributions) or ``exact``
+    (the paper's plain autograd)."""
     batches = (
         (acts_nd[s:s + batch_size], ids[s:s + batch_size]) for s in range(0, len(ids), batch_size)
     )
-    return attribute_cls_batches(batches, sae, head, tower, n_total=len(ids), reporter=reporter)
+    return attribute_cls_batches(batches, sae, head, tower, n_total=len(ids), gradient=gradient,
+                                 reporter=reporter)
 
 
 @torch.no_grad()
 def attribute_cls_batches(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], sae: SAE,
-                          head: Head, tower: VisionTower, *, n_total: int | None = None,
+                          head: Head, tower: Tower | PooledReadout, *, n_total: int | None = None,
+                          gradient: str = "frozen",
                           reporter: Reporter = NULL_REPORTER) -> Attributions:
     """Streaming version of ``attribute_cls`` over (acts [b, d], ids [b]) batches."""
-    if not tower.cls_readout_ok:
-        raise ValueError("the default-hook attribution needs a tower that reads out the CLS token")
-    g, beta, ln_eps = _ln_params(tower.visual.ln_post, tower.width)
-    proj = _proj(tower)
-    w_dec = sae.W_dec.detach().float()
-    scale = float(sae.scale)
-    readout: _ClsReadout | None = None
+    check_gradient(gradient)
+    readout = as_readout(tower)
+    closed = gradient == "frozen" and readout.is_affine
+    form_cache: dict[str, _ClosedForm] = {}
     parts: list[dict[str, torch.Tensor]] = []
+    head_bias = torch.zeros(len(head.class_names))
     with reporter.task("attributing", total=n_total) as task:
         for h, ids in batches:
-            h = h.float()
-            codes = sae.encode(h)
-            idx, z = codes.indices, codes.values.float()
-            h_hat = sae.decode(codes).float()
-            eps = h - h_hat
-            mu = h.mean(-1, keepdim=True)
-            sigma = ((h - mu).pow(2).mean(-1) + ln_eps).sqrt()  # [b]
-            e = tower.readout_cls(h)
-            form = head.linear_form(e)
-            if readout is None:
-                u = form.weight @ proj.T  # [C, d]
-                dg = g * u
-                dirs = dg - dg.mean(-1, keepdim=True)
-                readout = _ClsReadout(dirs, dirs @ w_dec / scale, dirs @ sae.b_dec.detach().float() / scale)
-            inv = 1.0 / (sigma * form.scale)  # [b]
-            values = z[..., None] * readout.latent_dirs.T[idx] * inv[:, None, None]  # [b, k, C]
-            error = (eps @ readout.directions.T) * inv[:, None]
-            const = ((beta @ proj - form.offset) @ form.weight.T) / form.scale[:, None]
-            bias = readout.b_dec_term * inv[:, None] + const
-            scores = form.scores(e)
-            parts.append(_sparse_part(ids, idx, z, values, error, bias, scores))
+            if closed:
+                part, head_bias = _closed_form_part(h.float(), ids, sae, head, readout, form_cache)
+            else:
+                with torch.enable_grad():
+                    part, head_bias = _autograd_part(h.float(), ids, sae, head, readout, gradient)
+            parts.append(part)
             task.advance(len(ids))
-    return _assemble(parts, head, sae.n_latents, form.bias if parts else torch.zeros(len(head.class_names)))
+    return _assemble(parts, head, sae.n_latents, head_bias)
+
+
+def _closed_form_part(h: torch.Tensor, ids: torch.Tensor, sae: SAE, head: Head,
+                      readout: PooledReadout, cache: dict[str, _ClosedForm]
+                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    codes = sae.encode(h)
+    idx, z = codes.indices, codes.values.float()
+    eps = h - sae.decode(codes).float()
+    sigma = readout.norm.sigma(h) if readout.norm is not None else torch.ones(len(h)).to(h)
+    e = readout(h)
+    form = head.linear_form(e)
+    if "form" not in cache:
+        cache["form"] = _closed_form(readout, form.weight.float(), sae)
+    cf = cache["form"]
+    inv = 1.0 / (sigma * form.scale)  # [b]
+    values = z[..., None] * cf.latent_dirs.T[idx] * inv[:, None, None]  # [b, k, C]
+    error = (eps @ cf.directions.T) * inv[:, None]
+    const = ((cf.offset - form.offset) @ form.weight.T) / form.scale[:, None]
+    bias = cf.b_dec_term * inv[:, None] + const
+    return _sparse_part(ids, idx, z, values, error, bias, form.scores(e)), form.bias
+
+
+def _autograd_part(h: torch.Tensor, ids: torch.Tensor, sae: SAE, head: Head,
+                   readout: PooledReadout, gradient: str
+                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    codes = sae.encode(h)
+    idx = codes.indices
+    z = codes.values.float().detach().requires_grad_(True)
+    h_hat = decode_codes(sae, idx, z)
+    eps = (h - h_hat).detach()
+    h_patched = h_hat + eps
+    scores, head_bias = _scores(readout.frozen(h_patched) if gradient == "frozen"
+                                else readout(h_patched), head, gradient)
+    grad_z, grad_h = _all_class_grads(scores, (z, h_patched))
+    values = (z.detach()[None] * grad_z).movedim(0, -1)  # [b, k, C]
+    error = torch.einsum("nd,cnd->nc", eps, grad_h)
+    bias = torch.einsum("d,cnd->nc", sae.b_dec.detach().float() / float(sae.scale), grad_h)
+    return _sparse_part(ids, idx, z.detach(), values.detach(), error.detach(), bias.detach(),
+                        scores.detach()), head_bias
+
+
+def _scores(e: torch.Tensor, head: Head, gradient: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class scores of ``e`` with the head's normalisation held fixed (frozen) or
+    differentiated through (exact), and the head's bias."""
+    form = head.linear_form(e)
+    return (form.scores(e) if gradient == "frozen" else head.scores(e)), form.bias
 
 
 def _sparse_part(ids, idx, z, values, error, bias, scores) -> dict[str, torch.Tensor]:
@@ -222,30 +274,8 @@ def _assemble(parts: list[dict[str, torch.Tensor]], head: Head, n_latents: int,
 # ------------------------------------------------------------------ any hook point (autograd)
 
 
-def _frozen_ln_forward(self: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    x32 = x.float()
-    mu = x32.mean(-1, keepdim=True)
-    sigma = ((x32 - mu).pow(2).mean(-1, keepdim=True) + self.eps).sqrt().detach()
-    out = (x32 - mu) / sigma
-    if self.weight is not None:
-        out = out * self.weight.float()
-    if self.bias is not None:
-        out = out + self.bias.float()
-    return out.to(x.dtype)
-
-
-@contextlib.contextmanager
-def frozen_layernorms(module: torch.nn.Module) -> Iterator[None]:
-    """Within the block, every LayerNorm in ``module`` treats its scale as a constant
-    in backward passes (values are unchanged)."""
-    patched = [m for m in module.modules() if isinstance(m, torch.nn.LayerNorm)]
-    for m in patched:
-        m.forward = types.MethodType(_frozen_ln_forward, m)
-    try:
-        yield
-    finally:
-        for m in patched:
-            del m.forward
+frozen_layernorms = frozen_norms
+"""Former name of ``clipaudit.extraction.readout.frozen_norms``."""
 
 
 def decode_codes(sae: SAE, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
@@ -254,38 +284,64 @@ def decode_codes(sae: SAE, indices: torch.Tensor, values: torch.Tensor) -> torch
     return (torch.einsum("...k,...kd->...d", values, atoms) + sae.b_dec) / sae.scale
 
 
-def attribute_images(images: torch.Tensor, ids: torch.Tensor, sae: SAE, head: Head,
-                     tower: VisionTower, hook: HookPoint) -> Attributions:
-    """Attributions at any hook point for one batch of preprocessed images.
+@contextlib.contextmanager
+def _no_weight_grads(module: torch.nn.Module) -> Iterator[None]:
+    """The tower's weights are constants here: no graph is built for the blocks before
+    the hook point, only from the patched activations on."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
-    One forward pass and one batched backward pass (all classes at once). For
-    spatial tokens the attribution of a component is summed over tokens.
+
+def attribute_images(images: torch.Tensor, ids: torch.Tensor, sae: SAE, head: Head,
+                     tower: Tower, hook: HookPoint, *, gradient: str = "frozen") -> Attributions:
+    """Attributions at any hook point of any tower for one batch of preprocessed images.
+
+    One forward pass and one batched backward pass (all classes at once). For spatial
+    tokens the attribution of a component is summed over tokens. At the pooled hook
+    point this is ``attribute_cls`` on the captured pooled vectors.
     """
-    layer = hook.resolve(tower.n_blocks)
-    with torch.no_grad():
-        resid = tower.run_blocks(tower.embed(images), 0, layer + 1)
-    h = select_tokens(resid, hook.token).float()
-    d = h.shape[-1]
-    codes = sae.encode(h.reshape(-1, d))
-    idx = codes.indices.reshape(*h.shape[:-1], -1)
-    z = codes.values.float().reshape(idx.shape).detach().requires_grad_(True)
-    h_hat = decode_codes(sae, idx, z)
-    eps = (h - h_hat).detach()
-    h_patched = h_hat + eps
-    with frozen_layernorms(tower.visual):
-        e = tower.rest(replace_tokens(resid, hook.token, h_patched.to(resid.dtype)), layer)
-    form = head.linear_form(e)
-    scores = form.scores(e)
-    grad_z, grad_h = _all_class_grads(scores, (z, h_patched))  # [C, *z.shape], [C, *h.shape]
+    check_gradient(gradient)
+    layer = tower.resolve(hook)
+    if layer is None:
+        with torch.no_grad():
+            pooled = tower.capture(images, hook).acts
+        return attribute_cls(pooled, ids, sae, head, tower, gradient=gradient)
+    state: dict[str, torch.Tensor] = {}
+
+    def patch(resid: torch.Tensor) -> torch.Tensor:
+        resid = resid.detach()
+        h = tower.select(resid, hook.token).float()
+        d = h.shape[-1]
+        codes = sae.encode(h.reshape(-1, d))
+        idx = codes.indices.reshape(*h.shape[:-1], -1)
+        z = codes.values.float().reshape(idx.shape).detach().requires_grad_(True)
+        h_hat = decode_codes(sae, idx, z)
+        state.update(idx=idx, z=z, eps=(h - h_hat).detach())
+        state["h_patched"] = h_hat + state["eps"]
+        return tower.replace(resid, hook.token, state["h_patched"].to(resid.dtype))
+
+    frozen = frozen_norms(tower.module) if gradient == "frozen" else contextlib.nullcontext()
+    with torch.enable_grad(), _no_weight_grads(tower.module), frozen:
+        e = tower.forward_edited(images, layer, patch)
+        scores, head_bias = _scores(e, head, gradient)
+    idx, z, eps = state["idx"], state["z"], state["eps"]
+    grad_z, grad_h = _all_class_grads(scores, (z, state["h_patched"]))  # [C, *z], [C, *h]
     values = (z.detach()[None] * grad_z).movedim(0, -1)  # [..., k, C]
     error = torch.einsum("...d,c...d->c...", eps, grad_h)
     bias = torch.einsum("d,c...d->c...", sae.b_dec.detach().float() / float(sae.scale), grad_h)
     if hook.token == "spatial":  # sum token-level terms per instance
         error, bias = error.sum(-1), bias.sum(-1)
         return _spatial_part(ids, idx, z.detach(), values, error.T, bias.T, scores.detach(),
-                             head, sae.n_latents, form.bias)
-    part = _sparse_part(ids, idx, z.detach(), values, error.T, bias.T, scores.detach())
-    return _assemble([part], head, sae.n_latents, form.bias)
+                             head, sae.n_latents, head_bias)
+    part = _sparse_part(ids, idx, z.detach(), values.detach(), error.T.detach(), bias.T.detach(),
+                        scores.detach())
+    return _assemble([part], head, sae.n_latents, head_bias)
 
 
 def _all_class_grads(scores: torch.Tensor, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:

@@ -66,6 +66,10 @@ def audit_cmd(
                                 help="Reuse the component descriptions of an earlier audit (its "
                                      "folder): a new rule file or head re-audits without "
                                      "recomputing them."),
+    gradient: str = option(AuditConfig, "gradient", "--gradient",
+                           help="frozen (norm scales and the head's normalisation held fixed: "
+                                "attributions add up to the score) or exact (plain autograd, as "
+                                "the paper's code)."),
     pdf: bool = option(OutputConfig, "pdf", "--pdf/--no-pdf", help="Also write report.pdf."),
     as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
 ) -> None:
@@ -73,7 +77,7 @@ def audit_cmd(
     from clipaudit.audit import run_audit
 
     config = AuditConfig(
-        rules=rules, outputs=OutputConfig(pdf=pdf),
+        rules=rules, outputs=OutputConfig(pdf=pdf), gradient=gradient,
         describe=DescribeConfig(vocabularies=tuple(vocab), reference_cache=reference_data, top_m=top_m,
                                 reuse=descriptions))
     with RichReporter(quiet=as_json) as reporter:
@@ -95,7 +99,8 @@ def demo_cmd(
     from clipaudit.demo import run_demo
 
     err.print(f"clipaudit demo: planting a ruler -> malignant shortcut in {n_images} synthetic "
-              f"dermoscopy images, then auditing a probe and a prompt set; output in {out_dpath}/")
+              f"dermoscopy images, then auditing a probe and a prompt set on the bundled demo "
+              f"model tiny-derm-clip; output in {out_dpath}/")
     with RichReporter(quiet=as_json) as reporter:
         outcome = run_demo(DemoConfig(out_dpath=out_dpath, n_images=n_images, pdf=pdf), reporter=reporter)
     _print_outcome(outcome, as_json)

@@ -84,9 +84,10 @@ def sae_info_cmd(
 
 
 def _info_text(info, cache: Path | None) -> str:
+    from clipaudit.extraction.hooks import describe_hook
+
     backbone = (info.backbone or {}).get("id", "unknown (not recorded)")
-    hook = (f"layer {info.hook.get('layer')}, {info.hook.get('token')}" if info.hook
-            else "unknown (not recorded)")
+    hook = describe_hook(info.hook) if info.hook else "unknown (not recorded)"
     lines = [f"{info.path}: {info.source_format} TopK SAE, d={info.d}, {info.n_latents} "
              f"latents, k={info.k}{'' if info.relu else ' (top-k without ReLU)'}",
              f"  input scale {info.scale:.6g} ({info.normalisation or 'none'}), seed {info.seed}",

@@ -18,7 +18,6 @@ worker finds every shard present writes the index.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -41,7 +40,7 @@ from clipaudit.errors import InputError, MismatchError
 from clipaudit.extraction.backbone import Backbone, BackboneSpec, load_backbone
 from clipaudit.extraction.cache_reader import ActivationCache, open_cache, shard_fpath
 from clipaudit.extraction.data import ImageSource, iter_decoded, load_image_source, reason_category
-from clipaudit.extraction.hooks import Capture, HookPoint, VisionTower
+from clipaudit.extraction.hooks import Capture, HookPoint, Tower, describe_hook, make_tower
 from clipaudit.progress import NULL_REPORTER, Reporter
 
 __all__ = ["ActivationCache", "ExtractConfig", "ExtractResult", "extract", "open_cache"]
@@ -57,9 +56,11 @@ class ExtractConfig:
     """How to extract an activation cache."""
 
     backbone: BackboneSpec = BackboneSpec()
-    """The CLIP to run (ignored when ``extract`` is given a loaded backbone)."""
+    """The CLIP to run (ignored when ``extract`` is given a loaded backbone). It must name
+    a model: ``BackboneSpec()`` names none, and extracting with it is an InputError."""
     hook: HookPoint = HookPoint()
-    """Layer and token of the residual stream to store."""
+    """What to store: the pooled vector (default), or the residual stream at a layer and
+    token."""
     batch_size: int = 64
     """Images per forward pass. Changing it between runs of one cache is allowed."""
     num_workers: int = 2
@@ -127,11 +128,11 @@ def extract(source: ImageSource | str | Path, out_dpath: str | Path,
     if not isinstance(source, ImageSource):
         source = load_image_source(source)
     if backbone is None:
-        backbone = load_backbone(config.backbone, resolve_device(config.device))
+        backbone = load_backbone(config.backbone, resolve_device(config.device), text=False)
     elif config.device != "auto":
         backbone.to(resolve_device(config.device))
-    tower = VisionTower(backbone.model)
-    provenance = {"backbone": backbone.provenance, "hook": config.hook.as_dict(tower.n_blocks),
+    tower = make_tower(backbone.model)
+    provenance = {"backbone": backbone.provenance, "hook": tower.hook_dict(config.hook),
                   "data_sha256": source.source_sha256,
                   "preprocess": backbone.provenance.get("preprocess")}
     layout = {"shard_size": config.shard_size, "store_dtype": config.store_dtype,
@@ -162,7 +163,7 @@ def extract(source: ImageSource | str | Path, out_dpath: str | Path,
 
 def _describe(key: str, value: Any) -> str:
     if key == "hook":
-        return f"layer {value['layer']}, token {value['token']}"
+        return describe_hook(value)
     if key == "backbone":
         return str(value.get("id"))
     return repr(value)
@@ -185,7 +186,7 @@ def _check_same(dpath: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
 
 
 def _prepare(dpath: Path, source: ImageSource, config: ExtractConfig, provenance: dict,
-             layout: dict, tower: VisionTower, backbone: Backbone) -> dict[str, Any]:
+             layout: dict, tower: Tower, backbone: Backbone) -> dict[str, Any]:
     """Check an existing cache matches this run, or start a new one; return its manifest."""
     manifest_fpath = dpath / "manifest.json"
     if manifest_fpath.is_file():
@@ -205,21 +206,17 @@ def _prepare(dpath: Path, source: ImageSource, config: ExtractConfig, provenance
     except (TypeError, ValueError) as e:  # pyarrow's ArrowInvalid/ArrowTypeError subclass these
         raise InputError(f"{source.root}: a metadata column cannot be stored in Parquet "
                          f"({str(e)[:200]})") from None
-    width = tower.width
-    n_tokens = None if config.hook.token == "cls" else _n_patch_tokens(tower)
+    tail = _acts_tail(tower, config.hook, backbone)
+    # What ran is the provenance (model, hook point, data, preprocessing) and the layout;
+    # nothing here repeats them, so no two fields can disagree.
     payload = {
         "layout": layout, "n_planned": n, "n_shards": -(-n // config.shard_size),
-        "d": width, "embed_dim": backbone.embed_dim, "token": config.hook.token,
-        "n_tokens": n_tokens, "source": {"root": str(source.root), "n_items": n},
-        "created_with": dataclasses.asdict(config), "complete": False,
+        "d": tail[-1], "embed_dim": backbone.embed_dim, "token": config.hook.token,
+        "n_tokens": tail[0] if len(tail) == 2 else None, "tower": tower.family,
+        "source": {"root": str(source.root), "n_items": n}, "complete": False,
     }
     write_json(manifest_fpath, "activation-cache", payload, provenance=provenance)
     return read_json(manifest_fpath, "activation-cache")
-
-
-def _n_patch_tokens(tower: VisionTower) -> int:
-    grid = tower.visual.grid_size
-    return int(grid[0] * grid[1])
 
 
 def _remove_stale_tmp(dpath: Path, pending: list[int]) -> None:
@@ -260,7 +257,7 @@ class _ShardBuffer:
 
 
 def _encode_shards(items: pd.DataFrame, pending: list[int], dpath: Path, config: ExtractConfig,
-                   provenance: dict, tower: VisionTower, backbone: Backbone,
+                   provenance: dict, tower: Tower, backbone: Backbone,
                    reporter: Reporter) -> None:
     size, n = config.shard_size, len(items)
     batches = [list(range(s, min(s + config.batch_size, (k + 1) * size, n)))
@@ -285,7 +282,7 @@ def _encode_shards(items: pd.DataFrame, pending: list[int], dpath: Path, config:
                 buf.embeds.append(cap.embeds.to(device="cpu", dtype=dtype, copy=True))
                 buf.ids.append(batch.ids)
             elif not buf.acts:  # keep the tensor shapes of an all-skipped batch
-                buf.acts.append(torch.empty(0, *_acts_tail(tower, hook), dtype=dtype))
+                buf.acts.append(torch.empty(0, *_acts_tail(tower, hook, backbone), dtype=dtype))
                 buf.embeds.append(torch.empty(0, backbone.embed_dim, dtype=dtype))
             for item_id, reason in batch.skipped:
                 buf.status[item_id - buf.first_id] = "skipped"
@@ -300,7 +297,7 @@ def _encode_shards(items: pd.DataFrame, pending: list[int], dpath: Path, config:
     assert not buffers, f"shards left unwritten: {sorted(buffers)}"
 
 
-def _capture(tower: VisionTower, images: torch.Tensor, hook: HookPoint,
+def _capture(tower: Tower, images: torch.Tensor, hook: HookPoint,
              batch_size: int) -> Capture:
     try:
         with torch.inference_mode():
@@ -310,10 +307,10 @@ def _capture(tower: VisionTower, images: torch.Tensor, hook: HookPoint,
                          "--batch-size (finished shards are kept)") from None
 
 
-def _acts_tail(tower: VisionTower, hook: HookPoint) -> tuple[int, ...]:
-    if hook.token == "cls":
-        return (tower.width,)
-    return (_n_patch_tokens(tower), tower.width)
+def _acts_tail(tower: Tower, hook: HookPoint, backbone: Backbone) -> tuple[int, ...]:
+    size = backbone.provenance.get("preprocess", {}).get("size", 224)
+    size = tuple(size) if isinstance(size, (list, tuple)) else (int(size), int(size))
+    return tower.acts_tail(hook, size)  # type: ignore[arg-type]
 
 
 # ---------------------------------------------------------------- completion
