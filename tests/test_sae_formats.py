@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import warnings
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,8 @@ from clipaudit.sae import (
     sae_info,
     save_sae,
 )
+
+from conftest import ReferenceTopKSAE, topk_mask
 
 D, M, K = 12, 40, 5
 
@@ -52,35 +53,7 @@ def _assert_same_codes(sae, x: torch.Tensor, z_ref: torch.Tensor) -> None:
     torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5)
 
 
-def _topk_mask(pre: torch.Tensor, k: int) -> torch.Tensor:
-    idx = pre.topk(k, dim=-1).indices
-    return torch.zeros_like(pre).scatter(-1, idx, 1.0)
-
-
 # ---------------------------------------------------------------- attributing-clip
-
-
-class ReferenceTopKSAE(torch.nn.Module):
-    """maxdreyer/attributing-clip model_training/sae.py, the parts that matter."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, k: int, parametrizations: bool = False):
-        super().__init__()
-        self.k = k
-        linear_enc = torch.nn.Linear(input_dim, hidden_dim)
-        linear_dec = torch.nn.Linear(hidden_dim, input_dim, bias=False)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch deprecates the old weight_norm
-            if parametrizations:
-                from torch.nn.utils.parametrizations import weight_norm
-            else:
-                from torch.nn.utils import weight_norm
-            self.encoder = torch.nn.Sequential(weight_norm(linear_enc))
-            self.decoder = weight_norm(linear_dec, dim=1)
-
-    def forward(self, x):
-        z = self.encoder(x)
-        z_bar = z * _topk_mask(z, self.k)
-        return self.decoder(z_bar), z, z_bar
 
 
 def _write_reference(path: Path, *, parametrizations: bool = False, prefix: str = "",
@@ -265,7 +238,7 @@ def test_saev_topk_converts_exactly(tmp_path, x, header):
     sae = import_sae(fpath)
     # saev's current encode: h_pre = x W_enc + b_enc; TopK keeps the raw top-k values
     h_pre = x @ w["W_enc"] + w["b_enc"]
-    f_x = h_pre * _topk_mask(h_pre, K)
+    f_x = h_pre * topk_mask(h_pre, K)
     _assert_same_codes(sae, x, f_x)
     with torch.no_grad():
         torch.testing.assert_close(sae(x), f_x @ w["W_dec"] + w["b_dec"], rtol=1e-5, atol=1e-5)
@@ -277,7 +250,7 @@ def test_saev_b_dec_convention_can_be_overridden(tmp_path, x):
     fpath = _write_saev(tmp_path / "sae.pt", SAEV_TOPK_V2, w)
     sae = import_sae(fpath, apply_b_dec_to_input=True)
     h_pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
-    _assert_same_codes(sae, x, h_pre * _topk_mask(h_pre, K))
+    _assert_same_codes(sae, x, h_pre * topk_mask(h_pre, K))
 
 
 def test_saev_pre_schema_relu_checkpoint(tmp_path, x):
