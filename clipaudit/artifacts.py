@@ -29,7 +29,7 @@ from clipaudit._version import __version__
 from clipaudit.errors import ArtifactError, MismatchError
 
 SCHEMA_VERSIONS: dict[str, int] = {
-    "activation-cache": 1,
+    "activation-cache": 2,  # 2: pooled hook point, tower family, no created_with
     "cache-shard": 1,
     "cache-index": 1,
     "cache-plan": 1,
@@ -42,6 +42,11 @@ SCHEMA_VERSIONS: dict[str, int] = {
     "tiny-clip": 1,
     "component-descriptions": 1,
 }
+
+OLDER_READABLE: dict[str, tuple[int, ...]] = {
+    "activation-cache": (1,),  # earlier caches (last block, cls) still open and audit
+}
+"""Earlier schema versions of a kind that this version still reads."""
 
 _META_KEY = "clipaudit"
 _UMASK = os.umask(0)
@@ -67,7 +72,7 @@ def check_header(meta: Mapping[str, Any], kind: str, fpath: Path | str) -> None:
     if got_kind != kind:
         raise ArtifactError(f"{fpath}: expected a clipaudit '{kind}' file, found {got_kind!r}")
     version = meta.get("schema_version")
-    if version != SCHEMA_VERSIONS[kind]:
+    if version != SCHEMA_VERSIONS[kind] and version not in OLDER_READABLE.get(kind, ()):
         raise ArtifactError(
             f"{fpath}: '{kind}' schema version {version!r} is not supported "
             f"(this clipaudit {__version__} reads version {SCHEMA_VERSIONS[kind]}); "
