@@ -33,7 +33,7 @@ SCHEMA_VERSIONS: dict[str, int] = {
     "cache-shard": 1,
     "cache-index": 1,
     "cache-plan": 1,
-    "sae": 1,
+    "sae": 2,  # 2: activation (topk | threshold), threshold tensor, per-row input_norm
     "probe": 1,
     "prompt-set": 1,
     "attributions": 1,
@@ -45,6 +45,7 @@ SCHEMA_VERSIONS: dict[str, int] = {
 
 OLDER_READABLE: dict[str, tuple[int, ...]] = {
     "activation-cache": (1,),  # earlier caches (last block, cls) still open and audit
+    "sae": (1,),  # TopK SAE files without the fields schema 2 added
 }
 """Earlier schema versions of a kind that this version still reads."""
 

@@ -51,7 +51,7 @@ from clipaudit.results import (
     InstanceInfo,
     save_audit,
 )
-from clipaudit.sae.model import SAE
+from clipaudit.sae.model import SAE, cat_codes
 
 log = logging.getLogger(__name__)
 
@@ -256,7 +256,8 @@ def _encode_all(sae: SAE, acts: torch.Tensor, batch_size: int) -> _Codes:
     parts = [sae.encode(acts[s:s + batch_size]) for s in range(0, len(acts), batch_size)]
     if not parts:
         return _Codes(torch.zeros(0, sae.k, dtype=torch.long), torch.zeros(0, sae.k))
-    return _Codes(torch.cat([p.indices for p in parts]), torch.cat([p.values for p in parts]).float())
+    codes = cat_codes(parts)  # SAEs with a threshold activate a varying number per row
+    return _Codes(codes.indices, codes.values.float())
 
 
 def _load_data(cache: ActivationCache, sae: SAE, batch_size: int) -> _Data:

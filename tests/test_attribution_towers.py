@@ -4,14 +4,17 @@ the SAE spliced in by forward hooks (written here, independently of clipaudit)."
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 
 from clipaudit.attribution.patching import attribute_cls, attribute_images
+from clipaudit.extraction.backbone import Backbone, BackboneSpec, load_backbone
 from clipaudit.extraction.hooks import HookPoint, make_tower
 from clipaudit.heads import LinearProbe, ZeroShotHead
 
-from conftest import RefTopKSAE, image_tower, images_for
+from conftest import CONFIGS_DPATH, RefTopKSAE, image_tower, images_for
 
 # Where each tiny model's pooled vector sits in the unmodified model, for the reference:
 # (module path from model.visual, "out" = a forward hook on its output, "in" = a forward
@@ -37,6 +40,22 @@ def _head(kind: str, dim: int, n_classes: int = 3):
         return ZeroShotHead(t / t.norm(dim=1, keepdim=True), names)
     return LinearProbe(torch.randn(n_classes, dim, generator=g), torch.randn(n_classes, generator=g),
                        names, "l2" if kind == "probe-l2" else "none")
+
+
+@functools.cache
+def norm_perturbed_tower(name: str) -> Backbone:
+    """The tiny model with random gains and shifts in every norm: random-init norms are
+    (1, 0), which would hide a gain applied on the wrong side of the centring."""
+    backbone = load_backbone(BackboneSpec(config=CONFIGS_DPATH / f"{name}.json",
+                                          pretrained="random", seed=3), text=False)
+    g = torch.Generator().manual_seed(17)
+    with torch.no_grad():
+        for m in backbone.model.modules():
+            if isinstance(m, torch.nn.LayerNorm) and m.weight is not None:
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.2)
+    return backbone
 
 
 def _frozen_norm_hook(module, inputs, output):
@@ -110,7 +129,7 @@ def _sae(d: int, scale: float = 1.3) -> RefTopKSAE:
 @pytest.mark.parametrize("head_kind", ["probe-none", "probe-l2", "zero-shot"])
 @pytest.mark.parametrize("name", list(POOLED_SITE))
 def test_pooled_attributions_equal_autograd_through_the_model(name, head_kind, gradient):
-    backbone = image_tower(name)
+    backbone = norm_perturbed_tower(name)
     tower = make_tower(backbone.model)
     sae = _sae(tower.pooled_dim)
     head = _head(head_kind, backbone.embed_dim)
@@ -129,7 +148,7 @@ def test_pooled_attributions_equal_autograd_through_the_model(name, head_kind, g
 
 @pytest.mark.parametrize("name", [n for n in POOLED_SITE if n != "tiny-convnext-mlp"])
 def test_frozen_attributions_from_any_pooled_cache_add_up_to_the_score(name):
-    backbone = image_tower(name)
+    backbone = norm_perturbed_tower(name)
     tower = make_tower(backbone.model)
     sae = _sae(tower.pooled_dim, scale=0.7)
     head = _head("probe-l2", backbone.embed_dim)
@@ -163,7 +182,7 @@ def test_exact_equals_frozen_when_nothing_is_normalised():
     ("tiny-pe-core", 0, "cls"),
 ])
 def test_residual_attributions_on_timm_towers_equal_autograd(name, layer, token, gradient):
-    backbone = image_tower(name)
+    backbone = norm_perturbed_tower(name)
     tower = make_tower(backbone.model)
     sae = _sae(tower.width)
     head = _head("zero-shot", backbone.embed_dim)

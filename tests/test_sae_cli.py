@@ -86,7 +86,7 @@ def test_sae_info_describes_the_file_and_measures_it_on_a_cache(cache_a, trained
     out, _ = trained
     result = runner.invoke(app, ["sae-info", str(out)])
     assert result.exit_code == 0, result.output
-    for word in ("clipaudit TopK SAE", "d=64", "128 latents", "k=8", "tiny-vit-a", "hook pooled",
+    for word in ("format clipaudit", "TopK SAE, k=8", "d=64", "128 latents", "tiny-vit-a", "hook pooled",
                  "stored metrics"):
         assert word in result.stdout
     result = runner.invoke(app, ["sae-info", str(out), "--cache", str(cache_a), "--json", "-q"])

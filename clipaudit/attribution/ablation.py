@@ -21,7 +21,7 @@ from clipaudit.extraction.hooks import Tower
 from clipaudit.extraction.readout import PooledReadout
 from clipaudit.heads import Head
 from clipaudit.results import AblationEffect, FaithfulnessCurve, SliceEffect
-from clipaudit.sae.model import SAE
+from clipaudit.sae.model import SAE, decoder_rows_for
 
 FAITHFULNESS_METHODS: tuple[str, ...] = (
     "act_x_grad", "act_x_grad_exact", "logit_lens", "act_x_logit_lens", "activation", "random",
@@ -33,8 +33,15 @@ ReadoutLike = Tower | PooledReadout
 
 
 def _atoms(sae: SAE) -> torch.Tensor:
-    """Raw-space decoder directions [n_latents, d]."""
-    return sae.W_dec.detach().float().T / float(sae.scale)
+    """Decoder directions [n_latents, d] (raw space up to each row's multiplier)."""
+    return sae.W_dec.detach().float().T
+
+
+def _row_multiplier(sae: SAE, h: torch.Tensor) -> torch.Tensor:
+    """[n, 1]: what each row's decoder multiplies a direction by (1 / scale, or the row's
+    own factor for SAEs that normalise each input row)."""
+    mult, _ = decoder_rows_for(sae, h)
+    return torch.as_tensor(mult, dtype=h.dtype).reshape(-1, 1).expand(len(h), 1)
 
 
 @torch.no_grad()
@@ -48,7 +55,7 @@ def ablated_scores(acts_nd: torch.Tensor, sae: SAE, head: Head, tower: ReadoutLi
     if len(components):
         codes = codes if codes is not None else sae.encode(h)
         z = torch.stack([(codes.values.float() * (codes.indices == j)).sum(1) for j in components], 1)
-        h = h - z @ _atoms(sae)[list(components)]
+        h = h - (z @ _atoms(sae)[list(components)]) * _row_multiplier(sae, h)
     return head.scores(as_readout(tower)(h))
 
 
@@ -141,6 +148,7 @@ def deletion_curves(acts_nd: torch.Tensor, sae: SAE, head: Head, tower: ReadoutL
         "random": torch.rand(idx.shape, generator=torch.Generator().manual_seed(seed)),
     }
     atoms = _atoms(sae)
+    mult = _row_multiplier(sae, h)
     clean = head.scores(readout(h))[torch.arange(n), target]
     norm = clean.abs().mean().clamp_min(1e-12)
     steps = min(steps, idx.shape[1])
@@ -151,7 +159,7 @@ def deletion_curves(acts_nd: torch.Tensor, sae: SAE, head: Head, tower: ReadoutL
         for s in range(steps):
             pick = order[:, s]
             j, zj = idx[torch.arange(n), pick], z[torch.arange(n), pick]
-            hm = hm - zj[:, None] * atoms[j]
+            hm = hm - zj[:, None] * atoms[j] * mult
             scores.append(float(head.scores(readout(hm))[torch.arange(n), target].mean()))
         curves.append(FaithfulnessCurve(method=method, steps=list(range(steps + 1)), scores=scores,
                                         auc=float(np.mean(scores) / float(norm))))

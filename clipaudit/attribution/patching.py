@@ -40,7 +40,7 @@ from clipaudit.extraction.hooks import HookPoint, Tower
 from clipaudit.extraction.readout import PooledReadout, frozen_norms
 from clipaudit.heads import Head
 from clipaudit.progress import NULL_REPORTER, Reporter
-from clipaudit.sae.model import SAE
+from clipaudit.sae.model import SAE, decoder_rows
 
 log = logging.getLogger(__name__)
 
@@ -141,9 +141,11 @@ class _ClosedForm:
     directions: torch.Tensor
     """[C, d]: dy_c/dh = directions[c] / (sigma_n * s_n)."""
     latent_dirs: torch.Tensor
-    """[C, n_latents] directions @ W_dec / scale."""
+    """[C, n_latents] directions @ W_dec (times the decoder's row multiplier, 1 / scale)."""
     b_dec_term: torch.Tensor
-    """[C] directions @ b_dec / scale."""
+    """[C] directions @ b_dec (likewise)."""
+    ones_term: torch.Tensor
+    """[C] directions @ 1: what a per-row decoder offset contributes."""
     offset: torch.Tensor
     """[D] the embedding of h = 0 with the norm's scale set aside: beta @ W + b."""
 
@@ -153,12 +155,11 @@ def _closed_form(readout: PooledReadout, weight: torch.Tensor, sae: SAE) -> _Clo
     W, b = (t.float().to(weight.device) for t in readout.affine)
     u = weight @ W.T  # [C, d]
     norm = readout.norm
-    dirs = norm.linear_part(u) if norm is not None else u
+    dirs = norm.adjoint(u) if norm is not None else u
     has_beta = norm is not None and norm.bias is not None
     beta = norm.bias.float().to(W) if has_beta else torch.zeros(W.shape[0]).to(W)  # type: ignore[union-attr]
-    scale = float(sae.scale)
-    return _ClosedForm(dirs, dirs @ sae.W_dec.detach().float() / scale,
-                       dirs @ sae.b_dec.detach().float() / scale, beta @ W + b)
+    return _ClosedForm(dirs, dirs @ sae.W_dec.detach().float(), dirs @ sae.b_dec.detach().float(),
+                       dirs.sum(-1), beta @ W + b)
 
 
 @torch.no_grad()
@@ -213,10 +214,13 @@ def _closed_form_part(h: torch.Tensor, ids: torch.Tensor, sae: SAE, head: Head,
         cache["form"] = _closed_form(readout, form.weight.float(), sae)
     cf = cache["form"]
     inv = 1.0 / (sigma * form.scale)  # [b]
-    values = z[..., None] * cf.latent_dirs.T[idx] * inv[:, None, None]  # [b, k, C]
+    mult, shift = decoder_rows(sae, codes)
+    dec = inv * mult  # [b]: the decoder's row multiplier and the readout's scale together
+    values = z[..., None] * cf.latent_dirs.T[idx] * dec[:, None, None]  # [b, k, C]
     error = (eps @ cf.directions.T) * inv[:, None]
     const = ((cf.offset - form.offset) @ form.weight.T) / form.scale[:, None]
-    bias = cf.b_dec_term * inv[:, None] + const
+    offset = (torch.as_tensor(shift).to(h) * inv)[..., None] * cf.ones_term  # per-row decoder offset
+    bias = cf.b_dec_term * dec[:, None] + offset + const
     return _sparse_part(ids, idx, z, values, error, bias, form.scores(e)), form.bias
 
 
@@ -226,7 +230,7 @@ def _autograd_part(h: torch.Tensor, ids: torch.Tensor, sae: SAE, head: Head,
     codes = sae.encode(h)
     idx = codes.indices
     z = codes.values.float().detach().requires_grad_(True)
-    h_hat = decode_codes(sae, idx, z)
+    h_hat = decode_codes(sae, idx, z, codes)
     eps = (h - h_hat).detach()
     h_patched = h_hat + eps
     scores, head_bias = _scores(readout.frozen(h_patched) if gradient == "frozen"
@@ -234,7 +238,7 @@ def _autograd_part(h: torch.Tensor, ids: torch.Tensor, sae: SAE, head: Head,
     grad_z, grad_h = _all_class_grads(scores, (z, h_patched))
     values = (z.detach()[None] * grad_z).movedim(0, -1)  # [b, k, C]
     error = torch.einsum("nd,cnd->nc", eps, grad_h)
-    bias = torch.einsum("d,cnd->nc", sae.b_dec.detach().float() / float(sae.scale), grad_h)
+    bias = torch.einsum("nd,cnd->nc", _decoder_constant(sae, codes, h.shape), grad_h)
     return _sparse_part(ids, idx, z.detach(), values.detach(), error.detach(), bias.detach(),
                         scores.detach()), head_bias
 
@@ -278,10 +282,28 @@ frozen_layernorms = frozen_norms
 """Former name of ``clipaudit.extraction.readout.frozen_norms``."""
 
 
-def decode_codes(sae: SAE, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """h_hat in raw space, differentiable in ``values`` ([..., k] -> [..., d])."""
+def decode_codes(sae: SAE, indices: torch.Tensor, values: torch.Tensor,
+                 codes: object = None) -> torch.Tensor:
+    """h_hat in raw space, differentiable in ``values`` ([..., k] -> [..., d]); ``codes``
+    carry the per-row decoder affine of SAEs that normalise each row."""
     atoms = sae.W_dec.T[indices]  # [..., k, d]
-    return (torch.einsum("...k,...kd->...d", values, atoms) + sae.b_dec) / sae.scale
+    x_hat = torch.einsum("...k,...kd->...d", values, atoms) + sae.b_dec
+    mult, shift = decoder_rows(sae, codes)
+    if isinstance(mult, torch.Tensor):
+        lead = indices.shape[:-1]
+        return x_hat * mult.reshape(*lead, 1) + torch.as_tensor(shift).reshape(*lead, 1)
+    return x_hat * mult
+
+
+def _decoder_constant(sae: SAE, codes: object, shape: torch.Size) -> torch.Tensor:
+    """[..., d] the part of h_hat that does not depend on the codes: b_dec through the
+    decoder's row affine (A_bias is its attribution)."""
+    mult, shift = decoder_rows(sae, codes)
+    lead = shape[:-1]
+    b_dec = sae.b_dec.detach().float()
+    if isinstance(mult, torch.Tensor):
+        return b_dec * mult.reshape(*lead, 1) + torch.as_tensor(shift).reshape(*lead, 1)
+    return (b_dec * mult).expand(*lead, -1)
 
 
 @contextlib.contextmanager
@@ -321,8 +343,9 @@ def attribute_images(images: torch.Tensor, ids: torch.Tensor, sae: SAE, head: He
         codes = sae.encode(h.reshape(-1, d))
         idx = codes.indices.reshape(*h.shape[:-1], -1)
         z = codes.values.float().reshape(idx.shape).detach().requires_grad_(True)
-        h_hat = decode_codes(sae, idx, z)
-        state.update(idx=idx, z=z, eps=(h - h_hat).detach())
+        h_hat = decode_codes(sae, idx, z, codes)
+        state.update(idx=idx, z=z, eps=(h - h_hat).detach(),
+                     constant=_decoder_constant(sae, codes, h.shape))
         state["h_patched"] = h_hat + state["eps"]
         return tower.replace(resid, hook.token, state["h_patched"].to(resid.dtype))
 
@@ -334,7 +357,7 @@ def attribute_images(images: torch.Tensor, ids: torch.Tensor, sae: SAE, head: He
     grad_z, grad_h = _all_class_grads(scores, (z, state["h_patched"]))  # [C, *z], [C, *h]
     values = (z.detach()[None] * grad_z).movedim(0, -1)  # [..., k, C]
     error = torch.einsum("...d,c...d->c...", eps, grad_h)
-    bias = torch.einsum("d,c...d->c...", sae.b_dec.detach().float() / float(sae.scale), grad_h)
+    bias = torch.einsum("...d,c...d->c...", state["constant"], grad_h)
     if hook.token == "spatial":  # sum token-level terms per instance
         error, bias = error.sum(-1), bias.sum(-1)
         return _spatial_part(ids, idx, z.detach(), values, error.T, bias.T, scores.detach(),

@@ -56,10 +56,16 @@ class NormSpec:
         return out
 
     def linear_part(self, directions: torch.Tensor) -> torch.Tensor:
-        """What the norm does to a direction, its scale aside: centring (LayerNorm) and
+        """What the norm does to a direction, its scale aside: centring (LayerNorm), then
         the gain. [m, d] -> [m, d]."""
         x = directions - directions.mean(-1, keepdim=True) if self.kind == "layer" else directions
         return x * self.weight.float() if self.weight is not None else x
+
+    def adjoint(self, grads: torch.Tensor) -> torch.Tensor:
+        """The transpose of ``linear_part``: the gain, then centring. Maps a gradient with
+        respect to the norm's output to one with respect to its input (scale frozen)."""
+        x = grads * self.weight.float() if self.weight is not None else grads
+        return x - x.mean(-1, keepdim=True) if self.kind == "layer" else x
 
 
 def norm_spec(module: torch.nn.Module | None) -> NormSpec | None:

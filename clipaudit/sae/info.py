@@ -47,6 +47,15 @@ class SAEInfo:
     warnings: tuple[str, ...]
     created: str | None = None
     clipaudit_version: str | None = None
+    activation: str = "topk"
+    """``topk`` or ``threshold`` (ReLU, JumpReLU, BatchTopK inference)."""
+    threshold: float | None = None
+    """The threshold of a ``threshold`` activation (its mean when there is one per latent)."""
+    input_norm: str = "none"
+    """Per-row input normalisation undone after decoding (none, constant_norm_rescale,
+    layer_norm)."""
+    architecture: str = ""
+    """What the source calls the SAE (BatchTopKSAE, Prisma topk, ...)."""
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -78,6 +87,9 @@ def sae_info(path: Path | str, *, fmt: str | None = None, k: int | None = None,
         cache_metrics=cache_metrics, notes=tuple(meta.get("notes") or ()),
         warnings=tuple(warnings), created=meta.get("created"),
         clipaudit_version=meta.get("clipaudit_version"),
+        activation=sae.activation,
+        threshold=float(sae.threshold.float().mean()) if sae.activation == "threshold" else None,
+        input_norm=sae.input_norm, architecture=str(meta.get("architecture") or ""),
     )
 
 
