@@ -29,12 +29,16 @@ import contextlib
 import logging
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 
+from clipaudit.attribution.records import (  # noqa: F401  (Attributions re-exported)
+    Attributions,
+    assemble,
+    concat_attributions,
+    sparse_part,
+    spatial_part,
+)
 from clipaudit.errors import InputError
 from clipaudit.extraction.hooks import HookPoint, Tower
 from clipaudit.extraction.readout import PooledReadout, frozen_norms
@@ -43,80 +47,6 @@ from clipaudit.progress import NULL_REPORTER, Reporter
 from clipaudit.sae.model import SAE, decoder_rows
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Attributions:
-    """Per-instance attributions for every class, stored sparsely (active components only).
-
-    Row ``r`` of the sparse part is instance ``rows[r]`` (a position in ``ids``),
-    component ``components[r]`` with activation ``activations[r]`` (summed over
-    tokens for spatial hook points) and attributions ``values[r, c]``.
-    """
-
-    ids: torch.Tensor
-    """[n] instance ids."""
-    class_names: list[str]
-    n_latents: int
-    rows: torch.Tensor
-    """[nnz] position of each entry's instance in ``ids``."""
-    components: torch.Tensor
-    """[nnz] SAE component index."""
-    activations: torch.Tensor
-    """[nnz] z[n, j]."""
-    values: torch.Tensor
-    """[nnz, C] A[n, j, c]."""
-    error: torch.Tensor
-    """[n, C] A_err: the evidence the SAE does not reconstruct."""
-    bias: torch.Tensor
-    """[n, C] A_bias: b_dec and downstream constant terms."""
-    scores: torch.Tensor
-    """[n, C] y_c, exact."""
-    head_bias: torch.Tensor
-    """[C] b_c."""
-
-    @property
-    def predictions(self) -> torch.Tensor:
-        return self.scores.argmax(dim=1)
-
-    def dense(self) -> torch.Tensor:
-        """A as a dense [n, n_latents, C] tensor (small data only)."""
-        out = torch.zeros(len(self.ids), self.n_latents, len(self.class_names))
-        out.index_put_((self.rows, self.components), self.values, accumulate=True)
-        return out
-
-    def to_parquet(self, fpath: Path | str, provenance: dict[str, Any] | None = None) -> Path:
-        """Long table: one row per (instance, active component, class)."""
-        import pyarrow as pa
-
-        from clipaudit.artifacts import write_parquet
-
-        n_classes = len(self.class_names)
-        nnz = len(self.rows)
-        table = pa.table({
-            "instance_id": np.repeat(self.ids[self.rows].numpy(), n_classes),
-            "component": np.repeat(self.components.numpy().astype(np.int32), n_classes),
-            "activation": np.repeat(self.activations.numpy(), n_classes),
-            "class": pa.DictionaryArray.from_arrays(
-                np.tile(np.arange(n_classes, dtype=np.int32), nnz), self.class_names),
-            "attribution": self.values.reshape(-1).numpy(),
-        })
-        return write_parquet(fpath, "attributions", table,
-                             meta={"class_names": self.class_names, "n_latents": self.n_latents},
-                             provenance=provenance)
-
-    def instance_table(self) -> Any:
-        """pandas DataFrame: instance_id, class, score, error, bias, head_bias."""
-        import pandas as pd
-
-        n, c = self.scores.shape
-        return pd.DataFrame({
-            "instance_id": np.repeat(self.ids.numpy(), c),
-            "class": np.tile(np.asarray(self.class_names, dtype=object), n),
-            "score": self.scores.reshape(-1).numpy(),
-            "error": self.error.reshape(-1).numpy(),
-            "bias": self.bias.reshape(-1).numpy(),
-        })
 
 
 # ------------------------------------------------------------------ pooled hook point
@@ -198,7 +128,7 @@ def attribute_cls_batches(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], 
                     part, head_bias = _autograd_part(h.float(), ids, sae, head, readout, gradient)
             parts.append(part)
             task.advance(len(ids))
-    return _assemble(parts, head, sae.n_latents, head_bias)
+    return assemble(parts, head, sae.n_latents, head_bias)
 
 
 def _closed_form_part(h: torch.Tensor, ids: torch.Tensor, sae: SAE, head: Head,
@@ -221,7 +151,7 @@ def _closed_form_part(h: torch.Tensor, ids: torch.Tensor, sae: SAE, head: Head,
     const = ((cf.offset - form.offset) @ form.weight.T) / form.scale[:, None]
     offset = (torch.as_tensor(shift).to(h) * inv)[..., None] * cf.ones_term  # per-row decoder offset
     bias = cf.b_dec_term * dec[:, None] + offset + const
-    return _sparse_part(ids, idx, z, values, error, bias, form.scores(e)), form.bias
+    return sparse_part(ids, idx, z, values, error, bias, form.scores(e)), form.bias
 
 
 def _autograd_part(h: torch.Tensor, ids: torch.Tensor, sae: SAE, head: Head,
@@ -239,7 +169,7 @@ def _autograd_part(h: torch.Tensor, ids: torch.Tensor, sae: SAE, head: Head,
     values = (z.detach()[None] * grad_z).movedim(0, -1)  # [b, k, C]
     error = torch.einsum("nd,cnd->nc", eps, grad_h)
     bias = torch.einsum("nd,cnd->nc", _decoder_constant(sae, codes, h.shape), grad_h)
-    return _sparse_part(ids, idx, z.detach(), values.detach(), error.detach(), bias.detach(),
+    return sparse_part(ids, idx, z.detach(), values.detach(), error.detach(), bias.detach(),
                         scores.detach()), head_bias
 
 
@@ -248,31 +178,6 @@ def _scores(e: torch.Tensor, head: Head, gradient: str) -> tuple[torch.Tensor, t
     differentiated through (exact), and the head's bias."""
     form = head.linear_form(e)
     return (form.scores(e) if gradient == "frozen" else head.scores(e)), form.bias
-
-
-def _sparse_part(ids, idx, z, values, error, bias, scores) -> dict[str, torch.Tensor]:
-    b, k = idx.shape
-    keep = (z != 0).reshape(-1)
-    rows = torch.arange(b).repeat_interleave(k)[keep]
-    return {"ids": ids.long(), "rows": rows, "components": idx.reshape(-1)[keep],
-            "activations": z.reshape(-1)[keep], "values": values.reshape(b * k, -1)[keep],
-            "error": error, "bias": bias, "scores": scores}
-
-
-def _assemble(parts: list[dict[str, torch.Tensor]], head: Head, n_latents: int,
-              head_bias: torch.Tensor) -> Attributions:
-    n_classes = len(head.class_names)
-    if not parts:
-        empty = torch.zeros(0, n_classes)
-        return Attributions(torch.zeros(0, dtype=torch.long), list(head.class_names), n_latents,
-                            torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
-                            torch.zeros(0), empty, empty, empty, empty, head_bias.detach().cpu())
-    offsets = np.cumsum([0] + [len(p["ids"]) for p in parts[:-1]])
-    cat = {key: torch.cat([p[key].detach().cpu() for p in parts]) for key in parts[0] if key != "rows"}
-    rows = torch.cat([p["rows"] + int(off) for p, off in zip(parts, offsets)])
-    return Attributions(cat["ids"], list(head.class_names), n_latents, rows, cat["components"],
-                        cat["activations"].float(), cat["values"].float(), cat["error"].float(),
-                        cat["bias"].float(), cat["scores"].float(), head_bias.detach().cpu().float())
 
 
 # ------------------------------------------------------------------ any hook point (autograd)
@@ -360,11 +265,11 @@ def attribute_images(images: torch.Tensor, ids: torch.Tensor, sae: SAE, head: He
     bias = torch.einsum("...d,c...d->c...", state["constant"], grad_h)
     if hook.token == "spatial":  # sum token-level terms per instance
         error, bias = error.sum(-1), bias.sum(-1)
-        return _spatial_part(ids, idx, z.detach(), values, error.T, bias.T, scores.detach(),
+        return spatial_part(ids, idx, z.detach(), values, error.T, bias.T, scores.detach(),
                              head, sae.n_latents, head_bias)
-    part = _sparse_part(ids, idx, z.detach(), values.detach(), error.T.detach(), bias.T.detach(),
+    part = sparse_part(ids, idx, z.detach(), values.detach(), error.T.detach(), bias.T.detach(),
                         scores.detach())
-    return _assemble([part], head, sae.n_latents, head_bias)
+    return assemble([part], head, sae.n_latents, head_bias)
 
 
 def _all_class_grads(scores: torch.Tensor, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -377,34 +282,6 @@ def _all_class_grads(scores: torch.Tensor, inputs: Sequence[torch.Tensor]) -> li
         per_class = [torch.autograd.grad(scores[:, c].sum(), inputs, retain_graph=True)
                      for c in range(n_classes)]
         return [torch.stack(g) for g in zip(*per_class)]
-
-
-def _spatial_part(ids, idx, z, values, error, bias, scores, head, n_latents, head_bias) -> Attributions:
-    """Sum token-level (instance, component) entries into one entry per instance and component."""
-    b, t, k = idx.shape
-    n_classes = values.shape[-1]
-    flat = idx.reshape(b, t * k)
-    key = torch.arange(b)[:, None] * n_latents + flat
-    keep = (z.reshape(b, t * k) != 0).reshape(-1)
-    uniq, inverse = torch.unique(key.reshape(-1)[keep], return_inverse=True)
-    acts = torch.zeros(len(uniq)).index_add_(0, inverse, z.reshape(-1)[keep])
-    vals = torch.zeros(len(uniq), n_classes).index_add_(
-        0, inverse, values.detach().reshape(-1, n_classes)[keep])
-    return Attributions(ids.long(), list(head.class_names), n_latents, uniq // n_latents,
-                        uniq % n_latents, acts, vals, error.detach(), bias.detach(),
-                        scores, head_bias.detach().cpu())
-
-
-def concat_attributions(parts: Sequence[Attributions]) -> Attributions:
-    """Join per-batch attributions (same head and SAE) into one."""
-    first = parts[0]
-    offsets = np.cumsum([0] + [len(p.ids) for p in parts[:-1]])
-    return Attributions(
-        torch.cat([p.ids for p in parts]), first.class_names, first.n_latents,
-        torch.cat([p.rows + int(o) for p, o in zip(parts, offsets)]),
-        torch.cat([p.components for p in parts]), torch.cat([p.activations for p in parts]),
-        torch.cat([p.values for p in parts]), torch.cat([p.error for p in parts]),
-        torch.cat([p.bias for p in parts]), torch.cat([p.scores for p in parts]), first.head_bias)
 
 
 # ------------------------------------------------------------------ per-class relevance
