@@ -13,7 +13,8 @@ For each config:
    tokens at the first block changes the embedding; attributions from the pooled
    vector add up to the score (frozen gradients, affine projections);
 3. with ``--full-max-params N``, configs whose image tower has at most N parameters are
-   also built at full size and checked on one image at their real resolution.
+   also built at full size and checked on one image at their real resolution (pooled,
+   and the residual hook points after the last block).
 
 Writes a JSON file and a Markdown table (``--out``); prints the counts.
 Run: python benchmarks/model_coverage.py [--full-max-params 100e6] [--only ViT-B-32 ...]
@@ -97,8 +98,11 @@ def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
 
 
 @torch.no_grad()
-def check_tower(visual: Any, size: int, n_images: int = 2, seed: int = 0) -> dict[str, Any]:
-    """Equivalence checks on a built tower; returns what was tested and the worst errors."""
+def check_tower(visual: Any, size: int, n_images: int = 2, seed: int = 0,
+                layers: tuple[int, ...] = (0, -1)) -> dict[str, Any]:
+    """Equivalence checks on a built tower; returns what was tested and the worst errors.
+    Residual hook points are checked after each block in ``layers``; the edit check
+    (changing the tokens changes the embedding) runs at block 0 when it is in ``layers``."""
     tower = make_tower(visual)
     images = torch.randn(n_images, 3, size, size, generator=torch.Generator().manual_seed(seed))
     expected = tower.encode(images)
@@ -113,7 +117,7 @@ def check_tower(visual: Any, size: int, n_images: int = 2, seed: int = 0) -> dic
         result["complete_err"] = _completeness(cap.acts, readout, expected.shape[1])
     for token in tower.hook_tokens[1:]:
         errs, live = [], True
-        for layer in (0, -1):
+        for layer in layers:
             resolved = tower.resolve(HookPoint(layer, token))
             acts = tower.capture(images, HookPoint(layer, token)).acts
             rest = tower.forward_edited(images, resolved, lambda r, a=acts, t=token: tower.replace(r, t, a))
@@ -179,7 +183,8 @@ def audit_config(name: str, full_max_params: float) -> dict[str, Any]:
             visual = build_image_tower(copy.deepcopy(model_cfg)).eval()
             size = open_clip.get_model_config(name)["vision_cfg"].get("image_size", 224)
             size = size if isinstance(size, int) else size[0]
-            row["full_size"] = {"image_size": size, **check_tower(visual, size, n_images=1)}
+            row["full_size"] = {"image_size": size,
+                                **check_tower(visual, size, n_images=1, layers=(-1,))}
         except Exception as e:
             row["full_size_error"] = f"{type(e).__name__}: {str(e)[:200]}"
     row["seconds"] = round(time.perf_counter() - start, 1)
