@@ -75,6 +75,14 @@ def test_probe_audit_runs_end_to_end_at_the_pooled_hook(tmp_path, data, name, fa
     assert {c.class_name for c in probe.classes} == {"benign", "malignant"}
     assert {c.method for c in probe.faithfulness} >= {"act_x_grad", "act_x_grad_exact"}
     assert (out / "report.html").is_file() and (out / "attributions-probe.parquet").is_file()
+    # one image explained at the SAE's hook point, the model found from the SAE's record
+    image = str(cache.ok_index["path"].iloc[0])
+    res = runner.invoke(app, ["explain", image, "--sae", str(tmp_path / "sae.safetensors"),
+                              "--probe", str(tmp_path / "probe.safetensors"), "--gradient", gradient,
+                              "--json"])
+    assert res.exit_code == 0, res.output
+    (explanation,) = json.loads(res.stdout)
+    assert explanation["prediction"] in {"benign", "malignant"} and explanation["classes"][0]["top"]
 
 
 def _as_earlier_cache(dpath: Path) -> None:
