@@ -17,7 +17,7 @@ import torch
 
 from clipaudit.describe.components import concept_embeddings, describe_components
 from clipaudit.describe.concepts import load_vocabulary
-from clipaudit.extraction.backbone import load_backbone
+from clipaudit.extraction.backbone import BackboneSpec, load_backbone
 from clipaudit.synthetic.quality import encode_images
 from clipaudit.synthetic.world import render_scene, sample_scene
 
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--per-group", type=int, default=20)
     parser.add_argument("--scenes", type=int, default=1500)
     args = parser.parse_args()
-    backbone = load_backbone()
+    backbone = load_backbone(BackboneSpec.bundled())
     rng = np.random.default_rng(123)
     scenes = [sample_scene(rng) for _ in range(args.scenes)]
     images = [render_scene(s, np.random.default_rng(10_000 + i)) for i, s in enumerate(scenes)]

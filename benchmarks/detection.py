@@ -30,7 +30,7 @@ from pathlib import Path
 from clipaudit.audit import AuditConfig, FaithfulnessConfig, OutputConfig, run_audit
 from clipaudit.demo import DemoConfig, demo_prompts_fpath
 from clipaudit.describe.config import DescribeConfig
-from clipaudit.extraction.backbone import load_backbone
+from clipaudit.extraction.backbone import BackboneSpec, load_backbone
 from clipaudit.extraction.cache import ExtractConfig, extract
 from clipaudit.extraction.hooks import VisionTower
 from clipaudit.heads import ProbeConfig, fit_probe_on_cache, save_probe
@@ -121,7 +121,7 @@ def main() -> None:
                         help="also re-audit with SAE expansions x top-m values, one line each")
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
-    backbone = load_backbone()
+    backbone = load_backbone(BackboneSpec.bundled())
     readout = VisionTower(backbone.model).readout_cls
     demo, top_m = DemoConfig(), DescribeConfig().top_m
 

@@ -154,7 +154,7 @@ def time_extract(source, out: Path, args: argparse.Namespace, engine: str = "loc
 def bench_size(args: argparse.Namespace, n: int, tmp: Path) -> dict:
     data = tmp / f"images-{n}"
     write_images(data, n)
-    backbone = load_backbone(BackboneSpec(model=args.model), device="cpu")
+    backbone = load_backbone(BackboneSpec(model=args.model, pretrained="random"), device="cpu", text=False)
     source = load_image_source(data)
     pixels = torch.stack([backbone.preprocess(decode_image(p)) for p in source.items["path"]])
     time_bare(backbone.model, pixels[:args.batch_size], args.batch_size)  # warm-up

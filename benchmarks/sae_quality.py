@@ -37,7 +37,7 @@ def load_model(seed: int):
     """(backbone, description): the bundled tiny CLIP, else a random-weight stand-in."""
     weights = package_data_dpath() / "tiny_derm_clip" / "model.safetensors"
     if weights.is_file():
-        return load_backbone(BackboneSpec()), "bundled tiny CLIP (trained weights)"
+        return load_backbone(BackboneSpec.bundled()), "bundled tiny CLIP (trained weights)"
     try:
         from clipaudit.synthetic.train import MODEL_CFG
         cfg, what = MODEL_CFG, "the tiny CLIP's architecture"
@@ -46,7 +46,8 @@ def load_model(seed: int):
         what = "tests/configs/tiny-vit-a.json"
     config_fpath = Path(tempfile.mkdtemp()) / "tiny-random.json"
     config_fpath.write_text(json.dumps(cfg))
-    backbone = load_backbone(BackboneSpec(model="tiny-random", config=config_fpath, seed=seed))
+    backbone = load_backbone(BackboneSpec(model="tiny-random", config=config_fpath,
+                                          pretrained="random", seed=seed))
     return backbone, f"RANDOM-WEIGHT model with {what} (tiny CLIP weights not there yet)"
 
 

@@ -30,7 +30,11 @@ _EXPORTS: dict[str, str] = {
     "load_backbone": "clipaudit.extraction.backbone",
     "Capture": "clipaudit.extraction.hooks",
     "HookPoint": "clipaudit.extraction.hooks",
+    "Tower": "clipaudit.extraction.hooks",
     "VisionTower": "clipaudit.extraction.hooks",
+    "make_tower": "clipaudit.extraction.hooks",
+    "list_tower_families": "clipaudit.extraction.hooks",
+    "cache_readout": "clipaudit.extraction.hooks",
     "ExtractConfig": "clipaudit.extraction.cache",
     "extract": "clipaudit.extraction.cache",
     "open_cache": "clipaudit.extraction.cache_reader",
@@ -94,7 +98,11 @@ __all__ = [
     "load_backbone",
     "Capture",
     "HookPoint",
+    "Tower",
     "VisionTower",
+    "make_tower",
+    "list_tower_families",
+    "cache_readout",
     "ExtractConfig",
     "extract",
     "open_cache",
@@ -182,7 +190,15 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
     from clipaudit.extraction.cache import ExtractConfig, extract
     from clipaudit.extraction.cache_reader import open_cache
     from clipaudit.extraction.data import load_image_source
-    from clipaudit.extraction.hooks import Capture, HookPoint, VisionTower
+    from clipaudit.extraction.hooks import (
+        Capture,
+        HookPoint,
+        Tower,
+        VisionTower,
+        cache_readout,
+        list_tower_families,
+        make_tower,
+    )
     from clipaudit.gate import apply_rules, load_ruleset
     from clipaudit.heads import (
         Head,

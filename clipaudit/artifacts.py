@@ -31,11 +31,11 @@ from clipaudit._version import __version__
 from clipaudit.errors import ArtifactError, ClipAuditError, MismatchError, OutputError
 
 SCHEMA_VERSIONS: dict[str, int] = {
-    "activation-cache": 1,
+    "activation-cache": 2,  # 2: pooled hook point, tower family, no created_with
     "cache-shard": 1,
     "cache-index": 1,
     "cache-plan": 1,
-    "sae": 1,
+    "sae": 2,  # 2: activation (topk | threshold), threshold tensor, per-row input_norm
     "sae-checkpoint": 1,
     "probe": 1,
     "prompt-set": 1,
@@ -49,6 +49,8 @@ SCHEMA_VERSIONS: dict[str, int] = {
 
 READABLE_OLDER_VERSIONS: dict[str, tuple[int, ...]] = {
     "synthetic-dataset": (1,),  # version 1 had no artifact masks; its data still loads
+    "activation-cache": (1,),  # earlier caches (last block, cls) still open and audit
+    "sae": (1,),  # TopK SAE files without the fields schema 2 added
 }
 """Older schema versions a kind's loader still reads (it handles what they lack)."""
 

@@ -7,9 +7,11 @@ The audit folder holds audit.json, the per-instance Parquet tables, the componen
 descriptions (``descriptions.safetensors``, reusable by a later audit), thumbnails,
 junit.xml, summary.md, report.html and report.pdf.
 
-It runs from the activation cache at the default hook point (last block, CLS),
-where everything after extraction is cheap; the attribution library also works
-from images at any hook point (``clipaudit.attribution.attribute_images``).
+It runs from the activation cache at the pooled hook point of any tower (or the
+last block's class token of a class-token ViT, the same vector), where the rest of
+the tower is a norm and a projection (``clipaudit.extraction.hooks.cache_readout``)
+and everything after extraction is cheap; the attribution library also works from
+images at any hook point (``clipaudit.attribution.attribute_images``).
 """
 
 from __future__ import annotations
@@ -28,13 +30,14 @@ import torch
 from clipaudit._version import __version__
 from clipaudit.artifacts import sha256_file, sha256_json
 from clipaudit.attribution.ablation import ablated_scores, ablation_effect, deletion_curves
-from clipaudit.attribution.patching import Attributions, attribute_cls, class_relevance
+from clipaudit.attribution.patching import Attributions, attribute_cls, check_gradient, class_relevance
 from clipaudit.describe.components import ComponentDescriptions
 from clipaudit.describe.config import DescribeConfig
 from clipaudit.errors import InputError
 from clipaudit.extraction.backbone import Backbone, load_backbone_for
 from clipaudit.extraction.cache_reader import ActivationCache
-from clipaudit.extraction.hooks import VisionTower
+from clipaudit.extraction.hooks import cache_readout
+from clipaudit.extraction.readout import PooledReadout
 from clipaudit.findings import make_finding, metadata_aucs, scatter_points, select_candidates
 from clipaudit.heads import Head, LinearProbe, PromptSet, load_head, make_zero_shot_head
 from clipaudit.progress import NULL_REPORTER, Reporter
@@ -49,7 +52,7 @@ from clipaudit.results import (
     InstanceInfo,
     save_audit,
 )
-from clipaudit.sae.model import SAE
+from clipaudit.sae.model import SAE, cat_codes
 from clipaudit.staging import staged_output
 
 log = logging.getLogger(__name__)
@@ -96,6 +99,9 @@ class AuditConfig:
     outputs: OutputConfig = OutputConfig()
     batch_size: int = 4096
     """Instances per batch when encoding and attributing from the cache."""
+    gradient: str = "frozen"
+    """``frozen``: norm scales and the head's normalisation held fixed (attributions add up
+    to the score); ``exact``: plain autograd through them, as the paper's code."""
     seed: int = 0
     """Seeds the sampling of the faithfulness instances."""
 
@@ -127,7 +133,8 @@ class _Stage:
     """What every head's audit shares."""
 
     sae: SAE
-    tower: VisionTower
+    tower: PooledReadout
+    """The rest of the tower from the cached vectors."""
     descriptions: ComponentDescriptions
     finding_config: FindingConfig
     config: AuditConfig
@@ -149,13 +156,11 @@ def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | 
     from clipaudit.sae import load_sae
 
     ruleset = load_ruleset(config.rules)  # fail fast on a bad rule file
+    check_gradient(config.gradient)
     cache = open_cache(cache_dpath)
     hook = cache.provenance["hook"]
     backbone = backbone or load_backbone_for(cache.provenance["backbone"])
-    tower = VisionTower(backbone.model)
-    if hook["token"] != "cls" or hook["layer"] != tower.n_blocks - 1:
-        raise InputError(f"{cache_dpath}: the audit runs at the default hook point (last block, cls); "
-                         f"this cache is at layer {hook['layer']}, token {hook['token']}")
+    tower = cache_readout(backbone.model, hook, cache_dpath)
     sae = load_sae(sae_fpath, expect_backbone_id=backbone.id, expect_hook=hook, expect_d=cache.d)
     audited = make_heads(probe, prompts, backbone, heads)
     baseline_dpath = baseline_dpath or ruleset.baseline
@@ -171,7 +176,7 @@ def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | 
     head_audits = []
     for head in audited:
         attr = attribute_cls(data.acts, data.ids, sae, head, tower, batch_size=config.batch_size,
-                             reporter=reporter)
+                             gradient=config.gradient, reporter=reporter)
         files[f"attributions-{head.name}"] = attr.to_parquet(
             out_dpath / f"attributions-{head.name}.parquet", provenance={"head": head.name})
         head_audits.append(_audit_head(head, attr, data, stage))
@@ -254,7 +259,8 @@ def _encode_all(sae: SAE, acts: torch.Tensor, batch_size: int) -> _Codes:
     parts = [sae.encode(acts[s:s + batch_size]) for s in range(0, len(acts), batch_size)]
     if not parts:
         return _Codes(torch.zeros(0, sae.k, dtype=torch.long), torch.zeros(0, sae.k))
-    return _Codes(torch.cat([p.indices for p in parts]), torch.cat([p.values for p in parts]).float())
+    codes = cat_codes(parts)  # SAEs with a threshold activate a varying number per row
+    return _Codes(codes.indices, codes.values.float())
 
 
 def _load_data(cache: ActivationCache, sae: SAE, batch_size: int) -> _Data:
@@ -467,6 +473,7 @@ def _provenance(cache: ActivationCache, backbone: Backbone, sae: SAE, sae_fpath:
         "vocabularies": list(describe.vocabularies),
         "top_m": describe.top_m,
         "rules": str(config.rules),
+        "gradient": config.gradient,
         "seed": config.seed,
     }
 

@@ -44,8 +44,9 @@ class DemoConfig:
     (benchmarks/detection.py --sweep measures it). Its seed is ``seed``."""
     seed: int = 0
     pdf: bool = True
-    backbone: BackboneSpec = BackboneSpec()
-    """The CLIP to audit: the bundled tiny CLIP, which knows the synthetic world."""
+    backbone: BackboneSpec = BackboneSpec.bundled()
+    """The CLIP to audit: the bundled tiny CLIP (``tiny-derm-clip``), which knows the
+    synthetic world; named explicitly, as every model is."""
 
 
 def demo_prompts_fpath() -> Path:

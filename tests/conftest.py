@@ -1,13 +1,16 @@
-"""Shared fixtures: tiny open_clip ViTs built from configs with random weights.
+"""Shared fixtures: tiny open_clip models (one per image-tower family in tests/configs/)
+built from configs with random weights.
 
 Nothing here touches the network; every model is a few hundred kB of random weights.
 """
 
 from __future__ import annotations
 
+import functools
 import io
 import json
 import tarfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +29,21 @@ TINY_CONFIGS = ("tiny-vit-a", "tiny-vit-b")
 
 def tiny_backbone(name: str = "tiny-vit-a", seed: int = 0) -> Backbone:
     """A tiny random-weight ViT CLIP from tests/configs/<name>.json."""
-    return load_backbone(BackboneSpec(model=name, config=CONFIGS_DPATH / f"{name}.json", seed=seed))
+    return load_backbone(BackboneSpec(model=name, config=CONFIGS_DPATH / f"{name}.json",
+                                       pretrained="random", seed=seed))
+
+
+@functools.cache
+def image_tower(name: str) -> Backbone:
+    """The image tower alone of tests/configs/<name>.json, random weights (built once)."""
+    return load_backbone(BackboneSpec(config=CONFIGS_DPATH / f"{name}.json", pretrained="random",
+                                      seed=3), text=False)
+
+
+def images_for(backbone: Backbone, n: int = 4, seed: int = 0) -> torch.Tensor:
+    size = backbone.provenance["preprocess"]["size"]
+    h, w = (size, size) if isinstance(size, int) else size
+    return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
 
 @pytest.fixture(params=TINY_CONFIGS)
@@ -148,3 +165,29 @@ def write_hf_parquet(fpath: Path, samples: list[dict], row_group_size: int = 4) 
     fpath.parent.mkdir(parents=True, exist_ok=True)
     pq.write_table(table, fpath, row_group_size=row_group_size)
     return fpath
+def topk_mask(pre: torch.Tensor, k: int) -> torch.Tensor:
+    idx = pre.topk(k, dim=-1).indices
+    return torch.zeros_like(pre).scatter(-1, idx, 1.0)
+
+
+class ReferenceTopKSAE(torch.nn.Module):
+    """maxdreyer/attributing-clip model_training/sae.py, the parts that matter."""
+
+    def __init__(self, input_dim: int, hidden_dim: int, k: int, parametrizations: bool = False):
+        super().__init__()
+        self.k = k
+        linear_enc = torch.nn.Linear(input_dim, hidden_dim)
+        linear_dec = torch.nn.Linear(hidden_dim, input_dim, bias=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch deprecates the old weight_norm
+            if parametrizations:
+                from torch.nn.utils.parametrizations import weight_norm
+            else:
+                from torch.nn.utils import weight_norm
+            self.encoder = torch.nn.Sequential(weight_norm(linear_enc))
+            self.decoder = weight_norm(linear_dec, dim=1)
+
+    def forward(self, x):
+        z = self.encoder(x)
+        z_bar = z * topk_mask(z, self.k)
+        return self.decoder(z_bar), z, z_bar

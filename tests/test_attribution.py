@@ -180,7 +180,8 @@ def test_deletion_curves_act_x_grad_removes_evidence_at_least_as_fast_as_random(
         acts = tower.capture(_images(tiny_a, n=16), HookPoint()).acts
     target = head.scores(tower.readout_cls(acts)).argmax(1)
     curves = {c.method: c for c in deletion_curves(acts, sae, head, tower, target, steps=6)}
-    assert set(curves) == {"act_x_grad", "logit_lens", "act_x_logit_lens", "activation", "random"}
+    assert set(curves) == {"act_x_grad", "act_x_grad_exact", "logit_lens", "act_x_logit_lens",
+                           "activation", "random"}
     for curve in curves.values():
         assert len(curve.scores) == 7 and curve.steps[0] == 0
         assert curve.scores[0] == pytest.approx(curves["random"].scores[0])

@@ -15,7 +15,7 @@ from clipaudit.synthetic import make_planted_dataset
 
 from conftest import CONFIGS_DPATH
 
-SPEC = BackboneSpec(model="tiny-vit-a", config=CONFIGS_DPATH / "tiny-vit-a.json")
+SPEC = BackboneSpec(model="tiny-vit-a", config=CONFIGS_DPATH / "tiny-vit-a.json", pretrained="random")
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +63,7 @@ def test_audit_writes_a_complete_folder_and_exits_by_the_rules(pipeline):
 
 @pytest.mark.slow
 def test_audit_refuses_an_sae_for_another_model(pipeline, tmp_path):
-    other = BackboneSpec(model="tiny-vit-b", config=CONFIGS_DPATH / "tiny-vit-b.json")
+    other = BackboneSpec(model="tiny-vit-b", config=CONFIGS_DPATH / "tiny-vit-b.json", pretrained="random")
     cache_b = extract(pipeline["data"] / "manifest.csv", tmp_path / "cache-b",
                       ExtractConfig(backbone=other, num_workers=0)).dpath
     res = CliRunner().invoke(app, ["audit", str(cache_b), "--sae", str(pipeline["sae"]),

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from clipaudit.errors import InputError, ModelUnavailableError
-from clipaudit.extraction import backbone as bb
+from clipaudit.extraction import weights as wt
 from clipaudit.extraction.backbone import BackboneSpec, load_backbone, load_backbone_for, spec_from_provenance
 
 from conftest import CONFIGS_DPATH, tiny_backbone
@@ -34,7 +34,7 @@ def test_offline_named_model_fails_fast_with_one_clear_line(empty_caches, monkey
 
 def test_unreachable_hub_fails_fast(empty_caches, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(bb, "_HUB_HOST", ("127.0.0.1", 9))  # nothing listens there
+    monkeypatch.setattr(wt, "_HUB_HOST", ("127.0.0.1", 9))  # nothing listens there
     with pytest.raises(ModelUnavailableError, match="unreachable"):
         load_backbone(BackboneSpec(model="ViT-B-32", pretrained="openai"))
 
@@ -47,7 +47,7 @@ def test_hf_hub_id_offline_names_the_repo(empty_caches, monkeypatch):
 
 def test_unknown_model_and_tag_are_user_errors():
     with pytest.raises(InputError, match="unknown open_clip model"):
-        load_backbone(BackboneSpec(model="ViT-Nope"))
+        load_backbone(BackboneSpec(model="ViT-Nope", pretrained="random"))
     with pytest.raises(InputError, match="unknown pretrained tag 'nope'"):
         load_backbone(BackboneSpec(model="ViT-B-32", pretrained="nope"))
 
@@ -88,7 +88,7 @@ def test_bad_model_config_is_a_user_error(tmp_path, content, match):
     cfg = tmp_path / "cfg.json"
     cfg.write_text(content)
     with pytest.raises(InputError, match=match):
-        load_backbone(BackboneSpec(model="x", config=cfg))
+        load_backbone(BackboneSpec(model="x", config=cfg, pretrained="random"))
 
 
 def test_checkpoint_that_does_not_fit_the_config_is_a_user_error(tmp_path):

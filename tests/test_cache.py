@@ -29,7 +29,7 @@ from clipaudit.extraction.hooks import HookPoint, VisionTower
 from conftest import CONFIGS_DPATH, tiny_backbone
 
 REPO_DPATH = Path(__file__).resolve().parents[1]
-TINY_A = BackboneSpec(model="tiny-vit-a", config=CONFIGS_DPATH / "tiny-vit-a.json")
+TINY_A = BackboneSpec(model="tiny-vit-a", config=CONFIGS_DPATH / "tiny-vit-a.json", pretrained="random")
 
 
 def _config(**kw) -> ExtractConfig:
@@ -89,7 +89,8 @@ def test_cache_holds_encode_image_embeddings_and_hook_acts(images, tmp_path):
         cap = VisionTower(backbone.model).capture(pixels, HookPoint())
     torch.testing.assert_close(cache.load_embeds(), expected, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cache.load_acts(), cap.acts, rtol=1e-5, atol=1e-5)
-    assert cache.provenance["hook"] == {"layer": 2, "token": "cls"}
+    assert cache.provenance["hook"] == {"layer": None, "token": "pooled"}
+    assert cache.manifest["tower"] == "open_clip-vit" and "created_with" not in cache.manifest
     assert cache.provenance["backbone"]["id"] == backbone.id
     assert cache.provenance["data_sha256"] == load_image_source(images).source_sha256
     assert (cache.ok_index["label"] == "benign").sum() == 6
@@ -198,7 +199,8 @@ def test_resume_after_kill_9_equals_an_uninterrupted_run(tmp_path):
     images = _make_images(tmp_path / "images", n_per_class=60, size=320)
     out = tmp_path / "killed"
     args = ["extract", str(images), "--out", str(out), "--model-config",
-            str(CONFIGS_DPATH / "tiny-vit-a.json"), "--shard-size", "2", "--batch-size", "1",
+            str(CONFIGS_DPATH / "tiny-vit-a.json"), "--pretrained", "random",
+            "--shard-size", "2", "--batch-size", "1",
             "--workers", "1", "--quiet"]
     env = {**os.environ, "PYTHONPATH": str(REPO_DPATH)}
     proc = subprocess.Popen([sys.executable, "-m", "clipaudit", *args], cwd=REPO_DPATH,
@@ -258,7 +260,7 @@ def test_parallel_workers_write_disjoint_shards_of_one_cache(images, tmp_path):
 
 
 @pytest.mark.parametrize("change, named", [
-    ({"hook": HookPoint(0)}, ["layer 2", "layer 0"]),
+    ({"hook": HookPoint(0, "cls")}, ["pooled", "layer 0, token cls"]),
     ({"backbone": dataclasses.replace(TINY_A, model="tiny-vit-b",
                                       config=CONFIGS_DPATH / "tiny-vit-b.json")},
      ["tiny-vit-a@", "tiny-vit-b@"]),
@@ -290,7 +292,7 @@ def test_non_cache_output_folder_is_refused(images, tmp_path):
 
 
 def _cli(*args: str):
-    return CliRunner().invoke(app, ["extract", *args])
+    return CliRunner().invoke(app, ["extract", *args, "--pretrained", "random"])
 
 
 def test_cli_extracts_and_reports_skips(images, tmp_path):
@@ -311,9 +313,9 @@ def test_cli_refuses_another_layer_naming_both(images, tmp_path):
     assert _cli(str(images), "--out", str(tmp_path / "c"), "--model-config", cfg,
                 "--workers", "0", "-q").exit_code == 0
     res = _cli(str(images), "--out", str(tmp_path / "c"), "--model-config", cfg,
-               "--layer", "0", "-q")
+               "--layer", "0", "--token", "cls", "-q")
     assert res.exit_code == 2
-    assert "layer 2" in res.stderr and "layer 0" in res.stderr
+    assert "pooled" in res.stderr and "layer 0" in res.stderr
     assert "Traceback" not in res.output
 
 
@@ -321,7 +323,7 @@ def test_cli_refuses_another_layer_naming_both(images, tmp_path):
     ("missing-data", "not found"),
     ("no-path-column", "no path column"),
     ("duplicate-path", "duplicate path"),
-    ("bad-token", "token 'pooled'"),
+    ("bad-token", "token 'mean'"),
     ("bad-worker-index", "worker index 3"),
     ("unknown-option", "No such option"),
 ])
@@ -331,7 +333,7 @@ def test_cli_user_errors_exit_2_without_traceback(images, tmp_path, problem, mes
     pd.DataFrame(rows.get(problem, {"path": ["a.jpg"]})).to_csv(manifest, index=False)
     data = (tmp_path / "nothing" if problem == "missing-data"
             else manifest if problem in rows else images)
-    extra = {"bad-token": ["--token", "pooled"],
+    extra = {"bad-token": ["--token", "mean"],
              "bad-worker-index": ["--worker-index", "3", "--worker-count", "2"],
              "unknown-option": ["--frobnicate"]}.get(problem, [])
     res = _cli(str(data), "--out", str(tmp_path / "c"), "--model-config",

@@ -57,4 +57,4 @@ def test_select_tokens_shapes():
 @pytest.mark.parametrize("layer", [3, -4, 10])
 def test_layer_out_of_range_is_a_user_error(tiny_a, layer):
     with pytest.raises(InputError, match="out of range"):
-        HookPoint(layer).resolve(VisionTower(tiny_a.model).n_blocks)
+        HookPoint(layer, "cls").resolve(VisionTower(tiny_a.model).n_blocks)

@@ -35,7 +35,7 @@ def _cache(root: Path, model: str, n: int = 48) -> Path:
     images.mkdir(parents=True)
     for i in range(n):
         Image.fromarray(rng.integers(0, 256, (48, 48, 3), dtype=np.uint8)).save(images / f"{i}.png")
-    spec = BackboneSpec(model=model, config=CONFIGS_DPATH / f"{model}.json")
+    spec = BackboneSpec(model=model, config=CONFIGS_DPATH / f"{model}.json", pretrained="random")
     config = ExtractConfig(backbone=spec, batch_size=16, num_workers=0, device="cpu")
     return extract(root / "images", root / "cache", config).dpath
 
@@ -86,7 +86,7 @@ def test_sae_info_describes_the_file_and_measures_it_on_a_cache(cache_a, trained
     out, _ = trained
     result = runner.invoke(app, ["sae-info", str(out)])
     assert result.exit_code == 0, result.output
-    for word in ("clipaudit TopK SAE", "d=64", "128 latents", "k=8", "tiny-vit-a", "layer 2, cls",
+    for word in ("format clipaudit", "TopK SAE, k=8", "d=64", "128 latents", "tiny-vit-a", "hook pooled",
                  "stored metrics"):
         assert word in result.stdout
     result = runner.invoke(app, ["sae-info", str(out), "--cache", str(cache_a), "--json", "-q"])

@@ -7,7 +7,6 @@ from __future__ import annotations
 import io
 import json
 import logging
-import warnings
 from pathlib import Path
 
 import pytest
@@ -24,6 +23,8 @@ from clipaudit.sae import (
     sae_info,
     save_sae,
 )
+
+from conftest import ReferenceTopKSAE, topk_mask
 
 D, M, K = 12, 40, 5
 
@@ -52,35 +53,7 @@ def _assert_same_codes(sae, x: torch.Tensor, z_ref: torch.Tensor) -> None:
     torch.testing.assert_close(z, z_ref, rtol=1e-5, atol=1e-5)
 
 
-def _topk_mask(pre: torch.Tensor, k: int) -> torch.Tensor:
-    idx = pre.topk(k, dim=-1).indices
-    return torch.zeros_like(pre).scatter(-1, idx, 1.0)
-
-
 # ---------------------------------------------------------------- attributing-clip
-
-
-class ReferenceTopKSAE(torch.nn.Module):
-    """maxdreyer/attributing-clip model_training/sae.py, the parts that matter."""
-
-    def __init__(self, input_dim: int, hidden_dim: int, k: int, parametrizations: bool = False):
-        super().__init__()
-        self.k = k
-        linear_enc = torch.nn.Linear(input_dim, hidden_dim)
-        linear_dec = torch.nn.Linear(hidden_dim, input_dim, bias=False)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # torch deprecates the old weight_norm
-            if parametrizations:
-                from torch.nn.utils.parametrizations import weight_norm
-            else:
-                from torch.nn.utils import weight_norm
-            self.encoder = torch.nn.Sequential(weight_norm(linear_enc))
-            self.decoder = weight_norm(linear_dec, dim=1)
-
-    def forward(self, x):
-        z = self.encoder(x)
-        z_bar = z * _topk_mask(z, self.k)
-        return self.decoder(z_bar), z, z_bar
 
 
 def _write_reference(path: Path, *, parametrizations: bool = False, prefix: str = "",
@@ -137,6 +110,29 @@ def _saelens_weights(seed: int = 1, unit_rows: bool = True) -> dict[str, torch.T
         W_dec = W_dec / W_dec.norm(dim=1, keepdim=True)
     return {"W_enc": torch.randn(D, M, generator=g) * 0.5, "b_enc": torch.randn(M, generator=g),
             "W_dec": W_dec, "b_dec": torch.randn(D, generator=g)}
+
+
+def _prisma_forward(w: dict[str, torch.Tensor], x: torch.Tensor, norm: str,
+                    k: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ViT-Prisma SparseAutoencoder.encode_standard/forward (SAELens' run-time
+    normalisation): normalise each row, encode, decode, undo the normalisation."""
+    if norm == "constant_norm_rescale":
+        coeff = D ** 0.5 / x.norm(dim=-1, keepdim=True)
+        x_in, undo = x * coeff, (lambda y: y / coeff)
+    elif norm == "layer_norm":
+        mu = x.mean(dim=-1, keepdim=True)
+        centred = x - mu
+        std = centred.std(dim=-1, keepdim=True)
+        x_in, undo = centred / (std + 1e-5), (lambda y: y * std + mu)
+    else:
+        x_in, undo = x, (lambda y: y)
+    hidden_pre = (x_in - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    if k is None:
+        acts = hidden_pre.relu()
+    else:
+        top = hidden_pre.topk(k, dim=-1)
+        acts = torch.zeros_like(hidden_pre).scatter(-1, top.indices, top.values.relu())
+    return acts, undo(acts @ w["W_dec"] + w["b_dec"])
 
 
 def _write_saelens(dpath: Path, cfg: dict, weights: dict[str, torch.Tensor]) -> Path:
@@ -209,26 +205,45 @@ def test_saelens_non_unit_decoder_rows_are_kept_exactly(tmp_path, x):
     assert any("not unit-norm" in note for note in sae.meta["notes"])
 
 
-def test_saelens_relu_sae_reads_as_topk_only_when_asked(tmp_path, x):
+def test_saelens_relu_sae_reads_exactly_and_as_topk_when_asked(tmp_path, x):
     cfg = {"architecture": "standard", "d_in": D, "d_sae": M}
     w = _saelens_weights()
     dpath = _write_saelens(tmp_path / "sae", cfg, w)
-    with pytest.raises(InputError, match="--k"):
-        import_sae(dpath)
-    sae = import_sae(dpath, k=M)  # k = m: every positive latent kept, so exact
     ref = ((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]).relu()
+    sae = import_sae(dpath)
+    assert sae.activation == "threshold"
+    _assert_same_codes(sae, x, ref)
+    with torch.no_grad():
+        torch.testing.assert_close(sae(x), ref @ w["W_dec"] + w["b_dec"], rtol=1e-5, atol=1e-5)
+    assert (ref != 0).sum(1).max() > K  # more than K active: TopK-K would not be exact
+    topk = import_sae(dpath, k=K)
+    assert topk.activation == "topk" and "exact only" in " ".join(topk.meta["notes"])
+
+
+def test_saelens_jumprelu_uses_its_thresholds(tmp_path, x):
+    cfg = {"architecture": "jumprelu", "d_in": D, "d_sae": M}
+    w = {**_saelens_weights(), "threshold": torch.rand(M, generator=_gen(7)) * 2}
+    sae = import_sae(_write_saelens(tmp_path / "sae", cfg, w))
+    pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
+    ref = pre.relu() * (pre > w["threshold"])  # SAELens: activation(pre) * (pre > threshold)
     _assert_same_codes(sae, x, ref)
 
 
-@pytest.mark.parametrize("change, message", [
-    ({"normalize_activations": "constant_norm_rescale"}, "each row on its own"),
-    ({"normalize_activations": "layer_norm"}, "each row on its own"),
-    ({"architecture": "jumprelu"}, "not supported"),
-])
-def test_saelens_configs_clipaudit_cannot_represent_are_refused(tmp_path, change, message):
-    cfg = {"architecture": "topk", "d_in": D, "d_sae": M, "k": K, **change}
+@pytest.mark.parametrize("norm", ["constant_norm_rescale", "layer_norm"])
+def test_saelens_per_row_normalisation_is_undone_after_decoding(tmp_path, x, norm):
+    cfg = {"architecture": "topk", "d_in": D, "d_sae": M, "k": K, "normalize_activations": norm}
+    w = _saelens_weights()
+    sae = import_sae(_write_saelens(tmp_path / "sae", cfg, w))
+    acts, recon = _prisma_forward(w, x, norm, k=K)
+    _assert_same_codes(sae, x, acts)
+    with torch.no_grad():
+        torch.testing.assert_close(sae(x), recon, rtol=1e-5, atol=1e-5)
+
+
+def test_saelens_configs_clipaudit_cannot_represent_are_refused(tmp_path):
+    cfg = {"architecture": "gated", "d_in": D, "d_sae": M}
     dpath = _write_saelens(tmp_path / "sae", cfg, _saelens_weights())
-    with pytest.raises(ArtifactError, match=message):
+    with pytest.raises(ArtifactError, match="not supported"):
         import_sae(dpath)
 
 
@@ -265,7 +280,7 @@ def test_saev_topk_converts_exactly(tmp_path, x, header):
     sae = import_sae(fpath)
     # saev's current encode: h_pre = x W_enc + b_enc; TopK keeps the raw top-k values
     h_pre = x @ w["W_enc"] + w["b_enc"]
-    f_x = h_pre * _topk_mask(h_pre, K)
+    f_x = h_pre * topk_mask(h_pre, K)
     _assert_same_codes(sae, x, f_x)
     with torch.no_grad():
         torch.testing.assert_close(sae(x), f_x @ w["W_dec"] + w["b_dec"], rtol=1e-5, atol=1e-5)
@@ -277,19 +292,31 @@ def test_saev_b_dec_convention_can_be_overridden(tmp_path, x):
     fpath = _write_saev(tmp_path / "sae.pt", SAEV_TOPK_V2, w)
     sae = import_sae(fpath, apply_b_dec_to_input=True)
     h_pre = (x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]
-    _assert_same_codes(sae, x, h_pre * _topk_mask(h_pre, K))
+    _assert_same_codes(sae, x, h_pre * topk_mask(h_pre, K))
 
 
-def test_saev_pre_schema_relu_checkpoint(tmp_path, x):
+SAEV_RELU_V1A = {"schema": 1, "cls": "Relu", "cfg": {"d_vit": D, "exp_factor": 4},
+                 "commit": "unknown", "lib": "0.1.0"}
+SAEV_V1B_DEFAULT = {"schema": 1, "cls": "SparseAutoencoderConfig",
+                    "cfg": {"d_vit": D, "exp_factor": 4, "seed": 0}, "commit": "x", "lib": "0.2.1"}
+SAEV_BATCHTOPK_V2 = {"schema": 2, "cfg": {"d_vit": D, "exp_factor": 4,
+                                          "activation": {"cls": "BatchTopK", "params": {"top_k": K}}}}
+
+
+@pytest.mark.parametrize("header, subtracts, relu", [
+    (SAEV_RELU_OLD, True, True), (SAEV_RELU_V1A, True, True), (SAEV_V1B_DEFAULT, False, True),
+    (SAEV_BATCHTOPK_V2, False, False),
+], ids=["pre-schema", "schema1A-relu", "schema1B-default", "schema2-batchtopk"])
+def test_saev_every_header_schema_reads_exactly(tmp_path, x, header, subtracts, relu):
     w = _saev_weights()
-    fpath = _write_saev(tmp_path / "sae.pt", SAEV_RELU_OLD, w)
-    with pytest.raises(InputError, match="--k"):
-        import_sae(fpath)
-    sae = import_sae(fpath, k=M)
-    # the pre-schema code subtracted b_dec before the encoder and used a ReLU
-    f_x = ((x - w["b_dec"]) @ w["W_enc"] + w["b_enc"]).relu()
+    fpath = _write_saev(tmp_path / "sae.pt", header, w)
+    assert detect_sae_format(fpath) == "saev"
+    sae = import_sae(fpath)
+    h_pre = (x - w["b_dec"] * subtracts) @ w["W_enc"] + w["b_enc"]
+    f_x = h_pre.relu() if relu else h_pre * topk_mask(h_pre, K)  # BatchTopK: per row at inference
     _assert_same_codes(sae, x, f_x)
-    assert sae.relu
+    with torch.no_grad():
+        torch.testing.assert_close(sae(x), f_x @ w["W_dec"] + w["b_dec"], rtol=1e-5, atol=1e-5)
 
 
 # ---------------------------------------------------------------- safety and detection
@@ -330,7 +357,8 @@ def test_unknown_files_and_formats_are_refused_listing_the_formats(tmp_path):
         import_sae(junk, fmt="nope")
     with pytest.raises(ArtifactError, match="not found"):
         import_sae(tmp_path / "missing.pt")
-    assert set(list_sae_formats()) == {"clipaudit", "saelens", "saev", "attributing-clip"}
+    assert set(list_sae_formats()) == {"clipaudit", "saelens", "saev", "attributing-clip", "prisma",
+                                       "clip-scope", "dictionary-learning", "patchsae"}
 
 
 def test_foreign_sae_checks_width_only_and_can_be_saved_natively(tmp_path, x, caplog):

@@ -33,7 +33,7 @@ FRESH_SEED = 424242
 
 @pytest.fixture(scope="module")
 def tiny():
-    return load_backbone(BackboneSpec())
+    return load_backbone(BackboneSpec.bundled())
 
 
 @pytest.fixture(scope="module")

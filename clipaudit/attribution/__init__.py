@@ -8,6 +8,7 @@ relevance; ``ablation`` removes components (ablation effects, deletion curves);
 from clipaudit.attribution.ablation import ablated_scores, ablation_effect, deletion_curves
 from clipaudit.attribution.explain import Explanation, explain_image, explain_images
 from clipaudit.attribution.patching import (
+    GRADIENT_MODES,
     Attributions,
     Relevance,
     attribute_cls,
@@ -16,6 +17,7 @@ from clipaudit.attribution.patching import (
 )
 
 __all__ = [
+    "GRADIENT_MODES",
     "Attributions",
     "Explanation",
     "Relevance",

@@ -1,8 +1,10 @@
-"""Causal checks at the default hook point: ablation (z_j = 0, SAE error held fixed)
-and deletion curves (faithfulness of a component ranking).
+"""Causal checks from a pooled cache: ablation (z_j = 0, SAE error held fixed) and
+deletion curves (faithfulness of a component ranking).
 
-Both run the exact model (true LayerNorm, exact head normalisation) from the
-cached CLS activations: removing component j changes h by -z_j * W_dec[:, j] / scale.
+Both run the exact model (true norm, exact head normalisation) from the cached
+pooled vectors: removing component j changes h by -z_j * W_dec[:, j] / scale, and
+the rest of the tower (``PooledReadout``) maps h to the embedding. ``tower`` is the
+tower or its pooled readout.
 """
 
 from __future__ import annotations
@@ -14,23 +16,36 @@ import numpy as np
 import pandas as pd
 import torch
 
-from clipaudit.extraction.hooks import VisionTower
+from clipaudit.attribution.patching import as_readout
+from clipaudit.extraction.hooks import Tower
+from clipaudit.extraction.readout import PooledReadout
 from clipaudit.heads import Head
 from clipaudit.results import AblationEffect, FaithfulnessCurve, SliceEffect
-from clipaudit.sae.model import SAE
+from clipaudit.sae.model import SAE, decoder_rows_for
 
 FAITHFULNESS_METHODS: tuple[str, ...] = (
-    "act_x_grad", "logit_lens", "act_x_logit_lens", "activation", "random",
+    "act_x_grad", "act_x_grad_exact", "logit_lens", "act_x_logit_lens", "activation", "random",
 )
+"""``act_x_grad``: attributions with frozen norms (clipaudit's default); ``act_x_grad_exact``:
+plain autograd (the paper's); Logit Lens; act x Logit Lens; activation; random."""
+
+ReadoutLike = Tower | PooledReadout
 
 
 def _atoms(sae: SAE) -> torch.Tensor:
-    """Raw-space decoder directions [n_latents, d]."""
-    return sae.W_dec.detach().float().T / float(sae.scale)
+    """Decoder directions [n_latents, d] (raw space up to each row's multiplier)."""
+    return sae.W_dec.detach().float().T
+
+
+def _row_multiplier(sae: SAE, h: torch.Tensor) -> torch.Tensor:
+    """[n, 1]: what each row's decoder multiplies a direction by (1 / scale, or the row's
+    own factor for SAEs that normalise each input row)."""
+    mult, _ = decoder_rows_for(sae, h)
+    return torch.as_tensor(mult, dtype=h.dtype).reshape(-1, 1).expand(len(h), 1)
 
 
 @torch.no_grad()
-def ablated_scores(acts_nd: torch.Tensor, sae: SAE, head: Head, tower: VisionTower,
+def ablated_scores(acts_nd: torch.Tensor, sae: SAE, head: Head, tower: ReadoutLike,
                    components: Sequence[int], *, codes=None) -> torch.Tensor:
     """Class scores [n, C] with ``components`` set to zero (error held fixed).
 
@@ -40,8 +55,8 @@ def ablated_scores(acts_nd: torch.Tensor, sae: SAE, head: Head, tower: VisionTow
     if len(components):
         codes = codes if codes is not None else sae.encode(h)
         z = torch.stack([(codes.values.float() * (codes.indices == j)).sum(1) for j in components], 1)
-        h = h - z @ _atoms(sae)[list(components)]
-    return head.scores(tower.readout_cls(h))
+        h = h - (z @ _atoms(sae)[list(components)]) * _row_multiplier(sae, h)
+    return head.scores(as_readout(tower)(h))
 
 
 @dataclass(frozen=True)
@@ -50,7 +65,7 @@ class _Outcome:
     pred: torch.Tensor
 
 
-def ablation_effect(acts_nd: torch.Tensor, sae: SAE, head: Head, tower: VisionTower, component: int,
+def ablation_effect(acts_nd: torch.Tensor, sae: SAE, head: Head, tower: ReadoutLike, component: int,
                     class_name: str, labels: Sequence[str | None], metadata: pd.DataFrame | None = None,
                     *, clean_scores: torch.Tensor | None = None, codes=None) -> AblationEffect:
     """Effect of removing one component on the class score, predictions and accuracy,
@@ -106,38 +121,35 @@ def _accuracy(pred: torch.Tensor, truth: torch.Tensor, mask: torch.Tensor | None
 
 
 @torch.no_grad()
-def deletion_curves(acts_nd: torch.Tensor, sae: SAE, head: Head, tower: VisionTower,
+def deletion_curves(acts_nd: torch.Tensor, sae: SAE, head: Head, tower: ReadoutLike,
                     target: torch.Tensor, *, steps: int = 16, seed: int = 0,
                     methods: Sequence[str] = FAITHFULNESS_METHODS) -> list[FaithfulnessCurve]:
     """Remove each instance's top components (by each ranking) one at a time and record
     the mean score of its ``target`` class; a faithful ranking makes the score fall fast.
 
-    Rankings: act x grad (frozen-LayerNorm gradient), Logit Lens (decoder direction
-    through ln_post and proj onto the class direction, instance-independent), act x
-    Logit Lens, activation, random. ``auc`` is the mean of the curve normalised by
-    the clean score's magnitude (lower = evidence removed faster).
+    Rankings: act x grad with frozen norms and with exact gradients (the two gradient
+    modes side by side), Logit Lens (decoder direction through the rest of the tower
+    onto the class direction, instance-independent), act x Logit Lens, activation,
+    random. ``auc`` is the mean of the curve normalised by the clean score's magnitude
+    (lower = evidence removed faster).
     """
-    from clipaudit.attribution.patching import attribute_cls
-
+    readout = as_readout(tower)
     h = acts_nd.float()
     n = len(h)
     codes = sae.encode(h)
     idx, z = codes.indices, codes.values.float()
-    attr = attribute_cls(h, torch.arange(n), sae, head, tower)
-    lens = _logit_lens(sae, head, tower)  # [n_latents, C]
-    # act x grad for each instance's active components, in the order of ``idx``
-    slot = (idx[attr.rows] == attr.components[:, None]).int().argmax(1)
-    act_x_grad = torch.zeros(idx.shape)
-    act_x_grad[attr.rows, slot] = attr.values[torch.arange(len(attr.rows)), target[attr.rows]]
+    lens = _logit_lens(sae, head, readout)  # [n_latents, C]
     keys = {
-        "act_x_grad": act_x_grad,
+        "act_x_grad": _act_x_grad(h, idx, sae, head, readout, target, "frozen"),
+        "act_x_grad_exact": _act_x_grad(h, idx, sae, head, readout, target, "exact"),
         "logit_lens": lens[idx, target[:, None]],
         "act_x_logit_lens": z * lens[idx, target[:, None]],
         "activation": z,
         "random": torch.rand(idx.shape, generator=torch.Generator().manual_seed(seed)),
     }
     atoms = _atoms(sae)
-    clean = head.scores(tower.readout_cls(h))[torch.arange(n), target]
+    mult = _row_multiplier(sae, h)
+    clean = head.scores(readout(h))[torch.arange(n), target]
     norm = clean.abs().mean().clamp_min(1e-12)
     steps = min(steps, idx.shape[1])
     curves = []
@@ -147,22 +159,35 @@ def deletion_curves(acts_nd: torch.Tensor, sae: SAE, head: Head, tower: VisionTo
         for s in range(steps):
             pick = order[:, s]
             j, zj = idx[torch.arange(n), pick], z[torch.arange(n), pick]
-            hm = hm - zj[:, None] * atoms[j]
-            scores.append(float(head.scores(tower.readout_cls(hm))[torch.arange(n), target].mean()))
+            hm = hm - zj[:, None] * atoms[j] * mult
+            scores.append(float(head.scores(readout(hm))[torch.arange(n), target].mean()))
         curves.append(FaithfulnessCurve(method=method, steps=list(range(steps + 1)), scores=scores,
                                         auc=float(np.mean(scores) / float(norm))))
     return curves
 
 
-def _logit_lens(sae: SAE, head: Head, tower: VisionTower) -> torch.Tensor:
-    """[n_latents, C]: each decoder direction through ln_post (no centring shift: a
-    direction, so beta drops out) and proj, dotted with the head's class directions."""
-    ln = tower.visual.ln_post
+def _act_x_grad(h: torch.Tensor, idx: torch.Tensor, sae: SAE, head: Head, readout: PooledReadout,
+                target: torch.Tensor, gradient: str) -> torch.Tensor:
+    """[n, k] each instance's attribution to its target class, in the order of ``idx``."""
+    from clipaudit.attribution.patching import attribute_cls
+
+    attr = attribute_cls(h, torch.arange(len(h)), sae, head, readout, gradient=gradient)
+    slot = (idx[attr.rows] == attr.components[:, None]).int().argmax(1)
+    out = torch.zeros(idx.shape)
+    out[attr.rows, slot] = attr.values[torch.arange(len(attr.rows)), target[attr.rows]]
+    return out
+
+
+def _logit_lens(sae: SAE, head: Head, readout: PooledReadout) -> torch.Tensor:
+    """[n_latents, C]: each decoder direction through the rest of the tower (the norm's
+    centring and gain, no scale or shift: a direction; then the projection, minus
+    where it sends zero), dotted with the head's class directions."""
     atoms = sae.W_dec.detach().float().T  # [m, d]
-    centred = atoms - atoms.mean(-1, keepdim=True)
-    g = ln.weight.detach().float() if ln.weight is not None else 1.0
-    proj = tower.visual.proj
-    dirs = (centred * g) @ (proj.detach().float() if proj is not None else torch.eye(atoms.shape[1]))
+    directed = readout.norm.linear_part(atoms) if readout.norm is not None else atoms
+    if readout.affine is not None:
+        dirs = directed @ readout.affine[0].float().to(directed)
+    else:
+        dirs = readout.post(directed) - readout.post(torch.zeros(1, atoms.shape[1]).to(directed))
     probe_e = torch.zeros(1, dirs.shape[1])
     weight = head.linear_form(probe_e + 1.0).weight  # [C, D]; scale irrelevant for ranking
     return dirs @ weight.T

@@ -17,7 +17,7 @@ from clipaudit.attribution.patching import attribute_images
 from clipaudit.errors import InputError
 from clipaudit.extraction.backbone import Backbone, BackboneSpec, load_backbone, load_backbone_for
 from clipaudit.extraction.data import decode_image
-from clipaudit.extraction.hooks import HookPoint, VisionTower
+from clipaudit.extraction.hooks import HookPoint, make_tower
 from clipaudit.heads import Head, load_head
 from clipaudit.sae.model import SAE
 
@@ -47,10 +47,11 @@ class Explanation:
 
 
 def explain_image(fpath: Path | str, sae: SAE, head: Head, backbone: Backbone, hook: HookPoint,
-                  *, top: int = 5) -> Explanation:
+                  *, top: int = 5, gradient: str = "frozen") -> Explanation:
     """Attributions of one image for every class (any hook point), top components first."""
     image = backbone.preprocess(decode_image(fpath)).unsqueeze(0).to(backbone.device)
-    attr = attribute_images(image, torch.tensor([0]), sae, head, VisionTower(backbone.model), hook)
+    attr = attribute_images(image, torch.tensor([0]), sae, head, make_tower(backbone.model), hook,
+                            gradient=gradient)
     classes = []
     for c, name in enumerate(head.class_names):
         order = attr.values[:, c].abs().argsort(descending=True)[:top]
@@ -70,6 +71,8 @@ class ExplainConfig:
     """Components shown per class."""
     hook: HookPoint | None = None
     """Hook point; None: the one the SAE was trained at."""
+    gradient: str = "frozen"
+    """``frozen`` (attributions add up to the score) or ``exact`` (the paper's autograd)."""
 
 
 def explain_images(images: Sequence[Path | str], sae_fpath: Path | str, *,
@@ -95,15 +98,17 @@ def explain_images(images: Sequence[Path | str], sae_fpath: Path | str, *,
                              "for; name it with --model NAME --pretrained TAG or --checkpoint FILE "
                              "--model-config CONFIG.json")
         backbone = load_backbone_for(recorded)
-    check_sae_matches(sae, sae_fpath, expect_backbone_id=backbone.id,
-                      expect_d=VisionTower(backbone.model).width)
     hook = config.hook
     if hook is None:
         recorded_hook = sae.meta.get("hook")
         if not isinstance(recorded_hook, dict):
             raise InputError(f"{sae_fpath}: this SAE file does not record its hook point; "
                              "give it with --layer and --token")
-        hook = HookPoint(int(recorded_hook["layer"]), recorded_hook["token"])
+        hook = HookPoint.from_dict(recorded_hook)
+    tower = make_tower(backbone.model)
+    width = tower.pooled_dim if hook.token == "pooled" else tower.width
+    check_sae_matches(sae, sae_fpath, expect_backbone_id=backbone.id, expect_d=width)
     head = (load_head("linear-probe", probe, backbone) if probe is not None
             else load_head("zero-shot", prompts, backbone))  # type: ignore[arg-type]
-    return [explain_image(f, sae, head, backbone, hook, top=config.top) for f in images]
+    return [explain_image(f, sae, head, backbone, hook, top=config.top, gradient=config.gradient)
+            for f in images]

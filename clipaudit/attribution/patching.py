@@ -4,288 +4,272 @@ Conventions (the contract is shared/DESIGN.md section 2):
 
 - The SAE error eps = h - h_hat is computed on the clean pass and held fixed, so
   the patched model reproduces the original scores exactly.
-- Gradients are taken with every LayerNorm scale downstream of the hook point
-  and the head's per-instance normalisation (|e| for cosine / L2 heads) held
-  fixed: the common "frozen LayerNorm" linearisation. At the default hook point
-  (last block, CLS) the rest of the tower is then affine in h, and attributions
-  are complete: for every instance and class
+- Two gradient modes. ``frozen`` (the default) holds every norm scale downstream of
+  the hook point and the head's per-instance normalisation (|e| for cosine / L2
+  heads) fixed: the common "frozen LayerNorm" linearisation. At the pooled hook
+  point (and the last block's class token of a class-token ViT) the rest of the
+  tower is then affine in h for every open_clip tower but the two with an MLP
+  projection, and attributions are complete: for every instance and class
       y_c - b_c = sum_j A[n, j, c] + A_err[n, c] + A_bias[n, c],
   where A_err = eps . dy_c/dh and A_bias = b_dec . dy_c/dh plus the constant
-  that the downstream biases (ln_post's beta, the head's offset) contribute.
-  (With exact LayerNorm gradients h . dy/dh is zero, since LayerNorm is scale
-  invariant, and no such decomposition exists.) At earlier blocks the tower is
-  not affine, and A_bias is the b_dec term alone.
-- All classes come from one forward pass per batch: analytically at the default
-  hook point (the gradient is a fixed direction per class divided by a
-  per-instance scale), by one batched backward pass elsewhere.
+  that the downstream biases (the norm's beta, the projection's bias, the head's
+  offset) contribute. (With exact LayerNorm gradients h . dy/dh is zero, since
+  LayerNorm is scale invariant, and no such decomposition exists.) ``exact`` is
+  plain autograd through every norm and the head's normalisation, as the paper's
+  reference code does; it reproduces that code's attributions. Elsewhere (earlier
+  blocks, exact mode, MLP projections) A_bias is the b_dec term alone.
+- All classes come from one forward pass per batch: in closed form from a pooled
+  cache (the gradient is a fixed direction per class divided by a per-instance
+  scale), by one batched backward pass elsewhere.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
-import types
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any
 
-import numpy as np
 import torch
 
-from clipaudit.extraction.hooks import HookPoint, VisionTower, replace_tokens, select_tokens
+from clipaudit.attribution.records import (  # noqa: F401  (Attributions re-exported)
+    Attributions,
+    assemble,
+    concat_attributions,
+    sparse_part,
+    spatial_part,
+)
+from clipaudit.errors import InputError
+from clipaudit.extraction.hooks import HookPoint, Tower
+from clipaudit.extraction.readout import PooledReadout, frozen_norms
 from clipaudit.heads import Head
 from clipaudit.progress import NULL_REPORTER, Reporter
-from clipaudit.sae.model import SAE
+from clipaudit.sae.model import SAE, decoder_rows
 
 log = logging.getLogger(__name__)
 
 
-@dataclass(frozen=True)
-class Attributions:
-    """Per-instance attributions for every class, stored sparsely (active components only).
+# ------------------------------------------------------------------ pooled hook point
 
-    Row ``r`` of the sparse part is instance ``rows[r]`` (a position in ``ids``),
-    component ``components[r]`` with activation ``activations[r]`` (summed over
-    tokens for spatial hook points) and attributions ``values[r, c]``.
-    """
-
-    ids: torch.Tensor
-    """[n] instance ids."""
-    class_names: list[str]
-    n_latents: int
-    rows: torch.Tensor
-    """[nnz] position of each entry's instance in ``ids``."""
-    components: torch.Tensor
-    """[nnz] SAE component index."""
-    activations: torch.Tensor
-    """[nnz] z[n, j]."""
-    values: torch.Tensor
-    """[nnz, C] A[n, j, c]."""
-    error: torch.Tensor
-    """[n, C] A_err: the evidence the SAE does not reconstruct."""
-    bias: torch.Tensor
-    """[n, C] A_bias: b_dec and downstream constant terms."""
-    scores: torch.Tensor
-    """[n, C] y_c, exact."""
-    head_bias: torch.Tensor
-    """[C] b_c."""
-
-    @property
-    def predictions(self) -> torch.Tensor:
-        return self.scores.argmax(dim=1)
-
-    def dense(self) -> torch.Tensor:
-        """A as a dense [n, n_latents, C] tensor (small data only)."""
-        out = torch.zeros(len(self.ids), self.n_latents, len(self.class_names))
-        out.index_put_((self.rows, self.components), self.values, accumulate=True)
-        return out
-
-    def to_parquet(self, fpath: Path | str, provenance: dict[str, Any] | None = None) -> Path:
-        """Long table: one row per (instance, active component, class)."""
-        import pyarrow as pa
-
-        from clipaudit.artifacts import write_parquet
-
-        n_classes = len(self.class_names)
-        nnz = len(self.rows)
-        table = pa.table({
-            "instance_id": np.repeat(self.ids[self.rows].numpy(), n_classes),
-            "component": np.repeat(self.components.numpy().astype(np.int32), n_classes),
-            "activation": np.repeat(self.activations.numpy(), n_classes),
-            "class": pa.DictionaryArray.from_arrays(
-                np.tile(np.arange(n_classes, dtype=np.int32), nnz), self.class_names),
-            "attribution": self.values.reshape(-1).numpy(),
-        })
-        return write_parquet(fpath, "attributions", table,
-                             meta={"class_names": self.class_names, "n_latents": self.n_latents},
-                             provenance=provenance)
-
-    def instance_table(self) -> Any:
-        """pandas DataFrame: instance_id, class, score, error, bias, head_bias."""
-        import pandas as pd
-
-        n, c = self.scores.shape
-        return pd.DataFrame({
-            "instance_id": np.repeat(self.ids.numpy(), c),
-            "class": np.tile(np.asarray(self.class_names, dtype=object), n),
-            "score": self.scores.reshape(-1).numpy(),
-            "error": self.error.reshape(-1).numpy(),
-            "bias": self.bias.reshape(-1).numpy(),
-        })
+GRADIENT_MODES: tuple[str, ...] = ("frozen", "exact")
 
 
-# ------------------------------------------------------------------ default hook point
+def check_gradient(gradient: str) -> None:
+    if gradient not in GRADIENT_MODES:
+        raise InputError(f"gradient {gradient!r} is not one of {', '.join(GRADIENT_MODES)}")
+
+
+def as_readout(tower: Tower | PooledReadout) -> PooledReadout:
+    """The rest of the tower from its pooled vector (a readout passes through)."""
+    return tower if isinstance(tower, PooledReadout) else tower.pooled_readout
 
 
 @dataclass(frozen=True)
-class _ClsReadout:
-    """The affine structure of ln_post -> proj -> head for one head (default hook point)."""
+class _ClosedForm:
+    """The affine structure of norm -> projection -> head for one head (frozen mode)."""
 
     directions: torch.Tensor
-    """[C, d] centred g * (proj @ W_eff_c): dy_c/dh = directions[c] / (sigma_n * s_n)."""
+    """[C, d]: dy_c/dh = directions[c] / (sigma_n * s_n)."""
     latent_dirs: torch.Tensor
-    """[C, n_latents] directions @ W_dec / scale."""
+    """[C, n_latents] directions @ W_dec (times the decoder's row multiplier, 1 / scale)."""
     b_dec_term: torch.Tensor
-    """[C] directions @ b_dec / scale."""
+    """[C] directions @ b_dec (likewise)."""
+    ones_term: torch.Tensor
+    """[C] directions @ 1: what a per-row decoder offset contributes."""
+    offset: torch.Tensor
+    """[D] the embedding of h = 0 with the norm's scale set aside: beta @ W + b."""
 
 
-def _ln_params(ln: torch.nn.Module, d: int) -> tuple[torch.Tensor, torch.Tensor, float]:
-    if not isinstance(ln, torch.nn.LayerNorm):
-        raise TypeError(f"ln_post is {type(ln).__name__}, not a LayerNorm")
-    weight = ln.weight if ln.weight is not None else torch.ones(d)
-    bias = ln.bias if ln.bias is not None else torch.zeros(d)
-    return weight.detach().float(), bias.detach().float(), float(ln.eps)
-
-
-def _proj(tower: VisionTower) -> torch.Tensor:
-    proj = tower.visual.proj
-    return proj.detach().float() if proj is not None else torch.eye(tower.width)
+def _closed_form(readout: PooledReadout, weight: torch.Tensor, sae: SAE) -> _ClosedForm:
+    assert readout.affine is not None
+    W, b = (t.float().to(weight.device) for t in readout.affine)
+    u = weight @ W.T  # [C, d]
+    norm = readout.norm
+    dirs = norm.adjoint(u) if norm is not None else u
+    has_beta = norm is not None and norm.bias is not None
+    beta = norm.bias.float().to(W) if has_beta else torch.zeros(W.shape[0]).to(W)  # type: ignore[union-attr]
+    return _ClosedForm(dirs, dirs @ sae.W_dec.detach().float(), dirs @ sae.b_dec.detach().float(),
+                       dirs.sum(-1), beta @ W + b)
 
 
 @torch.no_grad()
 def attribute_cls(acts_nd: torch.Tensor, ids: torch.Tensor, sae: SAE, head: Head,
-                  tower: VisionTower, *, batch_size: int = 4096,
-                  reporter: Reporter = NULL_REPORTER) -> Attributions:
-    """Attributions at the default hook point (last block, CLS) from cached activations."""
+                  tower: Tower | PooledReadout, *, batch_size: int = 4096,
+                  gradient: str = "frozen", reporter: Reporter = NULL_REPORTER) -> Attributions:
+    """Attributions from cached pooled vectors (or the last block's class token of a
+    class-token ViT, which is the same vector). ``tower``: the tower or its
+    ``pooled_readout``. ``gradient``: ``frozen`` (complete attributions) or ``exact``
+    (the paper's plain autograd)."""
     batches = (
         (acts_nd[s:s + batch_size], ids[s:s + batch_size]) for s in range(0, len(ids), batch_size)
     )
-    return attribute_cls_batches(batches, sae, head, tower, n_total=len(ids), reporter=reporter)
+    return attribute_cls_batches(batches, sae, head, tower, n_total=len(ids), gradient=gradient,
+                                 reporter=reporter)
 
 
 @torch.no_grad()
 def attribute_cls_batches(batches: Iterator[tuple[torch.Tensor, torch.Tensor]], sae: SAE,
-                          head: Head, tower: VisionTower, *, n_total: int | None = None,
+                          head: Head, tower: Tower | PooledReadout, *, n_total: int | None = None,
+                          gradient: str = "frozen",
                           reporter: Reporter = NULL_REPORTER) -> Attributions:
     """Streaming version of ``attribute_cls`` over (acts [b, d], ids [b]) batches."""
-    if not tower.cls_readout_ok:
-        raise ValueError("the default-hook attribution needs a tower that reads out the CLS token")
-    g, beta, ln_eps = _ln_params(tower.visual.ln_post, tower.width)
-    proj = _proj(tower)
-    w_dec = sae.W_dec.detach().float()
-    scale = float(sae.scale)
-    readout: _ClsReadout | None = None
+    check_gradient(gradient)
+    readout = as_readout(tower)
+    closed = gradient == "frozen" and readout.is_affine
+    form_cache: dict[str, _ClosedForm] = {}
     parts: list[dict[str, torch.Tensor]] = []
+    head_bias = torch.zeros(len(head.class_names))
     with reporter.task("attributing", total=n_total) as task:
         for h, ids in batches:
-            h = h.float()
-            codes = sae.encode(h)
-            idx, z = codes.indices, codes.values.float()
-            h_hat = sae.decode(codes).float()
-            eps = h - h_hat
-            mu = h.mean(-1, keepdim=True)
-            sigma = ((h - mu).pow(2).mean(-1) + ln_eps).sqrt()  # [b]
-            e = tower.readout_cls(h)
-            form = head.linear_form(e)
-            if readout is None:
-                u = form.weight @ proj.T  # [C, d]
-                dg = g * u
-                dirs = dg - dg.mean(-1, keepdim=True)
-                readout = _ClsReadout(dirs, dirs @ w_dec / scale, dirs @ sae.b_dec.detach().float() / scale)
-            inv = 1.0 / (sigma * form.scale)  # [b]
-            values = z[..., None] * readout.latent_dirs.T[idx] * inv[:, None, None]  # [b, k, C]
-            error = (eps @ readout.directions.T) * inv[:, None]
-            const = ((beta @ proj - form.offset) @ form.weight.T) / form.scale[:, None]
-            bias = readout.b_dec_term * inv[:, None] + const
-            scores = form.scores(e)
-            parts.append(_sparse_part(ids, idx, z, values, error, bias, scores))
+            if closed:
+                part, head_bias = _closed_form_part(h.float(), ids, sae, head, readout, form_cache)
+            else:
+                with torch.enable_grad():
+                    part, head_bias = _autograd_part(h.float(), ids, sae, head, readout, gradient)
+            parts.append(part)
             task.advance(len(ids))
-    return _assemble(parts, head, sae.n_latents, form.bias if parts else torch.zeros(len(head.class_names)))
+    return assemble(parts, head, sae.n_latents, head_bias)
 
 
-def _sparse_part(ids, idx, z, values, error, bias, scores) -> dict[str, torch.Tensor]:
-    b, k = idx.shape
-    keep = (z != 0).reshape(-1)
-    rows = torch.arange(b).repeat_interleave(k)[keep]
-    return {"ids": ids.long(), "rows": rows, "components": idx.reshape(-1)[keep],
-            "activations": z.reshape(-1)[keep], "values": values.reshape(b * k, -1)[keep],
-            "error": error, "bias": bias, "scores": scores}
+def _closed_form_part(h: torch.Tensor, ids: torch.Tensor, sae: SAE, head: Head,
+                      readout: PooledReadout, cache: dict[str, _ClosedForm]
+                      ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    codes = sae.encode(h)
+    idx, z = codes.indices, codes.values.float()
+    eps = h - sae.decode(codes).float()
+    sigma = readout.norm.sigma(h) if readout.norm is not None else torch.ones(len(h)).to(h)
+    e = readout(h)
+    form = head.linear_form(e)
+    if "form" not in cache:
+        cache["form"] = _closed_form(readout, form.weight.float(), sae)
+    cf = cache["form"]
+    inv = 1.0 / (sigma * form.scale)  # [b]
+    mult, shift = decoder_rows(sae, codes)
+    dec = inv * mult  # [b]: the decoder's row multiplier and the readout's scale together
+    values = z[..., None] * cf.latent_dirs.T[idx] * dec[:, None, None]  # [b, k, C]
+    error = (eps @ cf.directions.T) * inv[:, None]
+    const = ((cf.offset - form.offset) @ form.weight.T) / form.scale[:, None]
+    offset = (torch.as_tensor(shift).to(h) * inv)[..., None] * cf.ones_term  # per-row decoder offset
+    bias = cf.b_dec_term * dec[:, None] + offset + const
+    return sparse_part(ids, idx, z, values, error, bias, form.scores(e)), form.bias
 
 
-def _assemble(parts: list[dict[str, torch.Tensor]], head: Head, n_latents: int,
-              head_bias: torch.Tensor) -> Attributions:
-    n_classes = len(head.class_names)
-    if not parts:
-        empty = torch.zeros(0, n_classes)
-        return Attributions(torch.zeros(0, dtype=torch.long), list(head.class_names), n_latents,
-                            torch.zeros(0, dtype=torch.long), torch.zeros(0, dtype=torch.long),
-                            torch.zeros(0), empty, empty, empty, empty, head_bias.detach().cpu())
-    offsets = np.cumsum([0] + [len(p["ids"]) for p in parts[:-1]])
-    cat = {key: torch.cat([p[key].detach().cpu() for p in parts]) for key in parts[0] if key != "rows"}
-    rows = torch.cat([p["rows"] + int(off) for p, off in zip(parts, offsets)])
-    return Attributions(cat["ids"], list(head.class_names), n_latents, rows, cat["components"],
-                        cat["activations"].float(), cat["values"].float(), cat["error"].float(),
-                        cat["bias"].float(), cat["scores"].float(), head_bias.detach().cpu().float())
+def _autograd_part(h: torch.Tensor, ids: torch.Tensor, sae: SAE, head: Head,
+                   readout: PooledReadout, gradient: str
+                   ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    codes = sae.encode(h)
+    idx = codes.indices
+    z = codes.values.float().detach().requires_grad_(True)
+    h_hat = decode_codes(sae, idx, z, codes)
+    eps = (h - h_hat).detach()
+    h_patched = h_hat + eps
+    scores, head_bias = _scores(readout.frozen(h_patched) if gradient == "frozen"
+                                else readout(h_patched), head, gradient)
+    grad_z, grad_h = _all_class_grads(scores, (z, h_patched))
+    values = (z.detach()[None] * grad_z).movedim(0, -1)  # [b, k, C]
+    error = torch.einsum("nd,cnd->nc", eps, grad_h)
+    bias = torch.einsum("nd,cnd->nc", _decoder_constant(sae, codes, h.shape), grad_h)
+    return sparse_part(ids, idx, z.detach(), values.detach(), error.detach(), bias.detach(),
+                        scores.detach()), head_bias
+
+
+def _scores(e: torch.Tensor, head: Head, gradient: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Class scores of ``e`` with the head's normalisation held fixed (frozen) or
+    differentiated through (exact), and the head's bias."""
+    form = head.linear_form(e)
+    return (form.scores(e) if gradient == "frozen" else head.scores(e)), form.bias
 
 
 # ------------------------------------------------------------------ any hook point (autograd)
 
 
-def _frozen_ln_forward(self: torch.nn.LayerNorm, x: torch.Tensor) -> torch.Tensor:
-    x32 = x.float()
-    mu = x32.mean(-1, keepdim=True)
-    sigma = ((x32 - mu).pow(2).mean(-1, keepdim=True) + self.eps).sqrt().detach()
-    out = (x32 - mu) / sigma
-    if self.weight is not None:
-        out = out * self.weight.float()
-    if self.bias is not None:
-        out = out + self.bias.float()
-    return out.to(x.dtype)
+frozen_layernorms = frozen_norms
+"""Former name of ``clipaudit.extraction.readout.frozen_norms``."""
+
+
+def decode_codes(sae: SAE, indices: torch.Tensor, values: torch.Tensor,
+                 codes: object = None) -> torch.Tensor:
+    """h_hat in raw space, differentiable in ``values`` ([..., k] -> [..., d]); ``codes``
+    carry the per-row decoder affine of SAEs that normalise each row."""
+    atoms = sae.W_dec.T[indices]  # [..., k, d]
+    x_hat = torch.einsum("...k,...kd->...d", values, atoms) + sae.b_dec
+    mult, shift = decoder_rows(sae, codes)
+    if isinstance(mult, torch.Tensor):
+        lead = indices.shape[:-1]
+        return x_hat * mult.reshape(*lead, 1) + torch.as_tensor(shift).reshape(*lead, 1)
+    return x_hat * mult
+
+
+def _decoder_constant(sae: SAE, codes: object, shape: torch.Size) -> torch.Tensor:
+    """[..., d] the part of h_hat that does not depend on the codes: b_dec through the
+    decoder's row affine (A_bias is its attribution)."""
+    mult, shift = decoder_rows(sae, codes)
+    lead = shape[:-1]
+    b_dec = sae.b_dec.detach().float()
+    if isinstance(mult, torch.Tensor):
+        return b_dec * mult.reshape(*lead, 1) + torch.as_tensor(shift).reshape(*lead, 1)
+    return (b_dec * mult).expand(*lead, -1)
 
 
 @contextlib.contextmanager
-def frozen_layernorms(module: torch.nn.Module) -> Iterator[None]:
-    """Within the block, every LayerNorm in ``module`` treats its scale as a constant
-    in backward passes (values are unchanged)."""
-    patched = [m for m in module.modules() if isinstance(m, torch.nn.LayerNorm)]
-    for m in patched:
-        m.forward = types.MethodType(_frozen_ln_forward, m)  # type: ignore[method-assign]
+def _no_weight_grads(module: torch.nn.Module) -> Iterator[None]:
+    """The tower's weights are constants here: no graph is built for the blocks before
+    the hook point, only from the patched activations on."""
+    flags = [(p, p.requires_grad) for p in module.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
     try:
         yield
     finally:
-        for m in patched:
-            del m.forward
-
-
-def decode_codes(sae: SAE, indices: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """h_hat in raw space, differentiable in ``values`` ([..., k] -> [..., d])."""
-    atoms = sae.W_dec.T[indices]  # [..., k, d]
-    return (torch.einsum("...k,...kd->...d", values, atoms) + sae.b_dec) / sae.scale
+        for p, flag in flags:
+            p.requires_grad_(flag)
 
 
 def attribute_images(images: torch.Tensor, ids: torch.Tensor, sae: SAE, head: Head,
-                     tower: VisionTower, hook: HookPoint) -> Attributions:
-    """Attributions at any hook point for one batch of preprocessed images.
+                     tower: Tower, hook: HookPoint, *, gradient: str = "frozen") -> Attributions:
+    """Attributions at any hook point of any tower for one batch of preprocessed images.
 
-    One forward pass and one batched backward pass (all classes at once). For
-    spatial tokens the attribution of a component is summed over tokens.
+    One forward pass and one batched backward pass (all classes at once). For spatial
+    tokens the attribution of a component is summed over tokens. At the pooled hook
+    point this is ``attribute_cls`` on the captured pooled vectors.
     """
-    layer = hook.resolve(tower.n_blocks)
-    with torch.no_grad():
-        resid = tower.run_blocks(tower.embed(images), 0, layer + 1)
-    h = select_tokens(resid, hook.token).float()
-    d = h.shape[-1]
-    codes = sae.encode(h.reshape(-1, d))
-    idx = codes.indices.reshape(*h.shape[:-1], -1)
-    z = codes.values.float().reshape(idx.shape).detach().requires_grad_(True)
-    h_hat = decode_codes(sae, idx, z)
-    eps = (h - h_hat).detach()
-    h_patched = h_hat + eps
-    with frozen_layernorms(tower.visual):
-        e = tower.rest(replace_tokens(resid, hook.token, h_patched.to(resid.dtype)), layer)
-    form = head.linear_form(e)
-    scores = form.scores(e)
-    grad_z, grad_h = _all_class_grads(scores, (z, h_patched))  # [C, *z.shape], [C, *h.shape]
+    check_gradient(gradient)
+    layer = tower.resolve(hook)
+    if layer is None:
+        with torch.no_grad():
+            pooled = tower.capture(images, hook).acts
+        return attribute_cls(pooled, ids, sae, head, tower, gradient=gradient)
+    state: dict[str, torch.Tensor] = {}
+
+    def patch(resid: torch.Tensor) -> torch.Tensor:
+        resid = resid.detach()
+        h = tower.select(resid, hook.token).float()
+        d = h.shape[-1]
+        codes = sae.encode(h.reshape(-1, d))
+        idx = codes.indices.reshape(*h.shape[:-1], -1)
+        z = codes.values.float().reshape(idx.shape).detach().requires_grad_(True)
+        h_hat = decode_codes(sae, idx, z, codes)
+        state.update(idx=idx, z=z, eps=(h - h_hat).detach(),
+                     constant=_decoder_constant(sae, codes, h.shape))
+        state["h_patched"] = h_hat + state["eps"]
+        return tower.replace(resid, hook.token, state["h_patched"].to(resid.dtype))
+
+    frozen = frozen_norms(tower.module) if gradient == "frozen" else contextlib.nullcontext()
+    with torch.enable_grad(), _no_weight_grads(tower.module), frozen:
+        e = tower.forward_edited(images, layer, patch)
+        scores, head_bias = _scores(e, head, gradient)
+    idx, z, eps = state["idx"], state["z"], state["eps"]
+    grad_z, grad_h = _all_class_grads(scores, (z, state["h_patched"]))  # [C, *z], [C, *h]
     values = (z.detach()[None] * grad_z).movedim(0, -1)  # [..., k, C]
     error = torch.einsum("...d,c...d->c...", eps, grad_h)
-    bias = torch.einsum("d,c...d->c...", sae.b_dec.detach().float() / float(sae.scale), grad_h)
+    bias = torch.einsum("...d,c...d->c...", state["constant"], grad_h)
     if hook.token == "spatial":  # sum token-level terms per instance
         error, bias = error.sum(-1), bias.sum(-1)
-        return _spatial_part(ids, idx, z.detach(), values, error.T, bias.T, scores.detach(),
-                             head, sae.n_latents, form.bias)
-    part = _sparse_part(ids, idx, z.detach(), values, error.T, bias.T, scores.detach())
-    return _assemble([part], head, sae.n_latents, form.bias)
+        return spatial_part(ids, idx, z.detach(), values, error.T, bias.T, scores.detach(),
+                             head, sae.n_latents, head_bias)
+    part = sparse_part(ids, idx, z.detach(), values.detach(), error.T.detach(), bias.T.detach(),
+                        scores.detach())
+    return assemble([part], head, sae.n_latents, head_bias)
 
 
 def _all_class_grads(scores: torch.Tensor, inputs: Sequence[torch.Tensor]) -> list[torch.Tensor]:
@@ -298,34 +282,6 @@ def _all_class_grads(scores: torch.Tensor, inputs: Sequence[torch.Tensor]) -> li
         per_class = [torch.autograd.grad(scores[:, c].sum(), inputs, retain_graph=True)
                      for c in range(n_classes)]
         return [torch.stack(g) for g in zip(*per_class)]
-
-
-def _spatial_part(ids, idx, z, values, error, bias, scores, head, n_latents, head_bias) -> Attributions:
-    """Sum token-level (instance, component) entries into one entry per instance and component."""
-    b, t, k = idx.shape
-    n_classes = values.shape[-1]
-    flat = idx.reshape(b, t * k)
-    key = torch.arange(b)[:, None] * n_latents + flat
-    keep = (z.reshape(b, t * k) != 0).reshape(-1)
-    uniq, inverse = torch.unique(key.reshape(-1)[keep], return_inverse=True)
-    acts = torch.zeros(len(uniq)).index_add_(0, inverse, z.reshape(-1)[keep])
-    vals = torch.zeros(len(uniq), n_classes).index_add_(
-        0, inverse, values.detach().reshape(-1, n_classes)[keep])
-    return Attributions(ids.long(), list(head.class_names), n_latents, uniq // n_latents,
-                        uniq % n_latents, acts, vals, error.detach(), bias.detach(),
-                        scores, head_bias.detach().cpu())
-
-
-def concat_attributions(parts: Sequence[Attributions]) -> Attributions:
-    """Join per-batch attributions (same head and SAE) into one."""
-    first = parts[0]
-    offsets = np.cumsum([0] + [len(p.ids) for p in parts[:-1]])
-    return Attributions(
-        torch.cat([p.ids for p in parts]), first.class_names, first.n_latents,
-        torch.cat([p.rows + int(o) for p, o in zip(parts, offsets)]),
-        torch.cat([p.components for p in parts]), torch.cat([p.activations for p in parts]),
-        torch.cat([p.values for p in parts]), torch.cat([p.error for p in parts]),
-        torch.cat([p.bias for p in parts]), torch.cat([p.scores for p in parts]), first.head_bias)
 
 
 # ------------------------------------------------------------------ per-class relevance

@@ -62,6 +62,7 @@ def explain_cmd(
     probe: Path = typer.Option(None, "--probe", help="Probe file."),
     prompts: Path = typer.Option(None, "--prompts", help="Zero-shot prompt-set YAML."),
     top: int = option(ExplainConfig, "top", "--top"),
+    gradient: str = option(ExplainConfig, "gradient", "--gradient"),
     as_json: bool = json_option("each image's prediction and components"),
     quiet: bool = quiet_option(),
 ) -> None:
@@ -69,7 +70,7 @@ def explain_cmd(
     from clipaudit.attribution.explain import explain_images
 
     explanations = explain_images(images, sae_fpath, probe=probe, prompts=prompts,
-                                  config=ExplainConfig(top=top))
+                                  config=ExplainConfig(top=top, gradient=gradient))
     if as_json:
         print_json([asdict(e) for e in explanations])
         return

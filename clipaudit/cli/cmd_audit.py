@@ -107,6 +107,10 @@ def audit_cmd(
                                 help="Reuse the component descriptions of an earlier audit (its "
                                      "folder): a new rule file or head re-audits without "
                                      "recomputing them."),
+    gradient: str = option(AuditConfig, "gradient", "--gradient",
+                           help="frozen (norm scales and the head's normalisation held fixed: "
+                                "attributions add up to the score) or exact (plain autograd, as "
+                                "the paper's code)."),
     pdf: bool = option(OutputConfig, "pdf", "--pdf/--no-pdf", help="Also write report.pdf."),
     as_json: bool = json_option("the verdict, every rule result and the findings"),
     quiet: bool = quiet_option(),
@@ -121,7 +125,7 @@ def audit_cmd(
     from clipaudit.audit import run_audit
 
     config = AuditConfig(
-        rules=rules, outputs=OutputConfig(pdf=pdf),
+        rules=rules, outputs=OutputConfig(pdf=pdf), gradient=gradient,
         describe=DescribeConfig(vocabularies=tuple(vocab), reference_cache=reference_data, top_m=top_m,
                                 reuse=descriptions))
     with RichReporter(quiet=as_json or quiet) as reporter:
@@ -148,8 +152,8 @@ def demo_cmd(
 
     if not (as_json or quiet):
         err.print(f"clipaudit demo: planting a ruler -> malignant shortcut in {n_images} synthetic "
-                  f"dermoscopy images, then auditing a probe and a prompt set; output in {out_dpath}/",
-                  markup=False)
+                  f"dermoscopy images, then auditing a probe and a prompt set on the bundled demo "
+                  f"model tiny-derm-clip; output in {out_dpath}/", markup=False)
     with RichReporter(quiet=as_json or quiet) as reporter:
         outcome = run_demo(DemoConfig(out_dpath=out_dpath, n_images=n_images, pdf=pdf), reporter=reporter)
     _print_outcome(outcome, as_json, quiet, verbose)

@@ -17,12 +17,11 @@ from clipaudit.cli._common import (
     user_errors,
 )
 from clipaudit.cli._options import option
-from clipaudit.errors import InputError
-from clipaudit.extraction.backbone import TINY_MODEL_NAME, BackboneSpec
+from clipaudit.extraction.backbone import RANDOM, TINY_MODEL_NAME, BackboneSpec
 from clipaudit.extraction.cache import ExtractConfig, ExtractResult, extract
 from clipaudit.extraction.data import load_image_source
 from clipaudit.extraction.engines import RayConfig, get_engine
-from clipaudit.extraction.hooks import HookPoint
+from clipaudit.extraction.hooks import HookPoint, describe_hook
 
 
 @app.command("extract")
@@ -33,12 +32,16 @@ def extract_cmd(
                                          "folder, a file or a {000..099} brace pattern), or "
                                          "Parquet / Hugging Face files with image bytes."),
     out_dpath: Path = typer.Option(..., "--out", "-o", help="Cache folder (created or resumed)."),
-    model: str | None = typer.Option(None, help=f"open_clip model name [default: {TINY_MODEL_NAME}]."),
-    pretrained: str | None = typer.Option(None, help="open_clip pretrained tag or weights file."),
+    model: str | None = typer.Option(None, help=f"open_clip model name, hf-hub:ORG/REPO, or "
+                                                f"{TINY_MODEL_NAME} (the bundled demo model)."),
+    pretrained: str | None = typer.Option(None, help=f"open_clip pretrained tag, a weights file, or "
+                                                     f"{RANDOM} (random weights, for tests)."),
     checkpoint: Path | None = typer.Option(None, help="Local weights file (with --model-config)."),
     model_config: Path | None = typer.Option(None, help="open_clip model-config JSON."),
     layer: int = option(HookPoint, "layer", "--layer"),
-    token: str = option(HookPoint, "token", "--token", help="cls or spatial."),
+    token: str = option(HookPoint, "token", "--token", help="pooled (every tower; what the audit "
+                                                             "reads), cls or spatial (transformer "
+                                                             "towers, at --layer)."),
     batch_size: int = option(ExtractConfig, "batch_size", "--batch-size", envvar="CLIPAUDIT_BATCH_SIZE"),
     workers: int = option(ExtractConfig, "num_workers", "--workers", envvar="CLIPAUDIT_WORKERS"),
     device: str = option(ExtractConfig, "device", "--device", envvar="CLIPAUDIT_DEVICE"),
@@ -59,11 +62,12 @@ def extract_cmd(
     as_json: bool = json_option(),
     quiet: bool = quiet_option(),
 ) -> None:
-    """Decode images and store the activations at the hook point plus image embeddings."""
-    if pretrained and not model:
-        raise InputError("--pretrained needs --model NAME")
-    spec = BackboneSpec(model=model or TINY_MODEL_NAME, pretrained=pretrained,
-                        checkpoint=checkpoint, config=model_config)
+    """Decode images and store the activations at the hook point plus image embeddings.
+
+    Name the model explicitly: --model NAME --pretrained TAG, --checkpoint FILE
+    --model-config CONFIG.json, or --model tiny-derm-clip for the bundled demo model."""
+    spec = BackboneSpec(model=model, pretrained=pretrained, checkpoint=checkpoint, config=model_config)
+    spec.validate()
     config = ExtractConfig(
         backbone=spec, hook=HookPoint(layer, token), batch_size=batch_size,  # type: ignore[arg-type]
         num_workers=workers, shard_size=shard_size, device=device, store_dtype=dtype,
@@ -99,8 +103,18 @@ def _summary(result: ExtractResult) -> str:
     shards = f"{result.shards_written} shards written, {result.shards_resumed} already there"
     if result.cache is not None:
         hook = result.cache.provenance["hook"]
-        where = (f"cache {result.dpath} complete (model {result.cache.provenance['backbone']['id']}"
-                 f", layer {hook['layer']}, token {hook['token']}, d {result.cache.d})")
+        where = (f"cache {result.dpath} complete (model {_model_words(result.cache.provenance['backbone'])}"
+                 f", hook {describe_hook(hook)}, d {result.cache.d})")
     else:
         where = f"cache {result.dpath} incomplete (other workers' shards missing)"
     return f"{result.n_ok} images extracted, {skipped}; {shards}; {where}"
+
+
+def _model_words(backbone: dict) -> str:
+    """The model's id, and what it is when that is not a trained model the user named."""
+    ident = str(backbone.get("id"))
+    if backbone.get("model") == TINY_MODEL_NAME:
+        return f"{ident}, the bundled demo model"
+    if str(backbone.get("weights", "")).startswith("random-seed"):
+        return f"{ident}, RANDOM weights (--pretrained {RANDOM})"
+    return ident

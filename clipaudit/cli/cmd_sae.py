@@ -98,12 +98,21 @@ def sae_info_cmd(
 
 
 def _info_text(info, cache: Path | None) -> str:
+    from clipaudit.extraction.hooks import describe_hook
+
     backbone = (info.backbone or {}).get("id", "unknown (not recorded)")
-    hook = (f"layer {info.hook.get('layer')}, {info.hook.get('token')}" if info.hook
-            else "unknown (not recorded)")
-    lines = [f"{info.path}: {info.source_format} TopK SAE, d={info.d}, {info.n_latents} "
-             f"latents, k={info.k}{'' if info.relu else ' (top-k without ReLU)'}",
-             f"  input scale {info.scale:.6g} ({info.normalisation or 'none'}), seed {info.seed}",
+    hook = describe_hook(info.hook) if info.hook else "unknown (not recorded)"
+    if info.activation == "threshold":
+        rule = (f"active where ReLU(pre) > {info.threshold:.4g}" if info.threshold else
+                "ReLU: every positive latent active")
+        kind = f"threshold SAE ({rule}; nominal k={info.k})"
+    else:
+        kind = f"TopK SAE, k={info.k}{'' if info.relu else ' (top-k without ReLU)'}"
+    arch = f" [{info.architecture}]" if info.architecture else ""
+    lines = [f"{info.path}: format {info.source_format}{arch}, {kind}, d={info.d}, "
+             f"{info.n_latents} latents",
+             f"  normalisation: {info.normalisation or 'none'}; input scale {info.scale:.6g}; "
+             f"seed {info.seed}",
              f"  backbone {backbone}; hook {hook}"]
     lines += [f"  note: {note}" for note in info.notes]
     if info.stored_metrics is not None:

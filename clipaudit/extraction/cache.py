@@ -23,7 +23,6 @@ both write the same files and either can resume a cache the other started.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections import Counter
 from dataclasses import dataclass
@@ -46,7 +45,7 @@ from clipaudit.extraction.backbone import Backbone, BackboneSpec, load_backbone
 from clipaudit.extraction.cache_reader import ActivationCache, open_cache, shard_fpath
 from clipaudit.extraction.data import ImageSource, load_image_source, reason_category
 from clipaudit.extraction.engines import EncodeJob, RayConfig, get_engine
-from clipaudit.extraction.hooks import HookPoint, VisionTower
+from clipaudit.extraction.hooks import HookPoint, Tower, describe_hook, make_tower
 from clipaudit.extraction.locking import one_writer_per_worker_slot
 from clipaudit.progress import NULL_REPORTER, Reporter
 
@@ -64,9 +63,11 @@ class ExtractConfig:
     """How to extract an activation cache."""
 
     backbone: BackboneSpec = BackboneSpec()
-    """The CLIP to run (ignored when ``extract`` is given a loaded backbone)."""
+    """The CLIP to run (ignored when ``extract`` is given a loaded backbone). It must name
+    a model: ``BackboneSpec()`` names none, and extracting with it is an InputError."""
     hook: HookPoint = HookPoint()
-    """Layer and token of the residual stream to store."""
+    """What to store: the pooled vector (default), or the residual stream at a layer and
+    token."""
     batch_size: int = 64
     """Images per forward pass. Changing it between runs of one cache is allowed."""
     num_workers: int = 2
@@ -145,11 +146,11 @@ def extract(source: ImageSource | str | Path, out_dpath: str | Path,
     if backbone is None:
         # The ray engine's actors run the model; this process only needs its description.
         here = config.device if config.engine == "local" else "cpu"
-        backbone = load_backbone(config.backbone, resolve_device(here))
+        backbone = load_backbone(config.backbone, resolve_device(here), text=False)
     elif config.engine == "local" and config.device != "auto":
         backbone.to(resolve_device(config.device))
-    tower = VisionTower(backbone.model)
-    provenance = {"backbone": backbone.provenance, "hook": config.hook.as_dict(tower.n_blocks),
+    tower = make_tower(backbone.model)
+    provenance = {"backbone": backbone.provenance, "hook": tower.hook_dict(config.hook),
                   "data_sha256": source.source_sha256,
                   "preprocess": backbone.provenance.get("preprocess")}
     layout = {"shard_size": config.shard_size, "store_dtype": config.store_dtype,
@@ -161,7 +162,7 @@ def extract(source: ImageSource | str | Path, out_dpath: str | Path,
     _remove_stale_tmp(dpath, pending)
     if pending:
         writer = ShardWriter(dpath, provenance, config, len(source.items),
-                             acts_tail(tower, config.hook), backbone.embed_dim)
+                             acts_tail(tower, config.hook, backbone), backbone.embed_dim)
         batches = plan_batches(len(source.items), pending, config.shard_size, config.batch_size)
         engine(EncodeJob(source.items, batches, config, backbone, tower, writer), reporter)
         assert not writer.open_shards, f"shards left unwritten: {writer.open_shards}"
@@ -183,7 +184,7 @@ def extract(source: ImageSource | str | Path, out_dpath: str | Path,
 
 def _describe(key: str, value: Any) -> str:
     if key == "hook":
-        return f"layer {value['layer']}, token {value['token']}"
+        return describe_hook(value)
     if key == "backbone":
         return str(value.get("id"))
     return repr(value)
@@ -206,7 +207,7 @@ def _check_same(dpath: Path, old: dict[str, Any], new: dict[str, Any]) -> None:
 
 
 def _prepare(dpath: Path, source: ImageSource, config: ExtractConfig, provenance: dict,
-             layout: dict, tower: VisionTower, backbone: Backbone) -> dict[str, Any]:
+             layout: dict, tower: Tower, backbone: Backbone) -> dict[str, Any]:
     """Check an existing cache matches this run, or start a new one; return its manifest."""
     manifest_fpath = dpath / "manifest.json"
     if manifest_fpath.is_file():
@@ -226,21 +227,17 @@ def _prepare(dpath: Path, source: ImageSource, config: ExtractConfig, provenance
     except (TypeError, ValueError) as e:  # pyarrow's ArrowInvalid/ArrowTypeError subclass these
         raise InputError(f"{source.root}: a metadata column cannot be stored in Parquet "
                          f"({str(e)[:200]})") from None
-    width = tower.width
-    n_tokens = None if config.hook.token == "cls" else _n_patch_tokens(tower)
+    tail = acts_tail(tower, config.hook, backbone)
+    # What ran is the provenance (model, hook point, data, preprocessing) and the layout;
+    # nothing here repeats them, so no two fields can disagree.
     payload = {
         "layout": layout, "n_planned": n, "n_shards": -(-n // config.shard_size),
-        "d": width, "embed_dim": backbone.embed_dim, "token": config.hook.token,
-        "n_tokens": n_tokens, "source": {"root": str(source.root), "n_items": n},
-        "created_with": dataclasses.asdict(config), "complete": False,
+        "d": tail[-1], "embed_dim": backbone.embed_dim, "token": config.hook.token,
+        "n_tokens": tail[0] if len(tail) == 2 else None, "tower": tower.family,
+        "source": {"root": str(source.root), "n_items": n}, "complete": False,
     }
     write_json(manifest_fpath, "activation-cache", payload, provenance=provenance)
     return read_json(manifest_fpath, "activation-cache")
-
-
-def _n_patch_tokens(tower: VisionTower) -> int:
-    grid = tower.visual.grid_size
-    return int(grid[0] * grid[1])
 
 
 def _remove_stale_tmp(dpath: Path, pending: list[int]) -> None:
@@ -349,11 +346,11 @@ def plan_batches(n_items: int, shards: list[int], shard_size: int,
                                            batch_size)]
 
 
-def acts_tail(tower: VisionTower, hook: HookPoint) -> tuple[int, ...]:
-    """Shape of one image's activations: (d,) for cls, (t, d) for spatial."""
-    if hook.token == "cls":
-        return (tower.width,)
-    return (_n_patch_tokens(tower), tower.width)
+def acts_tail(tower: Tower, hook: HookPoint, backbone: Backbone) -> tuple[int, ...]:
+    """Shape of one image's activations: (d,) for pooled and cls, (t, d) for spatial."""
+    size = backbone.provenance.get("preprocess", {}).get("size", 224)
+    size = tuple(size) if isinstance(size, (list, tuple)) else (int(size), int(size))
+    return tower.acts_tail(hook, size)
 
 
 # ---------------------------------------------------------------- completion

@@ -101,17 +101,18 @@ class ActivationCache:
 
     @property
     def tokens_per_image(self) -> int:
-        """1 for ``cls`` caches, the number of patch tokens for ``spatial`` ones."""
-        return 1 if self.token == "cls" else int(self.manifest["n_tokens"])
+        """1 for ``pooled`` and ``cls`` caches, the number of patch tokens for ``spatial`` ones."""
+        return 1 if self.token != "spatial" else int(self.manifest["n_tokens"])
 
     @property
     def n_rows(self) -> int:
         return self.n_ok * self.tokens_per_image
 
     def __repr__(self) -> str:
-        hook = self.provenance["hook"]
+        from clipaudit.extraction.hooks import describe_hook
+
         return (f"ActivationCache({str(self.dpath)!r}, model={self.provenance['backbone']['id']}, "
-                f"layer={hook['layer']}, token={hook['token']}, n_ok={self.n_ok}, d={self.d})")
+                f"hook={describe_hook(self.provenance['hook'])!r}, n_ok={self.n_ok}, d={self.d})")
 
     # ------------------------------------------------------------ shards
 
@@ -134,7 +135,7 @@ class ActivationCache:
         return self._maps[k]
 
     def _acts_tail(self) -> tuple[int, ...]:
-        return (self.d,) if self.token == "cls" else (self.tokens_per_image, self.d)
+        return (self.d,) if self.token != "spatial" else (self.tokens_per_image, self.d)
 
     def _load(self, name: str, tail: tuple[int, ...], dtype: torch.dtype) -> torch.Tensor:
         out = torch.empty((self.n_ok, *tail), dtype=dtype)
@@ -179,7 +180,7 @@ class ActivationCache:
                      fields: Sequence[str] = ("acts",), window_rows: int | None = None,
                      skip_batches: int = 0) -> Iterator[dict[str, torch.Tensor]]:
         """Batches of rows (spatial tokens flattened into rows), float32 ``acts`` [b, d],
-        ``embeds`` [b, D] (cls caches only) and ``ids`` [b] (int64, the image of the row).
+        ``embeds`` [b, D] (pooled and cls caches) and ``ids`` [b] (int64, the image of the row).
 
         ``shuffle``: a permutation of the rows drawn from ``seed`` (8 bytes per row); rows
         are gathered from memory-mapped shards, so memory is bounded by a batch. With
@@ -192,8 +193,8 @@ class ActivationCache:
         unknown = [f for f in fields if f not in FIELDS]
         if unknown:
             raise ValueError(f"unknown field(s) {unknown}; available: {', '.join(FIELDS)}")
-        if "embeds" in fields and self.token != "cls":
-            raise ValueError("embeds are only available for cls activations")
+        if "embeds" in fields and self.token == "spatial":
+            raise ValueError("embeds are only available for pooled and cls activations")
         if batch_size <= 0:
             raise ValueError(f"batch size must be positive, got {batch_size}")
         order = self._order(seed, window_rows) if shuffle else None

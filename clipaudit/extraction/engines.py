@@ -32,7 +32,7 @@ if TYPE_CHECKING:
 
     from clipaudit.extraction.backbone import Backbone
     from clipaudit.extraction.cache import ExtractConfig, ShardWriter
-    from clipaudit.extraction.hooks import HookPoint, VisionTower
+    from clipaudit.extraction.hooks import HookPoint, Tower
     from clipaudit.progress import Reporter
 
 __all__ = ["EncodeJob", "Engine", "RayConfig", "get_engine", "list_engines", "register_engine",
@@ -85,7 +85,7 @@ class EncodeJob:
     backbone: Backbone
     """The model, loaded in this process (the ``ray`` engine's actors load their own
     from ``config.backbone`` and check that it has this one's id)."""
-    tower: VisionTower
+    tower: Tower
     writer: ShardWriter
     """Receives every computed batch (``ShardWriter.add``) and writes finished shards."""
 
@@ -130,7 +130,7 @@ def get_engine(name: str) -> Callable[[EncodeJob, Reporter], None]:
     return run
 
 
-def run_tower(tower: VisionTower, images: torch.Tensor, hook: HookPoint, dtype: torch.dtype,
+def run_tower(tower: Tower, images: torch.Tensor, hook: HookPoint, dtype: torch.dtype,
               batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(acts, embeds) of one batch, on the CPU in ``dtype``: what every engine stores."""
     try:

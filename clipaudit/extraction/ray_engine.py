@@ -49,7 +49,7 @@ from clipaudit.extraction.backbone import BackboneSpec, load_backbone
 from clipaudit.extraction.cache import STORE_DTYPES, EncodedBatch
 from clipaudit.extraction.data import _collate, _DecodeDataset, max_image_pixels
 from clipaudit.extraction.engines import EncodeJob, RayConfig, run_tower
-from clipaudit.extraction.hooks import HookPoint, VisionTower
+from clipaudit.extraction.hooks import HookPoint, make_tower
 from clipaudit.progress import Reporter
 
 log = logging.getLogger(__name__)
@@ -263,12 +263,12 @@ class _Encoder:
                  acts_tail: tuple[int, ...]):
         if threads is not None:
             torch.set_num_threads(threads)
-        backbone = load_backbone(spec, device)
+        backbone = load_backbone(spec, device, text=False)
         if backbone.id != backbone_id:
             raise MismatchError(f"the ray engine's actors load the model from its spec, which "
                                 f"gives {backbone.id!r}, not the {backbone_id!r} given to "
                                 "extract; pass the model as a BackboneSpec")
-        self.tower, self.hook, self.device = VisionTower(backbone.model), hook, backbone.device
+        self.tower, self.hook, self.device = make_tower(backbone.model), hook, backbone.device
         self.dtype, self.batch_size = STORE_DTYPES[store_dtype], batch_size
         self.acts_tail, self.embed_dim = tuple(acts_tail), backbone.embed_dim
 

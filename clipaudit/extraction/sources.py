@@ -22,17 +22,17 @@ class ActivationSource(Protocol):
 
     @property
     def n_rows(self) -> int:
-        """Number of activation rows (instances for ``cls``, instances x tokens for ``spatial``)."""
+        """Number of activation rows (instances; instances x tokens for ``spatial``)."""
 
     @property
     def provenance(self) -> dict[str, Any]:
         """At least ``backbone`` (the backbone provenance dict, with its ``id``) and
-        ``hook`` ({"layer": int >= 0, "token": "cls" | "spatial"})."""
+        ``hook`` ({"layer": int >= 0 or None, "token": "pooled" | "cls" | "spatial"})."""
 
     def iter_batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
                      fields: Sequence[str] = ("acts",)) -> Iterator[dict[str, torch.Tensor]]:
         """Batches of rows as float32 tensors, ``acts`` [b, d] (spatial tokens flattened
-        into rows) and, for ``cls`` caches, optionally ``embeds`` [b, D]. Shuffled
+        into rows) and, for pooled and cls caches, optionally ``embeds`` [b, D]. Shuffled
         deterministically from ``seed``; memory bounded by a shard, not the data set.
 
         Optional keywords a source may take (the SAE trainer passes them only when it

@@ -1,9 +1,10 @@
 """clipaudit's own SAE file: safetensors tensors + the JSON header (kind ``sae``).
 
-Tensors: ``W_enc`` [m, d], ``b_enc`` [m], ``W_dec`` [d, m], ``b_dec`` [d], ``scale`` [].
-Header: the artifact header (schema, clipaudit version, provenance = backbone, hook,
-data) plus ``sae``: d, n_latents, k, relu, scale, normalisation, seed, metrics,
-training config and source format.
+Tensors: ``W_enc`` [m, d], ``b_enc`` [m], ``W_dec`` [d, m], ``b_dec`` [d], ``scale`` [],
+``threshold`` [] or [m] (schema 2). Header: the artifact header (schema, clipaudit
+version, provenance = backbone, hook, data) plus ``sae``: d, n_latents, k, relu,
+activation, input_norm, scale, normalisation, seed, metrics, training config and
+source format. Schema-1 files (TopK only) are still read.
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from clipaudit.artifacts import load_tensors, read_tensor_meta, require_match, save_tensors
 from clipaudit.errors import ArtifactError
 from clipaudit.sae.model import TopKSAE
@@ -22,14 +25,16 @@ log = logging.getLogger(__name__)
 
 KIND = "sae"
 _TENSORS = ("W_enc", "b_enc", "W_dec", "b_dec", "scale")
+_OPTIONAL = ("threshold",)
 
 
 def save_sae(sae: TopKSAE, fpath: Path | str) -> Path:
     """Write ``sae`` (weights, meta, provenance) to a safetensors file, atomically."""
     meta = _jsonable({**sae.meta, "d": sae.d, "n_latents": sae.n_latents, "k": sae.k,
-                      "relu": sae.relu, "scale": float(sae.scale)})
+                      "relu": sae.relu, "scale": float(sae.scale), "activation": sae.activation,
+                      "input_norm": sae.input_norm, "input_norm_eps": sae.input_norm_eps})
     provenance = {key: meta.get(key) for key in ("backbone", "hook", "data")}
-    tensors = {name: getattr(sae, name).detach().float() for name in _TENSORS}
+    tensors = {name: getattr(sae, name).detach().float() for name in (*_TENSORS, *_OPTIONAL)}
     return save_tensors(fpath, KIND, tensors, meta={"sae": meta}, provenance=provenance)
 
 
@@ -44,9 +49,12 @@ def read_sae_file(fpath: Path | str) -> TopKSAE:
         raise ArtifactError(f"{fpath}: SAE file lacks tensors {', '.join(missing)}")
     try:
         sae = TopKSAE(int(meta["d"]), int(meta["n_latents"]), int(meta["k"]),
-                      relu=bool(meta.get("relu", True)), meta=meta)
+                      relu=bool(meta.get("relu", True)), activation=meta.get("activation", "topk"),
+                      input_norm=meta.get("input_norm", "none"),
+                      input_norm_eps=float(meta.get("input_norm_eps", 1e-5)), meta=meta)
         t = tf.tensors
-        sae.set_weights(t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], t["scale"])
+        sae.set_weights(t["W_enc"], t["b_enc"], t["W_dec"], t["b_dec"], t["scale"],
+                        t.get("threshold", torch.tensor(0.0)))
     except (KeyError, ValueError, RuntimeError) as e:
         raise ArtifactError(f"{fpath}: SAE tensors do not match their metadata ({e})") from None
     sae.meta["created"] = tf.meta.get("created")

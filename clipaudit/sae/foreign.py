@@ -5,10 +5,15 @@
   weight-normed ``encoder.0`` (Linear d->m with bias) and ``decoder`` (Linear m->d,
   no bias, norm per column); no pre-encoder bias; top-k on raw pre-activations, no ReLU.
 - ``saelens``: a folder with ``cfg.json`` + ``sae_weights.safetensors`` (W_enc [d, m],
-  b_enc, W_dec [m, d], b_dec); top-k then ReLU; ``apply_b_dec_to_input`` and
-  ``normalize_activations`` honoured.
+  b_enc, W_dec [m, d], b_dec); topk (then ReLU), standard/relu and jumprelu;
+  ``apply_b_dec_to_input`` and ``normalize_activations`` (none, a constant,
+  constant_norm_rescale, layer_norm; per-row ones undone after decoding) honoured.
 - ``saev``: ``sae.pt``, one JSON header line then a torch state dict (W_enc [d, m],
-  b_enc, W_dec [m, d], b_dec); top-k without ReLU.
+  b_enc, W_dec [m, d], b_dec); every header schema; top-k without ReLU, or ReLU.
+
+ReLU SAEs are read exactly (every positive latent active); ``--k`` reads them as TopK-k
+instead. More formats (ViT-Prisma, CLIP-Scope, dictionary_learning / sae-for-vlm,
+PatchSAE) are in ``clipaudit.sae.published``.
 
 An encoder that does not subtract b_dec is folded exactly into clipaudit's form:
 W (x) + b = W (x - b_dec) + (b + W b_dec). Torch files are read with
@@ -41,7 +46,8 @@ class ImportOptions:
 
     k: int | None = None
     """Top-k where the file does not store it (the reference code), or to read a ReLU SAE
-    as TopK-k (exact for rows with at most k positive pre-activations)."""
+    as TopK-k (exact only for rows with at most k positive pre-activations; without it a
+    ReLU SAE is read exactly)."""
     apply_b_dec_to_input: bool | None = None
     """saev only: whether its encoder subtracts b_dec (None: decided from the header)."""
     scale: float | None = None
@@ -49,11 +55,26 @@ class ImportOptions:
     None: what the file says, else 1."""
 
 
+_PICKLED_CONFIGS = {
+    "ViTSAERunnerConfig": ("a PatchSAE checkpoint", "patchsae"),
+    "VisionModelSAERunnerConfig": ("a ViT-Prisma checkpoint in the legacy {cfg, state_dict} "
+                                   "layout", "prisma"),
+}
+
+
 def torch_load_safely(source: Path | io.BytesIO, fpath: Path) -> Any:
     """``torch.load(weights_only=True)``: tensors and plain containers, never objects."""
     try:
         return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError...
+        text = str(e)
+        for cls, (what, fmt) in _PICKLED_CONFIGS.items():
+            if cls in text:
+                raise ArtifactError(
+                    f"{fpath}: {what}, whose config is a pickled Python object; clipaudit never "
+                    f"unpickles files. Convert it once, on your own machine, with the "
+                    f"`{fmt}` recipe in the README (\"SAEs published by others\"): it writes "
+                    "the tensors as safetensors and the config as JSON") from None
         raise ArtifactError(f"{fpath}: cannot be read: {torch_load_reason(e)}") from None
 
 
@@ -136,8 +157,9 @@ def read_saelens(path: Path, options: ImportOptions) -> TopKSAE:
     except Exception as e:  # safetensors raises its own error types
         raise ArtifactError(f"{weights_fpath}: not a readable safetensors file ({e})") from None
     notes: list[str] = []
-    k, relu = _saelens_activation(cfg, cfg_fpath, options, notes)
-    scale = _saelens_scale(cfg, cfg_fpath, options, notes)
+    m = int(_tensor(t, "b_enc", weights_fpath).shape[0])
+    k, activation, threshold = _saelens_activation(cfg, cfg_fpath, t, m, options, notes)
+    scale, input_norm = _saelens_scale(cfg, options, notes)
     for key in ("reshape_activations",):
         if cfg.get(key, "none") not in ("none", None):
             raise ArtifactError(f"{cfg_fpath}: {key}={cfg[key]!r} is not supported for vision SAEs")
@@ -152,7 +174,10 @@ def read_saelens(path: Path, options: ImportOptions) -> TopKSAE:
     if not cfg.get("apply_b_dec_to_input", True):
         b_enc = b_enc + W_enc @ b_dec
     sae = build_sae(path, "saelens", W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=b_dec, k=k,
-                    relu=relu, scale=scale, notes=notes)
+                    relu=True, scale=scale, notes=notes, activation=activation,
+                    threshold=threshold, input_norm=input_norm,
+                    architecture=str(cfg.get("architecture") or cfg.get("activation_fn_str")
+                                     or "standard"))
     sae.meta["source_config"] = cfg
     return sae
 
@@ -169,45 +194,63 @@ def _read_cfg(cfg_fpath: Path) -> dict[str, Any]:
     return cfg
 
 
-def _saelens_activation(cfg: dict[str, Any], cfg_fpath: Path, options: ImportOptions,
-                        notes: list[str]) -> tuple[int, bool]:
+def _saelens_activation(cfg: dict[str, Any], cfg_fpath: Path, t: dict[str, torch.Tensor],
+                        n_latents: int, options: ImportOptions,
+                        notes: list[str]) -> tuple[int, str, torch.Tensor | float]:
+    """(k, activation, threshold): topk (then ReLU), standard/relu (ReLU), jumprelu
+    (ReLU(pre) where pre exceeds the latent's threshold)."""
     arch = cfg.get("architecture") or cfg.get("activation_fn_str") or "standard"
     k = cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k")
     if arch == "topk" or cfg.get("activation_fn_str") == "topk":
         if k is None and options.k is None:
             raise ArtifactError(f"{cfg_fpath}: a topk SAE without k")
-        return int(k if k is not None else options.k), True  # type: ignore[arg-type]
+        return int(k if k is not None else options.k), "topk", 0.0  # type: ignore[arg-type]
     if arch in ("standard", "relu"):
-        return _relu_as_topk(cfg_fpath, arch, options, notes), True
+        k_read, activation = relu_activation(f"SAELens {arch}", n_latents, options, notes)
+        return k_read, activation, 0.0
+    if arch == "jumprelu":
+        if "threshold" in t:
+            threshold = t["threshold"]
+        elif "log_threshold" in t:
+            threshold = t["log_threshold"].exp()
+        else:
+            raise ArtifactError(f"{cfg_fpath}: a jumprelu SAE without its threshold tensor")
+        if bool((threshold < 0).any()):
+            raise ArtifactError(f"{cfg_fpath}: a negative JumpReLU threshold is not supported")
+        return n_latents, "threshold", threshold
     raise ArtifactError(f"{cfg_fpath}: SAELens architecture {arch!r} is not supported "
-                        "(supported: topk; standard/relu read as TopK with --k)")
+                        "(supported: topk, standard/relu, jumprelu)")
 
 
-def _saelens_scale(cfg: dict[str, Any], cfg_fpath: Path, options: ImportOptions,
-                   notes: list[str]) -> float:
+def _saelens_scale(cfg: dict[str, Any], options: ImportOptions,
+                   notes: list[str]) -> tuple[float, str]:
+    """(constant input scale, per-row input normalisation) of a SAELens config."""
     norm = cfg.get("normalize_activations", "none")
     if norm in ("none", None, False):
-        return options.scale or 1.0
+        return options.scale or 1.0, "none"
     if norm == "expected_average_only_in":
         factor = options.scale or cfg.get("norm_scaling_factor")
         if factor is None:
             notes.append("trained on inputs scaled by a constant factor the file does not store "
                          "(normalize_activations=expected_average_only_in); scale set to 1, "
                          "pass the factor as scale if FVU is poor")
-            return 1.0
-        return float(factor)
-    raise ArtifactError(f"{cfg_fpath}: normalize_activations={norm!r} normalises each row on "
-                        "its own; clipaudit's SAE applies one constant scale (supported: none, "
-                        "expected_average_only_in)")
+            return 1.0, "none"
+        return float(factor), "none"
+    if norm in ("constant_norm_rescale", "layer_norm"):
+        return options.scale or 1.0, str(norm)
+    raise ArtifactError(f"normalize_activations={norm!r} is not supported (supported: none, "
+                        "expected_average_only_in, constant_norm_rescale, layer_norm)")
 
 
-def _relu_as_topk(fpath: Path, what: str, options: ImportOptions, notes: list[str]) -> int:
+def relu_activation(what: str, n_latents: int, options: ImportOptions,
+                    notes: list[str]) -> tuple[int, str]:
+    """(k, activation) of a ReLU SAE: read exactly (every positive latent active), or as
+    TopK-k when ``options.k`` asks for it."""
     if options.k is None:
-        raise InputError(f"{fpath}: a {what} (ReLU) SAE has no fixed k; pass --k N to read it "
-                         "as a TopK-N SAE (exact for rows with at most N active latents)")
-    notes.append(f"{what} (ReLU) SAE read as TopK-{options.k}: exact only for rows with at most "
-                 f"{options.k} positive pre-activations")
-    return options.k
+        return n_latents, "threshold"
+    notes.append(f"{what} (ReLU) SAE read as TopK-{options.k} as asked: exact only for rows "
+                 f"with at most {options.k} positive pre-activations")
+    return options.k, "topk"
 
 
 # ------------------------------------------------------------------ saev
@@ -228,15 +271,17 @@ def read_saev(fpath: Path, options: ImportOptions) -> TopKSAE:
     t = {k: _tensor(state, k, fpath).float() for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
     notes: list[str] = []
     activation, top_k, subtracts = _saev_activation(header, fpath)
+    mode = "topk"
     if activation == "Relu":
-        k, relu = _relu_as_topk(fpath, "saev Relu", options, notes), True
+        k, mode = relu_activation("saev Relu", int(t["b_enc"].shape[0]), options, notes)
+        relu = True
     elif activation in ("TopK", "BatchTopK"):
         k, relu = int(top_k), False  # type: ignore[arg-type]
         if activation == "BatchTopK":
-            notes.append("BatchTopK read as per-row TopK (saev applies top-k per row at inference)")
+            notes.append("BatchTopK is per-row TopK at inference in saev")
     else:
         raise ArtifactError(f"{fpath}: saev activation {activation!r} is not supported "
-                            "(supported: TopK, BatchTopK, Relu with --k)")
+                            "(supported: TopK, BatchTopK, Relu)")
     if options.apply_b_dec_to_input is not None:
         subtracts = options.apply_b_dec_to_input
     else:
@@ -247,15 +292,17 @@ def read_saev(fpath: Path, options: ImportOptions) -> TopKSAE:
     if not subtracts:
         b_enc = b_enc + W_enc @ t["b_dec"]
     sae = build_sae(fpath, "saev", W_enc=W_enc, b_enc=b_enc, W_dec=W_dec, b_dec=t["b_dec"], k=k,
-                    relu=relu, scale=options.scale or 1.0, notes=notes)
+                    relu=relu, scale=options.scale or 1.0, notes=notes, activation=mode,
+                    architecture=f"{activation} (header schema {header.get('schema', 'none')})")
     sae.meta["source_config"] = header
     return sae
 
 
 def _saev_activation(header: dict[str, Any], fpath: Path) -> tuple[str, int | None, bool]:
-    """(activation, top_k, encoder subtracts b_dec) from a saev header. Pre-schema and
-    schema-1 ReLU checkpoints come from the code that subtracted b_dec; the TopK-era
-    code and schema 2 do not."""
+    """(activation, top_k, encoder subtracts b_dec) from a saev header, every schema saev's
+    own ``load`` reads: none (pre-schema: ReLU), 1A (``cls`` names the activation), 1B
+    (``cls`` SparseAutoencoderConfig, activation as a dict or absent: ReLU), 2. Pre-schema
+    and 1A ReLU checkpoints come from the code that subtracted b_dec; later code does not."""
     schema = header.get("schema")
     if schema is None:
         return "Relu", None, True
@@ -266,6 +313,8 @@ def _saev_activation(header: dict[str, Any], fpath: Path) -> tuple[str, int | No
     if schema == 1 and cls in ("Relu", "TopK", "BatchTopK"):
         return cls, cfg.get("top_k", 32), cls == "Relu"
     activation = cfg.get("activation")
+    if schema == 1 and activation is None:
+        return "Relu", None, False  # saev's config default
     if not isinstance(activation, dict) or "cls" not in activation:
         raise ArtifactError(f"{fpath}: saev header without an activation")
     params = activation.get("params") or {}
@@ -289,8 +338,13 @@ def _unit_columns(W_dec: torch.Tensor) -> bool:
 
 def build_sae(path: Path, fmt: str, *, W_enc: torch.Tensor, b_enc: torch.Tensor,
               W_dec: torch.Tensor, b_dec: torch.Tensor, k: int, relu: bool, scale: float,
-              notes: list[str]) -> TopKSAE:
-    """A TopKSAE from converted weights (W_enc [m, d], W_dec [d, m]), shapes checked."""
+              notes: list[str], activation: str = "topk",
+              threshold: float | torch.Tensor = 0.0, input_norm: str = "none",
+              architecture: str | None = None) -> TopKSAE:
+    """A TopKSAE from converted weights (W_enc [m, d], W_dec [d, m]), shapes checked.
+    ``activation="threshold"`` (ReLU, JumpReLU, BatchTopK inference) takes ``threshold``
+    (a number or one per latent); ``input_norm`` is a per-row input normalisation that
+    decoding undoes (``constant_norm_rescale``, ``layer_norm``)."""
     m, d = W_enc.shape
     shapes = {"b_enc": (tuple(b_enc.shape), (m,)), "W_dec": (tuple(W_dec.shape), (d, m)),
               "b_dec": (tuple(b_dec.shape), (d,))}
@@ -307,10 +361,25 @@ def build_sae(path: Path, fmt: str, *, W_enc: torch.Tensor, b_enc: torch.Tensor,
                      "reconstructions match the source")
     for note in notes:
         log.warning("%s: %s", path, note)
+    threshold_t = torch.as_tensor(threshold, dtype=torch.float32).detach()
     meta: dict[str, Any] = {"source_format": fmt, "source_path": str(path), "backbone": None, "hook": None,
             "d": d, "n_latents": m, "k": k, "relu": relu, "scale": float(scale),
-            "normalisation": "none" if scale == 1.0 else f"inputs x {scale:g}",
+            "activation": activation, "input_norm": input_norm,
+            "architecture": architecture or ("TopK" if activation == "topk" else "threshold"),
+            "normalisation": describe_normalisation(float(scale), input_norm),
             "seed": None, "metrics": {}, "notes": notes}
-    sae = TopKSAE(d, m, k, relu=relu, meta=meta)
-    sae.set_weights(W_enc, b_enc, W_dec, b_dec, scale)
+    sae = TopKSAE(d, m, k, relu=relu, activation=activation, input_norm=input_norm, meta=meta)
+    sae.set_weights(W_enc, b_enc, W_dec, b_dec, scale, threshold_t)
     return sae.eval()
+
+
+def describe_normalisation(scale: float, input_norm: str = "none") -> str:
+    """How an SAE normalises its input, in words."""
+    parts = []
+    if input_norm == "constant_norm_rescale":
+        parts.append("each row rescaled to norm sqrt(d), undone after decoding")
+    elif input_norm == "layer_norm":
+        parts.append("each row centred and divided by its std (layer_norm), undone after decoding")
+    if scale != 1.0:
+        parts.append(f"inputs x {scale:g}")
+    return "; ".join(parts) or "none"

@@ -14,13 +14,16 @@ from typing import Any
 
 from clipaudit.artifacts import require_finite
 from clipaudit.errors import ArtifactError, InputError
+from clipaudit.sae import published
 from clipaudit.sae.files import check_sae_matches, is_sae_file, read_sae_file
 from clipaudit.sae.foreign import (
     ImportOptions,
+    _prefix_of,
     read_attributing_clip,
     read_saelens,
     read_saev,
     saelens_paths,
+    torch_load_safely,
 )
 from clipaudit.sae.model import TopKSAE
 
@@ -57,6 +60,8 @@ def detect_sae_format(path: Path | str) -> str:
     for fmt in _FORMATS.values():
         if fmt.sniff(path):
             return fmt.name
+    if published.is_torch_file(path):  # say why, when a pickled config is the reason
+        torch_load_safely(path, path)
     raise ArtifactError(f"{path}: not an SAE file clipaudit recognises "
                         f"(formats: {', '.join(_FORMATS)}); name one with --format")
 
@@ -128,9 +133,13 @@ def _sniff_saev(path: Path) -> bool:
     return rest[:2] == b"PK" or rest[:1] == b"\x80"
 
 
-def _sniff_torch(path: Path) -> bool:
-    head = _head(path, 4)
-    return head[:2] == b"PK" or head[:1] == b"\x80"
+def _sniff_attributing_clip(path: Path) -> bool:
+    obj = published.peek_torch(path)
+    state = obj.get("state_dict", obj) if isinstance(obj, dict) else None
+    if not isinstance(state, dict):
+        return False
+    prefix = _prefix_of(state, "encoder.0")
+    return any(key.startswith(f"{prefix}encoder.0.") for key in state)
 
 
 register_sae_format(SAEFormat(
@@ -143,6 +152,20 @@ register_sae_format(SAEFormat(
     "saev", "saev sae.pt: a JSON header line, then a torch state dict",
     _sniff_saev, read_saev))
 register_sae_format(SAEFormat(
+    "prisma", "ViT-Prisma SAE: config.json + weights (.pt state dict or .safetensors)",
+    published.sniff_prisma, published.read_prisma))
+register_sae_format(SAEFormat(
+    "patchsae", "PatchSAE, converted to safetensors by the README's recipe",
+    published.sniff_patchsae, published.read_patchsae))
+register_sae_format(SAEFormat(
+    "dictionary-learning",
+    "dictionary_learning ae.pt (+ config.json): BatchTopK, Matryoshka BatchTopK (sae-for-vlm), "
+    "TopK, JumpReLU, ReLU",
+    published.sniff_dictionary_learning, published.read_dictionary_learning))
+register_sae_format(SAEFormat(
+    "clip-scope", "CLIP-Scope checkpoint (pre_b, enc, dec, k)",
+    published.sniff_clip_scope, published.read_clip_scope))
+register_sae_format(SAEFormat(
     "attributing-clip",
     "the paper's reference code (maxdreyer/attributing-clip TopKSAE Lightning checkpoint)",
-    _sniff_torch, read_attributing_clip))
+    _sniff_attributing_clip, read_attributing_clip))

@@ -47,6 +47,15 @@ class SAEInfo:
     warnings: tuple[str, ...]
     created: str | None = None
     clipaudit_version: str | None = None
+    activation: str = "topk"
+    """``topk`` or ``threshold`` (ReLU, JumpReLU, BatchTopK inference)."""
+    threshold: float | None = None
+    """The threshold of a ``threshold`` activation (its mean when there is one per latent)."""
+    input_norm: str = "none"
+    """Per-row input normalisation undone after decoding (none, constant_norm_rescale,
+    layer_norm)."""
+    architecture: str = ""
+    """What the source calls the SAE (BatchTopKSAE, Prisma topk, ...)."""
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -78,6 +87,9 @@ def sae_info(path: Path | str, *, fmt: str | None = None, k: int | None = None,
         cache_metrics=cache_metrics, notes=tuple(meta.get("notes") or ()),
         warnings=tuple(warnings), created=meta.get("created"),
         clipaudit_version=meta.get("clipaudit_version"),
+        activation=sae.activation,
+        threshold=float(sae.threshold.float().mean()) if sae.activation == "threshold" else None,
+        input_norm=sae.input_norm, architecture=str(meta.get("architecture") or ""),
     )
 
 
@@ -118,21 +130,21 @@ def _norm_d_scale(source: ActivationSource) -> float:
 def embed_readout_for(provenance: dict[str, Any],
                       device: str | torch.device = "cpu"
                       ) -> Callable[[torch.Tensor], torch.Tensor] | None:
-    """h -> image embedding for activations recorded at the last block's CLS token (the
-    default hook point), from the backbone the provenance names; None elsewhere or when
-    that backbone cannot be loaded here."""
+    """h -> image embedding for activations recorded at the pooled hook point (or the
+    last block's class token of a class-token ViT), from the backbone the provenance
+    names; None elsewhere or when that backbone cannot be loaded here."""
+    from clipaudit.errors import InputError
     from clipaudit.extraction.backbone import load_backbone_for
-    from clipaudit.extraction.hooks import VisionTower
+    from clipaudit.extraction.hooks import cache_readout
 
     hook, backbone_prov = provenance.get("hook") or {}, provenance.get("backbone")
-    if hook.get("token") != "cls" or not isinstance(backbone_prov, dict):
+    if hook.get("token") not in ("pooled", "cls") or not isinstance(backbone_prov, dict):
         return None
     try:
-        backbone = load_backbone_for(backbone_prov, device)
+        backbone = load_backbone_for(backbone_prov, device, text=False)
+        return cache_readout(backbone.model, hook)
     except ModelUnavailableError as e:
         log.warning("no embedding check: %s", e)
-        return None
-    tower = VisionTower(backbone.model)
-    if hook.get("layer") != tower.n_blocks - 1 or not tower.cls_readout_ok:
-        return None
-    return tower.readout_cls
+    except InputError:  # a class token that is not the pooled vector
+        pass
+    return None
