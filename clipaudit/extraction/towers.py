@@ -86,7 +86,7 @@ class TimmViTTower(Tower):
 
     def __init__(self, visual: torch.nn.Module):
         super().__init__(visual)
-        trunk: Any = getattr(visual, "trunk")
+        trunk: Any = self.module.trunk
         self.trunk = trunk
         self.n_blocks = len(trunk.blocks)
         self.width = int(trunk.embed_dim)
@@ -166,7 +166,7 @@ class TimmPooledHeadTower(Tower):
 
     def __init__(self, visual: torch.nn.Module):
         super().__init__(visual)
-        self.trunk: Any = getattr(visual, "trunk")
+        self.trunk: Any = self.module.trunk
         self.head = self.trunk.head
 
     def pooled(self, images: torch.Tensor) -> Capture:
