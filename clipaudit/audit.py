@@ -37,6 +37,7 @@ from clipaudit.extraction.cache_reader import ActivationCache
 from clipaudit.extraction.hooks import VisionTower
 from clipaudit.findings import make_finding, metadata_aucs, scatter_points, select_candidates
 from clipaudit.heads import Head, LinearProbe, PromptSet, load_head, make_zero_shot_head
+from clipaudit.heads.labels import check_heads_against_labels
 from clipaudit.progress import NULL_REPORTER, Reporter
 from clipaudit.report.model import ReportConfig
 from clipaudit.results import (
@@ -88,6 +89,9 @@ class AuditConfig:
 
     rules: str = "default"
     """Rule file: a shipped name (default, dermatology, strict) or a path."""
+    label_map: Path | None = None
+    """YAML (class: label) or CSV (class,label) file mapping the heads' class names to the
+    data's labels, where they differ (default: class names must equal labels)."""
     describe: DescribeConfig = DescribeConfig()
     """How components are described (vocabulary, reference model and set, top-m)."""
     faithfulness: FaithfulnessConfig = FaithfulnessConfig()
@@ -155,6 +159,10 @@ def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | 
                          f"this cache is at layer {hook['layer']}, token {hook['token']}")
     sae = load_sae(sae_fpath, expect_backbone_id=backbone.id, expect_hook=hook, expect_d=cache.d)
     audited = make_heads(probe, prompts, backbone, heads)
+    # every class must match the data's labels, with enough instances, before any work
+    matched = check_heads_against_labels(audited, cache, label_map=config.label_map,
+                                         min_instances=ruleset.thresholds.min_instances,
+                                         batch_size=config.batch_size)
     baseline_dpath = baseline_dpath or ruleset.baseline
     baseline = load_audit(baseline_dpath) if baseline_dpath else None
 
@@ -171,7 +179,8 @@ def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | 
                              reporter=reporter)
         files[f"attributions-{head.name}"] = attr.to_parquet(
             out_dpath / f"attributions-{head.name}.parquet", provenance={"head": head.name})
-        head_audits.append(_audit_head(head, attr, data, stage))
+        labels = matched[head.name].instance_labels(data.labels)  # data labels -> class names
+        head_audits.append(_audit_head(head, attr, dataclasses.replace(data, labels=labels), stage))
 
     components, instances = _components_and_instances(head_audits, descriptions, sae,
                                                       ref_cache.ok_index.reset_index(drop=True),
@@ -463,6 +472,8 @@ def _provenance(cache: ActivationCache, backbone: Backbone, sae: SAE, sae_fpath:
         "vocabularies": list(describe.vocabularies),
         "top_m": describe.top_m,
         "rules": str(config.rules),
+        "label_map": ({"path": str(config.label_map), "sha256": sha256_file(config.label_map)}
+                      if config.label_map is not None else None),
         "seed": config.seed,
     }
 

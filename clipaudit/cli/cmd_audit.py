@@ -9,7 +9,15 @@ from rich.table import Table
 
 from clipaudit.audit import AuditConfig, OutputConfig
 from clipaudit.cli import app
-from clipaudit.cli._common import RichReporter, err, out, print_json, user_errors
+from clipaudit.cli._common import (
+    RichReporter,
+    err,
+    not_evaluated_note,
+    out,
+    print_json,
+    print_not_evaluated,
+    user_errors,
+)
 from clipaudit.cli._options import option
 from clipaudit.demo import DemoConfig
 from clipaudit.describe.config import DescribeConfig
@@ -18,6 +26,7 @@ _STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red"}
 
 
 def _print_outcome(outcome, as_json: bool) -> None:
+    from clipaudit.gate import not_evaluated_classes
     from clipaudit.results import to_dict
 
     result = outcome.result
@@ -26,6 +35,7 @@ def _print_outcome(outcome, as_json: bool) -> None:
                     "audit_dir": str(outcome.audit_dpath),
                     "files": {k: str(v) for k, v in outcome.files.items()},
                     "verdicts": to_dict(result.verdicts),
+                    "not_evaluated": to_dict(not_evaluated_classes(result.verdicts)),
                     "findings": [to_dict(f) for h in result.heads for f in h.findings]})
         return
     findings = Table("head", "class", "component", "concept", "share", "alignment", "clarity", "kind",
@@ -40,8 +50,9 @@ def _print_outcome(outcome, as_json: bool) -> None:
         status = f"[{_STYLE[v.status]}]{v.status}[/]" + (" (waived)" if v.waived else "")
         rules.add_row(v.rule, v.head or "", v.class_name or "", status, v.message)
     out.print(rules)
-    out.print(f"verdict: [{_STYLE[result.verdict]}]{result.verdict.upper()}[/]   "
-              f"audit folder: {outcome.audit_dpath}")
+    out.print(f"verdict: [{_STYLE[result.verdict]}]{result.verdict.upper()}[/]"
+              f"{not_evaluated_note(result.verdicts)}   audit folder: {outcome.audit_dpath}")
+    print_not_evaluated(result.verdicts)
 
 
 @app.command("audit")
@@ -53,6 +64,7 @@ def audit_cmd(
     probe: Path = typer.Option(None, "--probe", help="Linear probe file (clipaudit fit-probe or your own)."),
     prompts: Path = typer.Option(None, "--prompts", help="Zero-shot prompt-set YAML."),
     rules: str = option(AuditConfig, "rules", "--rules"),
+    label_map: Path = option(AuditConfig, "label_map", "--label-map", dir_okay=False),
     vocab: list[str] = option(AuditConfig, "describe.vocabularies", "--vocab",
                               help="Concept vocabulary: general, dermatology, product or a file "
                                    "(repeat to combine)."),
@@ -73,7 +85,7 @@ def audit_cmd(
     from clipaudit.audit import run_audit
 
     config = AuditConfig(
-        rules=rules, outputs=OutputConfig(pdf=pdf),
+        rules=rules, label_map=label_map, outputs=OutputConfig(pdf=pdf),
         describe=DescribeConfig(vocabularies=tuple(vocab), reference_cache=reference_data, top_m=top_m,
                                 reuse=descriptions))
     with RichReporter(quiet=as_json) as reporter:

