@@ -328,7 +328,8 @@ def describe_for_audit(cache: ActivationCache, codes: _Codes, sae: SAE, sae_fpat
         ref = encode_reference_images(ref_backbone, index, reporter=reporter)
     vocabulary = load_vocabularies(list(config.vocabularies))
     return describe_components(top, ref, ref_backbone.encode_text, vocabulary, class_texts(heads),
-                               templates=config.concept_templates, provenance=key), ref_cache
+                               templates=config.concept_templates, provenance=key,
+                               label_floor=config.label_floor), ref_cache
 
 
 def _descriptions_key(sae_fpath: Path | str, ref_cache: ActivationCache, ref_backbone: Backbone,
@@ -337,7 +338,7 @@ def _descriptions_key(sae_fpath: Path | str, ref_cache: ActivationCache, ref_bac
     return {"sae_sha256": sha256_file(sae_fpath), "reference_model": ref_backbone.id,
             "reference_set": ref_cache.provenance.get("data_sha256"),
             "vocabularies": list(config.vocabularies), "templates": list(config.concept_templates),
-            "top_m": config.top_m}
+            "top_m": config.top_m, "label_floor": config.label_floor}
 
 
 def _reuse_descriptions(path: Path, key: dict[str, Any]) -> ComponentDescriptions:

@@ -184,3 +184,23 @@ def test_not_evaluated_classes_show_in_summary_junit_and_report(tmp_path):
     assert not data.reasons and data.not_evaluated_status == "warn"
     json.dumps([dataclasses.asdict(r) for r in data.not_evaluated])
     ET.tostring(junit_tree(result))
+
+
+def test_relevance_leaves_out_instances_labelled_with_no_class_of_the_head():
+    import torch
+
+    from clipaudit.attribution.patching import Attributions, class_relevance
+
+    # 4 instances, one active component each (component = instance id), 2 classes
+    values = torch.tensor([[1.0, 0.0], [3.0, 0.0], [0.0, 2.0], [5.0, 5.0]])
+    attr = Attributions(ids=torch.arange(4), class_names=["mug", "bottle"], n_latents=4,
+                        rows=torch.arange(4), components=torch.arange(4),
+                        activations=torch.ones(4), values=values, error=torch.zeros(4, 2),
+                        bias=torch.zeros(4, 2), scores=torch.tensor([[1.0, 0], [1, 0], [0, 1], [1, 0]]),
+                        head_bias=torch.zeros(2))
+    rel = class_relevance(attr, ["mug", "mug", "bottle", "vase"])
+    assert rel.n_instances.tolist() == [2, 1]  # the vase is in neither class
+    assert rel.mean[:, 0].tolist() == [0.5, 1.5, 0.0, 0.0]
+    assert rel.mean[:, 1].tolist() == [0.0, 0.0, 2.0, 0.0]
+    unlabelled = class_relevance(attr, ["mug", "mug", "bottle", None])  # by prediction: mug
+    assert unlabelled.n_instances.tolist() == [3, 1]

@@ -106,3 +106,31 @@ def test_case1_a_label_map_audits_them_and_small_classes_show_as_not_evaluated(o
                for c in audit_json["result"]["heads"][0]["classes"]}
     assert classes == {"harmless mole": 60, "melanoma": 25}
     assert audit_json["result"]["provenance"]["label_map"]["path"] == str(label_map)
+
+
+# ------------------------------------------------------------------ case 7
+
+
+@pytest.mark.slow
+def test_case7_a_vocabulary_that_describes_nothing_shows_in_the_verdict(own, tmp_path):
+    """Product-photo words on skin images through a CLIP that knows neither: components
+    the vocabulary does not describe are 'unlabelled (closest: ...)', can match no
+    forbidden term (default forbids watermark, text, logo ...), and the vocabulary-fit
+    rule says so in the verdict, naming the other vocabularies."""
+    prompts = _prompts(own["root"], "benign", "malignant")
+    res = run("audit", own["cache"], "--sae", own["sae"], "--prompts", prompts, "--vocab",
+              "product", "--rules", "default", "--out", tmp_path / "audit", "--no-pdf",
+              "--top-m", "20", "--json")
+    assert res.exit_code in (0, 1), res.output
+    outcome = json.loads(res.stdout)
+    fit = [v for v in outcome["verdicts"] if v["rule"] == "vocabulary-fit"]
+    assert fit and fit[0]["status"] == "warn", fit
+    assert "describes little" in fit[0]["message"] and "dermatology" in fit[0]["message"]
+    assert outcome["verdict"] in ("warn", "fail")
+    labels = [p["concept"] for h in json.loads((tmp_path / "audit" / "audit.json").read_text())
+              ["result"]["heads"] for c in h["classes"] for p in c["components"]]
+    assert any(label.startswith("unlabelled (closest: ") for label in labels)
+    forbidden = [f for f in outcome["findings"] if f["kind"] == "forbidden-concept"]
+    assert not any(f["concept"].startswith("unlabelled") for f in forbidden)
+    summary = (tmp_path / "audit" / "summary.md").read_text()
+    assert "vocabulary\\-fit" in summary or "vocabulary-fit" in summary

@@ -66,8 +66,12 @@ def audit_cmd(
     rules: str = option(AuditConfig, "rules", "--rules"),
     label_map: Path = option(AuditConfig, "label_map", "--label-map", dir_okay=False),
     vocab: list[str] = option(AuditConfig, "describe.vocabularies", "--vocab",
-                              help="Concept vocabulary: general, dermatology, product or a file "
-                                   "(repeat to combine)."),
+                              help="Concept vocabulary: a shipped name (clipaudit vocab list) or "
+                                   "a .txt/.yaml file (repeat to combine)."),
+    label_floor: str = option(AuditConfig, "describe.label_floor", "--label-floor",
+                              help="scrambled: a component whose best term beats no scrambled "
+                                   "phrase of the vocabulary is 'unlabelled (closest: TERM)' and "
+                                   "matches no rule-file concept; off: always the nearest term."),
     baseline: Path = typer.Option(None, "--baseline", help="Earlier audit folder: fail only on new findings."),
     reference_data: Path = option(AuditConfig, "describe.reference_cache", "--reference-data",
                                   help="Cache of a broad image set to describe components with "
@@ -87,7 +91,7 @@ def audit_cmd(
     config = AuditConfig(
         rules=rules, label_map=label_map, outputs=OutputConfig(pdf=pdf),
         describe=DescribeConfig(vocabularies=tuple(vocab), reference_cache=reference_data, top_m=top_m,
-                                reuse=descriptions))
+                                label_floor=label_floor, reuse=descriptions))
     with RichReporter(quiet=as_json) as reporter:
         outcome = run_audit(cache, sae, out_dpath, probe=probe, prompts=prompts, config=config,
                             baseline_dpath=baseline, reporter=reporter)

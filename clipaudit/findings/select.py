@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from clipaudit.describe.labels import is_unlabelled
 from clipaudit.results import ComponentPoint, Finding, FindingConfig
 
 
@@ -39,7 +40,10 @@ class Candidate:
 
 
 def _concept_listed(concept: str, listing: dict[str, list[str]], class_name: str) -> bool:
-    """Whole-phrase, case-insensitive: 'hair' matches 'dark hair', not 'chair'."""
+    """Whole-phrase, case-insensitive: 'hair' matches 'dark hair', not 'chair'; an
+    ``unlabelled (closest: ...)`` label matches nothing."""
+    if is_unlabelled(concept):
+        return False
     label = f" {' '.join(concept.lower().replace('-', ' ').split())} "
     terms = listing.get("*", []) + listing.get(class_name, [])
     return any(f" {' '.join(t.lower().replace('-', ' ').split())} " in label for t in terms if t.strip())
@@ -65,11 +69,11 @@ def select_candidates(share_jc: torch.Tensor, alignment_jc: torch.Tensor, clarit
             eligible.append((j, float(share_jc[j, c]), alignment, clarity, forbidden))
         by_concept: dict[str, float] = defaultdict(float)
         for j, share, *_ in eligible:
-            if concepts[j]:  # dead components have no label to group by
+            if concepts[j] and not is_unlabelled(concepts[j]):  # dead or undescribed: no group
                 by_concept[concepts[j]] += share
         of_class = []
         for j, share, alignment, clarity, forbidden in eligible:
-            together = by_concept[concepts[j]] if concepts[j] else share
+            together = by_concept.get(concepts[j], share)
             if share < config.share_min and together < config.share_min:
                 continue
             of_class.append(Candidate(j, name, share, together, alignment, clarity, concepts[j],
