@@ -111,26 +111,92 @@ def test_case1_a_label_map_audits_them_and_small_classes_show_as_not_evaluated(o
 # ------------------------------------------------------------------ case 7
 
 
+@pytest.fixture(scope="module")
+def product_audit(own) -> tuple[dict, Path]:
+    """An audit of the user's model with the product vocabulary (words that describe
+    nothing in skin images) under the default rules."""
+    prompts = _prompts(own["root"], "benign", "malignant")
+    out = own["root"] / "audit-product"
+    res = run("audit", own["cache"], "--sae", own["sae"], "--prompts", prompts, "--vocab",
+              "product", "--rules", "default", "--out", out, "--no-pdf", "--top-m", "20", "--json")
+    assert res.exit_code in (0, 1), res.output
+    return json.loads(res.stdout), out
+
+
 @pytest.mark.slow
-def test_case7_a_vocabulary_that_describes_nothing_shows_in_the_verdict(own, tmp_path):
+def test_case7_a_vocabulary_that_describes_nothing_shows_in_the_verdict(product_audit):
     """Product-photo words on skin images through a CLIP that knows neither: components
     the vocabulary does not describe are 'unlabelled (closest: ...)', can match no
     forbidden term (default forbids watermark, text, logo ...), and the vocabulary-fit
     rule says so in the verdict, naming the other vocabularies."""
-    prompts = _prompts(own["root"], "benign", "malignant")
-    res = run("audit", own["cache"], "--sae", own["sae"], "--prompts", prompts, "--vocab",
-              "product", "--rules", "default", "--out", tmp_path / "audit", "--no-pdf",
-              "--top-m", "20", "--json")
-    assert res.exit_code in (0, 1), res.output
-    outcome = json.loads(res.stdout)
+    outcome, audit_dpath = product_audit
     fit = [v for v in outcome["verdicts"] if v["rule"] == "vocabulary-fit"]
     assert fit and fit[0]["status"] == "warn", fit
     assert "describes little" in fit[0]["message"] and "dermatology" in fit[0]["message"]
     assert outcome["verdict"] in ("warn", "fail")
-    labels = [p["concept"] for h in json.loads((tmp_path / "audit" / "audit.json").read_text())
+    labels = [p["concept"] for h in json.loads((audit_dpath / "audit.json").read_text())
               ["result"]["heads"] for c in h["classes"] for p in c["components"]]
     assert any(label.startswith("unlabelled (closest: ") for label in labels)
     forbidden = [f for f in outcome["findings"] if f["kind"] == "forbidden-concept"]
     assert not any(f["concept"].startswith("unlabelled") for f in forbidden)
-    summary = (tmp_path / "audit" / "summary.md").read_text()
-    assert "vocabulary\\-fit" in summary or "vocabulary-fit" in summary
+    assert "vocabulary-fit" in (audit_dpath / "summary.md").read_text()
+
+
+# ------------------------------------------------------------------ case 9
+
+
+@pytest.mark.slow
+def test_case9_explain_shows_the_audits_concept_labels(own, product_audit, tmp_path):
+    from clipaudit.describe import load_descriptions
+
+    _, audit_dpath = product_audit
+    image = next((own["data"] / "images").glob("*.png"))
+    prompts = _prompts(own["root"], "benign", "malignant")
+    bare = run("explain", image, "--sae", own["sae"], "--prompts", prompts)
+    assert bare.exit_code == 0, bare.output
+    assert "add --audit AUDIT_DIR" in bare.output
+    res = run("explain", image, "--sae", own["sae"], "--prompts", prompts, "--audit", audit_dpath,
+              "--json")
+    assert res.exit_code == 0, res.output
+    labels = load_descriptions(audit_dpath / "descriptions.safetensors").concept
+    shown = [(c["component"], c["concept"]) for e in json.loads(res.stdout)
+             for cls in e["classes"] for c in cls["top"]]
+    assert shown and all(concept == labels[j] for j, concept in shown)
+    table = run("explain", image, "--sae", own["sae"], "--prompts", prompts, "--audit", audit_dpath)
+    assert table.exit_code == 0 and "concept" in table.output and "add --audit" not in table.output
+    # the labels of another SAE's audit would name the wrong components
+    other = tmp_path / "other-sae.safetensors"
+    assert run("train-sae", own["cache"], "--out", other, "--steps", "5", "--batch-size", "64",
+               "--seed", "1", "--quiet").exit_code == 0
+    wrong = run("explain", image, "--sae", other, "--prompts", prompts, "--audit", audit_dpath)
+    one_line_error(wrong, "SAE sha256 mismatch")
+
+
+# ------------------------------------------------------------------ case 8
+
+
+def test_case8_train_sae_picks_settings_from_the_data_and_says_why(own, tmp_path):
+    res = run("train-sae", own["cache"], "--out", tmp_path / "auto.safetensors", "--quiet")
+    assert res.exit_code == 0, res.output
+    text = res.output
+    assert "SAE settings for d=64, 85 rows" in text
+    assert "from the data: d / 16 within 8-64" in text  # k
+    assert "from the data: largest power of two" in text  # expansion
+    assert "from the data: 10 passes over the rows" in text  # steps
+    assert "128 latents, k=8, d=64, 1000 steps" in text
+    assert "warning: 128 latents for 85 rows: each fires on ~5 rows" in text.replace("\n", " ")
+
+
+def test_case8_settings_that_do_not_fit_are_named_or_refused(own, tmp_path):
+    res = run("train-sae", own["cache"], "--out", tmp_path / "big.safetensors", "--expansion", "8",
+              "--k", "32", "--steps", "3", "--quiet", "--json")
+    assert res.exit_code == 0, res.output
+    settings = json.loads(res.stdout)["settings"]
+    assert settings["n_latents"] == 512 and settings["rows_per_latent"] < 100
+    assert [c["given"] for c in settings["choices"]] == [True, True, True]
+    assert any("the rule picks expansion 2, k 8" in w for w in settings["warnings"])
+    assert any("k 32 is more than a quarter of d 64" in w for w in settings["warnings"])
+    dense = run("train-sae", own["cache"], "--out", tmp_path / "dense.safetensors", "--k", "64",
+                "--steps", "3")
+    one_line_error(dense, "k 64 >= d 64", "the rule picks 8")
+    assert not (tmp_path / "dense.safetensors").exists()

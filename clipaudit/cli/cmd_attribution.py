@@ -7,10 +7,11 @@ from pathlib import Path
 
 import typer
 from rich.table import Table
+from rich.text import Text
 
 from clipaudit.attribution.explain import ExplainConfig
 from clipaudit.cli import app
-from clipaudit.cli._common import out, print_json, user_errors
+from clipaudit.cli._common import err, out, print_json, user_errors
 from clipaudit.cli._options import option
 from clipaudit.heads import ProbeConfig
 
@@ -56,22 +57,33 @@ def explain_cmd(
     probe: Path = typer.Option(None, "--probe", help="Probe file."),
     prompts: Path = typer.Option(None, "--prompts", help="Zero-shot prompt-set YAML."),
     top: int = option(ExplainConfig, "top", "--top"),
+    audit: Path = option(ExplainConfig, "audit", "--audit", file_okay=False,
+                         help="Audit folder of this SAE: show the concept labels it gave the "
+                              "components."),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Print each image's prediction and its top components per class."""
     from clipaudit.attribution.explain import explain_images
 
     explanations = explain_images(images, sae_fpath, probe=probe, prompts=prompts,
-                                  config=ExplainConfig(top=top))
+                                  config=ExplainConfig(top=top, audit=audit))
     if as_json:
         print_json([asdict(e) for e in explanations])
         return
+    labelled = audit is not None
     for e in explanations:
-        table = Table("class", "score", "component", "activation", "attribution",
-                      title=f"{e.image}: predicted [bold]{e.prediction}[/]")
+        table = Table("class", "score", "component", *(["concept"] if labelled else []),
+                      "activation", "attribution",
+                      title=Text.assemble(f"{e.image}: predicted ", (e.prediction, "bold")))
         for cls in e.classes:
             for i, comp in enumerate(cls.top):
-                table.add_row(cls.class_name if i == 0 else "", f"{cls.score:.4f}" if i == 0 else "",
-                              str(comp.component), f"{comp.activation:.3f}", f"{comp.attribution:+.4f}")
-            table.add_row("", "", "SAE error", "", f"{cls.error:+.4f}", end_section=True)
+                table.add_row(Text(cls.class_name if i == 0 else ""),
+                              f"{cls.score:.4f}" if i == 0 else "", str(comp.component),
+                              *([Text(comp.concept or "-")] if labelled else []),
+                              f"{comp.activation:.3f}", f"{comp.attribution:+.4f}")
+            table.add_row("", "", "SAE error", *([""] if labelled else []), "",
+                          f"{cls.error:+.4f}", end_section=True)
         out.print(table)
+    if not labelled:
+        err.print("components are numbers only: add --audit AUDIT_DIR (an audit of this SAE) "
+                  "to see the concept label the audit gave each", markup=False)
