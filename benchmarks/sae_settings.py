@@ -8,7 +8,10 @@ FVU, dead fraction and, per artifact column, the ROC AUC of the best single comp
 beside that of a cross-validated linear probe on the activations (can the SAE isolate
 what the CLIP encodes?).
 
-    python benchmarks/sae_settings.py [--n 2000] [--cache CACHE] [--seed 0]
+    python benchmarks/sae_settings.py [--n 2000] [--cache CACHE] [--seeds 0 1] [--ks 8 11]
+
+``--ks`` adds SAEs with the data's expansion and steps but another k (how the k rule
+was checked).
 
 ``--cache`` reuses an activation cache of world images (e.g. the demo's
 clipaudit-demo/reference-cache) instead of making one.
@@ -71,8 +74,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--n", type=int, default=2000, help="clean world images")
     parser.add_argument("--cache", type=Path, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
+    parser.add_argument("--ks", type=int, nargs="*", default=[])
     args = parser.parse_args()
+    args.seed = args.seeds[0]
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
         cache = open_cache(_cache(args, root))
@@ -84,12 +89,19 @@ def main() -> None:
               + ", ".join(f"{c} {y.mean():.2f}" for c, y in truth.items()))
         probe = _probe_aucs(acts, truth, args.seed)
         print("linear probe (3-fold CV) ROC AUC: " + ", ".join(f"{c} {v:.2f}" for c, v in probe.items()))
-        configs = {"from the data": SAETrainConfig(seed=args.seed),
-                   "former defaults (8x, k 32)": SAETrainConfig(expansion=8, k=32, seed=args.seed)}
+        configs = {}
+        for seed in args.seeds:
+            data = choose_sae_settings(SAETrainConfig(seed=seed), cache.d, len(acts)).config
+            configs[f"from the data, seed {seed}"] = SAETrainConfig(seed=seed)
+            for k in args.ks:
+                configs[f"k {k} (else from the data), seed {seed}"] = SAETrainConfig(
+                    n_latents=data.n_latents, k=k, steps=data.steps, seed=seed)
+            configs[f"former defaults (8x, k 32), seed {seed}"] = SAETrainConfig(expansion=8, k=32,
+                                                                                seed=seed)
         for name, config in configs.items():
             settings = choose_sae_settings(config, cache.d, len(acts))
             start = time.perf_counter()
-            result = train_sae_on_cache(cache.dpath, root / f"{name[:4]}.safetensors", config,
+            result = train_sae_on_cache(cache.dpath, root / "sae.safetensors", config,
                                         embed_check=False)
             seconds = time.perf_counter() - start
             best = _best_component_aucs(result.sae, acts, truth)

@@ -180,11 +180,11 @@ def test_case8_train_sae_picks_settings_from_the_data_and_says_why(own, tmp_path
     assert res.exit_code == 0, res.output
     text = res.output
     assert "SAE settings for d=64, 85 rows" in text
-    assert "from the data: d / 16 within 8-64" in text  # k
+    assert "from the data: 1.6 x sqrt(d) within 8-64" in text  # k
     assert "from the data: largest power of two" in text  # expansion
     assert "from the data: 10 passes over the rows" in text  # steps
-    assert "128 latents, k=8, d=64, 1000 steps" in text
-    assert "warning: 128 latents for 85 rows: each fires on ~5 rows" in text.replace("\n", " ")
+    assert "128 latents, k=13, d=64, 1000 steps" in text
+    assert "warning: 128 latents for 85 rows: each fires on ~9 rows" in text.replace("\n", " ")
 
 
 def test_case8_settings_that_do_not_fit_are_named_or_refused(own, tmp_path):
@@ -194,9 +194,9 @@ def test_case8_settings_that_do_not_fit_are_named_or_refused(own, tmp_path):
     settings = json.loads(res.stdout)["settings"]
     assert settings["n_latents"] == 512 and settings["rows_per_latent"] < 100
     assert [c["given"] for c in settings["choices"]] == [True, True, True]
-    assert any("the rule picks expansion 2, k 8" in w for w in settings["warnings"])
+    assert any("the rule picks expansion 2, k 13" in w for w in settings["warnings"])
     assert any("k 32 is more than a quarter of d 64" in w for w in settings["warnings"])
     dense = run("train-sae", own["cache"], "--out", tmp_path / "dense.safetensors", "--k", "64",
                 "--steps", "3")
-    one_line_error(dense, "k 64 >= d 64", "the rule picks 8")
+    one_line_error(dense, "k 64 >= d 64", "the rule picks 13")
     assert not (tmp_path / "dense.safetensors").exists()

@@ -11,11 +11,11 @@ from clipaudit.sae.settings import ROWS_PER_LATENT, choose_sae_settings, rule_ex
 
 
 @pytest.mark.parametrize("d, n_rows, k, expansion, steps", [
-    (96, 2_000, 8, 2, 1_000),          # the small tower: 192 latents, not 768
-    (96, 4_000, 8, 2, 1_000),
-    (768, 20_000, 48, 8, 1_000),
-    (768, 1_000_000, 48, 32, 9_766),   # ViT-B/32 with a million rows
-    (1024, 50_000_000, 64, 32, 100_000),
+    (96, 2_000, 16, 2, 1_000),         # the small tower: 192 latents, not 768
+    (96, 8_000, 16, 8, 1_000),
+    (768, 20_000, 44, 8, 1_000),
+    (768, 1_000_000, 44, 32, 9_766),   # ViT-B/32 with a million rows
+    (1024, 50_000_000, 51, 32, 100_000),
     (16, 3_000, 4, 4, 1_000),          # k never above d / 4
 ])
 def test_the_rule_at_both_ends_of_the_range(d, n_rows, k, expansion, steps):
@@ -39,9 +39,9 @@ def test_given_values_win_and_are_marked_given():
 def test_settings_that_do_not_fit_warn_and_a_dense_k_is_refused():
     settings = choose_sae_settings(SAETrainConfig(expansion=8, k=32), 96, 2_000)
     assert len(settings.warnings) == 2
-    assert "the rule picks expansion 2, k 8" in settings.warnings[0]
-    assert not choose_sae_settings(SAETrainConfig(), 96, 2_000).warnings  # 83 rows a latent
-    assert choose_sae_settings(SAETrainConfig(), 96, 500).warnings  # 21: too few for any SAE
+    assert "the rule picks expansion 2, k 16" in settings.warnings[0]
+    assert not choose_sae_settings(SAETrainConfig(), 96, 2_000).warnings  # 167 rows a latent
+    assert choose_sae_settings(SAETrainConfig(), 96, 500).warnings  # 42: too few for any SAE
     with pytest.raises(InputError, match="k 96 >= d 96"):
         choose_sae_settings(SAETrainConfig(k=96), 96, 2_000)
-    assert rule_k(96) == 8 and rule_expansion(96, 10 ** 9, 8) == 32
+    assert rule_k(96) == 16 and rule_expansion(96, 10 ** 9, 16) == 32

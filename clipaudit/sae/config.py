@@ -17,7 +17,7 @@ class SAETrainConfig:
     """m = expansion x d when ``n_latents`` is not given; None: from the data (the largest
     power of two from 2 to 32 at which a latent fires on >= 100 rows on average)."""
     k: int | None = None
-    """Active latents per row; None: from the width (d / 16 within 8-64, at most d / 4)."""
+    """Active latents per row; None: from the width (1.6 x sqrt(d) within 8-64, at most d / 4)."""
     batch_size: int = 1024
     """Rows per optimisation step."""
     lr: float | None = None
