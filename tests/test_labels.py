@@ -204,3 +204,37 @@ def test_relevance_leaves_out_instances_labelled_with_no_class_of_the_head():
     assert rel.mean[:, 1].tolist() == [0.0, 0.0, 2.0, 0.0]
     unlabelled = class_relevance(attr, ["mug", "mug", "bottle", None])  # by prediction: mug
     assert unlabelled.n_instances.tolist() == [3, 1]
+
+
+def test_on_a_cache_unlabelled_rows_are_counted_by_the_heads_prediction():
+    """check_heads_against_labels reads the index, and the cached embeddings only for the
+    unlabelled rows, which it assigns by the head's prediction."""
+    from types import SimpleNamespace
+
+    import pandas as pd
+    import torch
+
+    from clipaudit.heads.labels import check_heads_against_labels
+
+    embeds = torch.tensor([[1.0, 0.0]] * 30 + [[0.0, 1.0]] * 5 + [[0.0, 1.0]] * 25)
+    labels = [None] * 35 + ["mug"] + ["bottle"] * 24
+    batches = []
+
+    def iter_batches(batch_size, fields):
+        assert set(fields) == {"embeds", "ids"}
+        for s in range(0, len(embeds), batch_size):
+            batches.append(s)
+            yield {"embeds": embeds[s:s + batch_size], "ids": torch.arange(s, min(s + batch_size, 60))}
+
+    cache = SimpleNamespace(ok_index=pd.DataFrame({"id": range(60), "label": labels}),
+                            iter_batches=iter_batches)
+    head = SimpleNamespace(name="probe", class_names=["mug", "bottle"],
+                           scores=lambda e: e @ torch.eye(2))
+    (matched,) = check_heads_against_labels([head], cache, min_instances=20,
+                                            batch_size=16).values()
+    assert {c.class_name: c.n_instances for c in matched.classes} == {"mug": 31, "bottle": 29}
+    assert batches  # embeddings were read, in batches
+    labelled = SimpleNamespace(ok_index=pd.DataFrame({"id": range(2), "label": ["mug", "bottle"]}),
+                               iter_batches=lambda *a, **k: pytest.fail("read embeddings"))
+    with pytest.raises(InputError, match="no class has the 20"):
+        check_heads_against_labels([head], labelled)
