@@ -185,6 +185,11 @@ def test_case8_train_sae_picks_settings_from_the_data_and_says_why(own, tmp_path
     assert "from the data: 10 passes over the rows" in text  # steps
     assert "128 latents, k=13, d=64, 1000 steps" in text
     assert "warning: 128 latents for 85 rows: each fires on ~9 rows" in text.replace("\n", " ")
+    from clipaudit.sae.files import read_sae_file
+
+    recorded = read_sae_file(tmp_path / "auto.safetensors").meta["settings"]
+    assert [(c["name"], c["value"], c["given"]) for c in recorded["choices"]] == [
+        ("k", 13, False), ("expansion", 2, False), ("steps", 1000, False)]
 
 
 def test_case8_settings_that_do_not_fit_are_named_or_refused(own, tmp_path):
