@@ -184,6 +184,17 @@ def test_not_evaluated_classes_show_in_summary_junit_and_report(tmp_path):
     assert not data.reasons and data.not_evaluated_status == "warn"
     json.dumps([dataclasses.asdict(r) for r in data.not_evaluated])
     ET.tostring(junit_tree(result))
+    from clipaudit.report import write_report
+    from clipaudit.results import save_audit
+
+    named = dataclasses.replace(result, heads=[dataclasses.replace(
+        result.heads[0], classes=[dataclasses.replace(c, class_name="<b>" + c.class_name)
+                                  for c in result.heads[0].classes])])
+    named = dataclasses.replace(named, verdicts=evaluate(named, _rules()))
+    save_audit(named, tmp_path)
+    html = write_report(tmp_path, html=True, pdf=False).html.read_text()
+    assert "1 class(es) not evaluated</strong>" in html
+    assert "probe / &lt;b&gt;malignant (4)" in html and "<b>malignant" not in html
 
 
 def test_relevance_leaves_out_instances_labelled_with_no_class_of_the_head():
