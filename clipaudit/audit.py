@@ -40,6 +40,7 @@ from clipaudit.extraction.hooks import cache_readout
 from clipaudit.extraction.readout import PooledReadout
 from clipaudit.findings import make_finding, metadata_aucs, scatter_points, select_candidates
 from clipaudit.heads import Head, LinearProbe, PromptSet, load_head, make_zero_shot_head
+from clipaudit.heads.labels import check_heads_against_labels
 from clipaudit.progress import NULL_REPORTER, Reporter
 from clipaudit.report.model import ReportConfig
 from clipaudit.results import (
@@ -93,6 +94,9 @@ class AuditConfig:
 
     rules: str = "default"
     """Rule file: a shipped name (default, dermatology, strict) or a path."""
+    label_map: Path | None = None
+    """YAML (class: label) or CSV (class,label) file mapping the heads' class names to the
+    data's labels, where they differ (default: class names must equal labels)."""
     describe: DescribeConfig = DescribeConfig()
     """How components are described (vocabulary, reference model and set, top-m)."""
     faithfulness: FaithfulnessConfig = FaithfulnessConfig()
@@ -163,6 +167,10 @@ def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | 
     tower = cache_readout(backbone.model, hook, cache_dpath)
     sae = load_sae(sae_fpath, expect_backbone_id=backbone.id, expect_hook=hook, expect_d=cache.d)
     audited = make_heads(probe, prompts, backbone, heads)
+    # every class must match the data's labels, with enough instances, before any work
+    matched = check_heads_against_labels(audited, cache, label_map=config.label_map,
+                                         min_instances=ruleset.thresholds.min_instances,
+                                         batch_size=config.batch_size)
     baseline_dpath = baseline_dpath or ruleset.baseline
     baseline = load_audit(baseline_dpath) if baseline_dpath else None
 
@@ -179,7 +187,8 @@ def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | 
                              gradient=config.gradient, reporter=reporter)
         files[f"attributions-{head.name}"] = attr.to_parquet(
             out_dpath / f"attributions-{head.name}.parquet", provenance={"head": head.name})
-        head_audits.append(_audit_head(head, attr, data, stage))
+        labels = matched[head.name].instance_labels(data.labels)  # data labels -> class names
+        head_audits.append(_audit_head(head, attr, dataclasses.replace(data, labels=labels), stage))
 
     components, instances = _components_and_instances(head_audits, descriptions, sae,
                                                       ref_cache.ok_index.reset_index(drop=True),
@@ -328,7 +337,8 @@ def describe_for_audit(cache: ActivationCache, codes: _Codes, sae: SAE, sae_fpat
         ref = encode_reference_images(ref_backbone, index, reporter=reporter)
     vocabulary = load_vocabularies(list(config.vocabularies))
     return describe_components(top, ref, ref_backbone.encode_text, vocabulary, class_texts(heads),
-                               templates=config.concept_templates, provenance=key), ref_cache
+                               templates=config.concept_templates, provenance=key,
+                               label_floor=config.label_floor), ref_cache
 
 
 def _descriptions_key(sae_fpath: Path | str, ref_cache: ActivationCache, ref_backbone: Backbone,
@@ -337,7 +347,7 @@ def _descriptions_key(sae_fpath: Path | str, ref_cache: ActivationCache, ref_bac
     return {"sae_sha256": sha256_file(sae_fpath), "reference_model": ref_backbone.id,
             "reference_set": ref_cache.provenance.get("data_sha256"),
             "vocabularies": list(config.vocabularies), "templates": list(config.concept_templates),
-            "top_m": config.top_m}
+            "top_m": config.top_m, "label_floor": config.label_floor}
 
 
 def _reuse_descriptions(path: Path, key: dict[str, Any]) -> ComponentDescriptions:
@@ -474,6 +484,8 @@ def _provenance(cache: ActivationCache, backbone: Backbone, sae: SAE, sae_fpath:
         "top_m": describe.top_m,
         "rules": str(config.rules),
         "gradient": config.gradient,
+        "label_map": ({"path": str(config.label_map), "sha256": sha256_file(config.label_map)}
+                      if config.label_map is not None else None),
         "seed": config.seed,
     }
 

@@ -183,7 +183,8 @@ def test_component_on_a_text_direction_gets_that_label_with_clarity_one():
 def test_alignment_concepts_and_classes_match_direct_computation():
     top, ref, encoder, vocab, classes = _setup()
     templates = ("{}", "a photo of {}")
-    desc = describe_components(top, ref, encoder, vocab, classes, templates=templates)
+    desc = describe_components(top, ref, encoder, vocab, classes, templates=templates,
+                               label_floor="off")  # the paper's labels: always the argmax
     empty = encoder([""])[0]
     for j in (0, 1, 3):
         valid = top.ids[j][top.ids[j] >= 0]
@@ -257,7 +258,7 @@ def test_descriptions_round_trip(tmp_path: Path):
     desc = describe_components(top, ref, encoder, vocab, classes,
                                provenance={"reference": {"id": "ref@1"}})
     assert desc.provenance == {"reference": {"id": "ref@1"}, "vocabulary": "test",
-                               "templates": ["{}"], "m": 4}
+                               "templates": ["{}"], "m": 4, "label_floor": "scrambled"}
     fpath = save_descriptions(tmp_path / "components.safetensors", desc)
     back = load_descriptions(fpath)
     assert back.concept == desc.concept and back.class_names == desc.class_names

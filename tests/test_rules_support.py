@@ -19,10 +19,14 @@ def finding(component: int = 7, *, share: float = 0.2, head: str = "probe",
 def audit(findings: list[Finding] = (), *, classes=("benign", "malignant"),
           heads=("probe",), unexplained: float = 0.1, sae_metrics=None, sae_sha: str = "sae-1",
           directions: dict[int, list[float]] | None = None, audit_id: str = "run-2",
-          provenance: dict | None = None) -> AuditResult:
+          provenance: dict | None = None, n_instances: dict[str, int] | None = None
+          ) -> AuditResult:
+    """``n_instances``: audited instances per class name (default 100 each, enough for the
+    default ``thresholds.min_instances``)."""
     head_audits = [HeadAudit(
         name=h, kind="linear-probe", class_names=list(classes), accuracy=0.9,
-        classes=[ClassAudit(c, 10, 0.9, 0.0, unexplained) for c in classes],
+        classes=[ClassAudit(c, (n_instances or {}).get(c, 100), 0.9, 0.0, unexplained)
+                 for c in classes],
         findings=[f for f in findings if f.head == h]) for h in heads]
     components = [ComponentInfo(j, "x", 0.3, 0.5, direction=d)
                   for j, d in (directions or {}).items()]

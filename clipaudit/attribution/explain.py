@@ -7,6 +7,7 @@ each image at the SAE's hook point.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,6 +28,8 @@ class ComponentEvidence:
     component: int
     activation: float
     attribution: float
+    concept: str | None = None
+    """The concept label an audit gave the component (``--audit``); None without one."""
 
 
 @dataclass(frozen=True)
@@ -73,6 +76,8 @@ class ExplainConfig:
     """Hook point; None: the one the SAE was trained at."""
     gradient: str = "frozen"
     """``frozen`` (attributions add up to the score) or ``exact`` (the paper's autograd)."""
+    audit: Path | None = None
+    """Audit folder of the same SAE whose concept labels name the components."""
 
 
 def explain_images(images: Sequence[Path | str], sae_fpath: Path | str, *,
@@ -110,5 +115,36 @@ def explain_images(images: Sequence[Path | str], sae_fpath: Path | str, *,
     check_sae_matches(sae, sae_fpath, expect_backbone_id=backbone.id, expect_d=width)
     head = (load_head("linear-probe", probe, backbone) if probe is not None
             else load_head("zero-shot", prompts, backbone))  # type: ignore[arg-type]
-    return [explain_image(f, sae, head, backbone, hook, top=config.top, gradient=config.gradient)
-            for f in images]
+    labels = audit_concept_labels(config.audit, sae_fpath) if config.audit is not None else None
+    explanations = [explain_image(f, sae, head, backbone, hook, top=config.top,
+                                  gradient=config.gradient) for f in images]
+    return explanations if labels is None else [with_concepts(e, labels) for e in explanations]
+
+
+def audit_concept_labels(audit_dpath: Path | str, sae_fpath: Path | str) -> dict[int, str]:
+    """Component -> concept label, as the audit in ``audit_dpath`` described them.
+
+    Read from the audit's ``descriptions.safetensors`` (every component); refused
+    (MismatchError, naming both hashes) when the audit ran another SAE."""
+    from clipaudit.artifacts import require_match, sha256_file
+    from clipaudit.describe.components import load_descriptions
+    from clipaudit.results import load_audit
+
+    audit_dpath = Path(audit_dpath)
+    result = load_audit(audit_dpath)  # ArtifactError when it is not an audit folder
+    fpath = audit_dpath / "descriptions.safetensors"
+    audited = (result.provenance.get("sae") or {}).get("sha256")
+    require_match("SAE sha256", sha256_file(sae_fpath), audited, audit_dpath / "audit.json")
+    if not fpath.is_file():  # an audit written before descriptions were saved: findings only
+        return {c.component: c.concept for c in result.components}
+    descriptions = load_descriptions(fpath)
+    return {j: label for j, label in enumerate(descriptions.concept) if label}
+
+
+def with_concepts(explanation: Explanation, labels: dict[int, str]) -> Explanation:
+    """The explanation with each component's audit label filled in ("" when the audit had
+    none: a component that never fired on its reference set)."""
+    return dataclasses.replace(explanation, classes=[
+        dataclasses.replace(cls, top=[dataclasses.replace(c, concept=labels.get(c.component, ""))
+                                      for c in cls.top])
+        for cls in explanation.classes])

@@ -312,25 +312,32 @@ class Relevance:
 
 
 def class_relevance(attr: Attributions, labels: Sequence[str | None] | None = None) -> Relevance:
-    """Per-class relevance over instances by label (by prediction where labels are missing)."""
+    """Per-class relevance over instances by label (by prediction where labels are missing).
+
+    An instance labelled with something that is not one of the head's classes (an image
+    of another category) belongs to no class and is left out; map data labels to class
+    names first (``clipaudit.heads.labels``).
+    """
     n_classes = len(attr.class_names)
     assignment = attr.predictions.clone()
     by = "prediction"
     if labels is not None and any(lab is not None for lab in labels):
         lookup = {name: i for i, name in enumerate(attr.class_names)}
         for pos, lab in enumerate(labels):
-            if lab is not None and lab in lookup:
-                assignment[pos] = lookup[lab]
+            if lab is not None:
+                assignment[pos] = lookup.get(lab, -1)
         by = "label"
-    counts = torch.bincount(assignment, minlength=n_classes).float()
+    kept = assignment >= 0
+    counts = torch.bincount(assignment[kept], minlength=n_classes).float()
     inst_class = assignment[attr.rows]  # class of each sparse entry's instance
-    own = attr.values[torch.arange(len(attr.rows)), inst_class]
+    entry = torch.nonzero(inst_class >= 0).flatten()
+    own = attr.values[entry, inst_class[entry]]
     total = torch.zeros(attr.n_latents * n_classes).index_add_(
-        0, attr.components * n_classes + inst_class, own)
+        0, attr.components[entry] * n_classes + inst_class[entry], own)
     mean = total.reshape(attr.n_latents, n_classes) / counts.clamp_min(1)
     share = mean / mean.abs().sum(0, keepdim=True).clamp_min(1e-12)
-    pick = torch.arange(len(assignment))
-    err = torch.zeros(n_classes).index_add_(0, assignment, attr.error[pick, assignment])
-    bias = torch.zeros(n_classes).index_add_(0, assignment, attr.bias[pick, assignment])
+    pick, cls = torch.nonzero(kept).flatten(), assignment[kept]
+    err = torch.zeros(n_classes).index_add_(0, cls, attr.error[pick, cls])
+    bias = torch.zeros(n_classes).index_add_(0, cls, attr.bias[pick, cls])
     return Relevance(mean, share, counts.long(), err / counts.clamp_min(1),
                      bias / counts.clamp_min(1), by)

@@ -82,6 +82,7 @@ def _register() -> None:
         cmd_rules,
         cmd_sae,
         cmd_synthetic,
+        cmd_vocab,
     )
 
 

@@ -37,6 +37,27 @@ def user_errors(fn: F) -> F:
     return fn
 
 
+def not_evaluated_note(verdicts: Any) -> str:
+    """``, N class(es) not evaluated`` for the verdict line ("" when every class was judged)."""
+    from clipaudit.gate import not_evaluated_classes
+
+    small = not_evaluated_classes(verdicts)
+    return f", {len(small)} class(es) not evaluated" if small else ""
+
+
+def print_not_evaluated(verdicts: Any) -> None:
+    """Under the verdict line: the classes no rule judged (too few audited instances)."""
+    from clipaudit.gate import not_evaluated_classes
+
+    small = not_evaluated_classes(verdicts)
+    if not small:
+        return
+    listed = ", ".join(f"{c.head}/{c.class_name} ({c.n_instances})" for c in small[:10])
+    more = f" and {len(small) - 10} more" if len(small) > 10 else ""
+    out.print(f"[yellow]not evaluated[/] (fewer than {small[0].min_instances} audited "
+              f"instances; no rule judged them): {escape(listed)}{more}")
+
+
 def print_json(obj: Any) -> None:
     sys.stdout.write(json.dumps(obj, indent=2, default=str) + "\n")
 

@@ -11,7 +11,7 @@ from rich.text import Text
 
 from clipaudit.attribution.explain import ExplainConfig
 from clipaudit.cli import app
-from clipaudit.cli._common import json_option, out, print_json, quiet_option, user_errors
+from clipaudit.cli._common import err, json_option, out, print_json, quiet_option, user_errors
 from clipaudit.cli._options import option
 from clipaudit.heads import ProbeConfig
 
@@ -63,6 +63,9 @@ def explain_cmd(
     prompts: Path = typer.Option(None, "--prompts", help="Zero-shot prompt-set YAML."),
     top: int = option(ExplainConfig, "top", "--top"),
     gradient: str = option(ExplainConfig, "gradient", "--gradient"),
+    audit: Path = option(ExplainConfig, "audit", "--audit", file_okay=False,
+                         help="Audit folder of this SAE: show the concept labels it gave the "
+                              "components."),
     as_json: bool = json_option("each image's prediction and components"),
     quiet: bool = quiet_option(),
 ) -> None:
@@ -70,19 +73,27 @@ def explain_cmd(
     from clipaudit.attribution.explain import explain_images
 
     explanations = explain_images(images, sae_fpath, probe=probe, prompts=prompts,
-                                  config=ExplainConfig(top=top, gradient=gradient))
+                                  config=ExplainConfig(top=top, gradient=gradient, audit=audit))
     if as_json:
         print_json([asdict(e) for e in explanations])
         return
+    labelled = audit is not None
     for e in explanations:
         if quiet:
             out.print(f"{e.image}: predicted {e.prediction}", markup=False)
             continue
-        table = Table("class", "score", "component", "activation", "attribution",
+        table = Table("class", "score", "component", *(["concept"] if labelled else []),
+                      "activation", "attribution",
                       title=Text.assemble(f"{e.image}: predicted ", (str(e.prediction), "bold")))
         for cls in e.classes:
             for i, comp in enumerate(cls.top):
-                table.add_row(Text(cls.class_name) if i == 0 else "", f"{cls.score:.4f}" if i == 0 else "",
-                              str(comp.component), f"{comp.activation:.3f}", f"{comp.attribution:+.4f}")
-            table.add_row("", "", "SAE error", "", f"{cls.error:+.4f}", end_section=True)
+                table.add_row(Text(cls.class_name if i == 0 else ""),
+                              f"{cls.score:.4f}" if i == 0 else "", str(comp.component),
+                              *([Text(comp.concept or "-")] if labelled else []),
+                              f"{comp.activation:.3f}", f"{comp.attribution:+.4f}")
+            table.add_row("", "", "SAE error", *([""] if labelled else []), "",
+                          f"{cls.error:+.4f}", end_section=True)
         out.print(table)
+    if not (labelled or quiet):
+        err.print("components are numbers only: add --audit AUDIT_DIR (an audit of this SAE) "
+                  "to see the concept label the audit gave each", markup=False)

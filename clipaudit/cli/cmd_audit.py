@@ -14,8 +14,10 @@ from clipaudit.cli._common import (
     RichReporter,
     err,
     json_option,
+    not_evaluated_note,
     out,
     print_json,
+    print_not_evaluated,
     quiet_option,
     user_errors,
 )
@@ -27,6 +29,7 @@ _STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red"}
 
 
 def _print_outcome(outcome, as_json: bool, quiet: bool = False, verbose: bool = False) -> None:
+    from clipaudit.gate import not_evaluated_classes
     from clipaudit.results import to_dict
 
     result = outcome.result
@@ -35,6 +38,7 @@ def _print_outcome(outcome, as_json: bool, quiet: bool = False, verbose: bool = 
                     "audit_dir": str(outcome.audit_dpath),
                     "files": {k: str(v) for k, v in outcome.files.items()},
                     "verdicts": to_dict(result.verdicts),
+                    "not_evaluated": to_dict(not_evaluated_classes(result.verdicts)),
                     "findings": [to_dict(f) for h in result.heads for f in h.findings]})
         return
     if verbose:
@@ -45,7 +49,7 @@ def _print_outcome(outcome, as_json: bool, quiet: bool = False, verbose: bool = 
                   + ", ".join(f"{name} {n}" for name, n in n_findings.items()) + ")",
                   markup=False)
         print_verdicts(result.verdicts)
-    print_verdict_line(result.verdict, outcome.audit_dpath, verbose)
+    print_verdict_line(result.verdict, outcome.audit_dpath, verbose, result.verdicts)
 
 
 def print_verdicts(verdicts) -> None:
@@ -62,10 +66,12 @@ def print_verdicts(verdicts) -> None:
                                 f" {v.rule}" + (f" [{scope}]" if scope else "") + f": {v.message}"))
 
 
-def print_verdict_line(verdict: str, audit_dpath, verbose: bool) -> None:
+def print_verdict_line(verdict: str, audit_dpath, verbose: bool, verdicts=()) -> None:
+    """The verdict, how many classes no rule judged, the folder; then those classes."""
     more = "" if verbose else " (summary.md lists every rule; --verbose prints them here)"
     out.print(Text.assemble("verdict: ", (verdict.upper(), _STYLE[verdict]),
-                            f"   audit folder: {audit_dpath}{more}"))
+                            f"{not_evaluated_note(verdicts)}   audit folder: {audit_dpath}{more}"))
+    print_not_evaluated(verdicts)
 
 
 def _print_tables(result) -> None:
@@ -94,9 +100,14 @@ def audit_cmd(
     probe: Path = typer.Option(None, "--probe", help="Linear probe file (clipaudit fit-probe or your own)."),
     prompts: Path = typer.Option(None, "--prompts", help="Zero-shot prompt-set YAML."),
     rules: str = option(AuditConfig, "rules", "--rules"),
+    label_map: Path = option(AuditConfig, "label_map", "--label-map", dir_okay=False),
     vocab: list[str] = option(AuditConfig, "describe.vocabularies", "--vocab",
-                              help="Concept vocabulary: general, dermatology, product or a file "
-                                   "(repeat to combine)."),
+                              help="Concept vocabulary: a shipped name (clipaudit vocab list) or "
+                                   "a .txt/.yaml file (repeat to combine)."),
+    label_floor: str = option(AuditConfig, "describe.label_floor", "--label-floor",
+                              help="scrambled: a component whose best term beats no scrambled "
+                                   "phrase of the vocabulary is 'unlabelled (closest: TERM)' and "
+                                   "matches no rule-file concept; off: always the nearest term."),
     baseline: Path = typer.Option(None, "--baseline", help="Earlier audit folder: fail only on new findings."),
     reference_data: Path = option(AuditConfig, "describe.reference_cache", "--reference-data",
                                   help="Cache of a broad image set to describe components with "
@@ -125,9 +136,9 @@ def audit_cmd(
     from clipaudit.audit import run_audit
 
     config = AuditConfig(
-        rules=rules, outputs=OutputConfig(pdf=pdf), gradient=gradient,
+        rules=rules, label_map=label_map, outputs=OutputConfig(pdf=pdf), gradient=gradient,
         describe=DescribeConfig(vocabularies=tuple(vocab), reference_cache=reference_data, top_m=top_m,
-                                reuse=descriptions))
+                                label_floor=label_floor, reuse=descriptions))
     with RichReporter(quiet=as_json or quiet) as reporter:
         outcome = run_audit(cache, sae, out_dpath, probe=probe, prompts=prompts, config=config,
                             baseline_dpath=baseline, reporter=reporter)

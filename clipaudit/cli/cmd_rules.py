@@ -146,5 +146,5 @@ def apply_cmd(
     elif not quiet:
         print_verdicts(result.verdicts)
     if not json_out:
-        print_verdict_line(result.verdict, run.audit_fpath.parent, verbose)
+        print_verdict_line(result.verdict, run.audit_fpath.parent, verbose, result.verdicts)
     raise typer.Exit(run.exit_code)

@@ -26,9 +26,9 @@ from clipaudit.sae.config import SAETrainConfig
 def train_sae_cmd(
     cache: Path = typer.Argument(..., help="Activation cache folder (clipaudit extract)."),
     out_fpath: Path = typer.Option(..., "--out", "-o", help="SAE file to write (.safetensors)."),
-    expansion: int = option(SAETrainConfig, "expansion", "--expansion"),
+    expansion: int | None = option(SAETrainConfig, "expansion", "--expansion"),
     n_latents: int | None = option(SAETrainConfig, "n_latents", "--n-latents"),
-    k: int = option(SAETrainConfig, "k", "--k"),
+    k: int | None = option(SAETrainConfig, "k", "--k"),
     steps: int | None = option(SAETrainConfig, "steps", "--steps"),
     epochs: float | None = option(SAETrainConfig, "epochs", "--epochs"),
     batch_size: int = option(SAETrainConfig, "batch_size", "--batch-size", envvar="CLIPAUDIT_SAE_BATCH_SIZE"),
@@ -57,11 +57,53 @@ def train_sae_cmd(
     sae = result.sae
     if as_json:
         print_json({"out": str(out_fpath), "d": sae.d, "n_latents": sae.n_latents, "k": sae.k,
-                    "steps": result.steps, "seed": seed, "metrics": result.metrics.as_dict()})
+                    "steps": result.steps, "seed": seed, "metrics": result.metrics.as_dict(),
+                    "settings": result.settings.as_dict() if result.settings else None,
+                    "coverage": [_as_plain(c) for c in result.coverage]})
         return
+    if result.settings is not None:
+        out.print(_settings_text(result.settings), markup=False)
+        for warning in result.settings.warnings:
+            err.print(f"[yellow]warning:[/] {escape(warning)}", markup=True)
     out.print(f"SAE {sae.n_latents} latents, k={sae.k}, d={sae.d}, {result.steps} steps "
               f"-> {out_fpath}", markup=False)
     out.print(_metrics_text(result.metrics.as_dict()), markup=False)
+    if result.coverage:
+        out.print(_coverage_text(result.coverage), markup=False)
+
+
+def _settings_text(settings) -> str:
+    """The settings, one line each, with why each has its value."""
+    lines = [f"SAE settings for d={settings.d}, {settings.n_rows:,} rows "
+             f"({settings.n_latents:,} latents, each firing on ~{settings.rows_per_latent:,.0f} "
+             "rows on average):"]
+    for c in settings.choices:
+        why = "given" if c.given else f"from the data: {c.reason}"
+        lines.append(f"  {c.name:<10} {c.value:>7,}  {why}")
+    return "\n".join(lines)
+
+
+def _coverage_text(rows) -> str:
+    """Per declared artifact column: the best single component's AUC beside a linear
+    probe's (decodable but not isolated: findings about the column are blind)."""
+    lines = ["can the SAE see the declared artifact columns? (ROC AUC)",
+             f"  {'column':<24} {'linear probe':>12} {'best component':>15}"]
+    for r in rows:
+        probe = getattr(r, "decodable_auc", None)
+        best = getattr(r, "best_component_auc", None)
+        where = f" (#{r.best_component})" if getattr(r, "best_component", None) is not None else ""
+        lines.append(f"  {r.column:<24} {_auc(probe):>12} {_auc(best) + where:>15}")
+    return "\n".join(lines)
+
+
+def _auc(value) -> str:
+    return "n/a" if value is None else f"{value:.2f}"
+
+
+def _as_plain(obj):
+    import dataclasses
+
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) and not isinstance(obj, type) else obj
 
 
 @app.command("sae-info")

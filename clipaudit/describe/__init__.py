@@ -16,9 +16,12 @@ from clipaudit.describe.components import (
 )
 from clipaudit.describe.concepts import (
     ConceptVocabulary,
+    VocabularyInfo,
     list_vocabularies,
+    list_vocabulary_infos,
     load_vocabularies,
     load_vocabulary,
+    vocabulary_info,
 )
 
 __all__ = [
@@ -26,11 +29,14 @@ __all__ = [
     "ConceptVocabulary",
     "TopActivations",
     "TopActivationsAccumulator",
+    "VocabularyInfo",
     "describe_components",
     "list_vocabularies",
+    "list_vocabulary_infos",
     "load_descriptions",
     "load_vocabularies",
     "load_vocabulary",
     "save_descriptions",
     "top_activations",
+    "vocabulary_info",
 ]

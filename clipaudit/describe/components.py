@@ -207,14 +207,18 @@ def describe_components(top: TopActivations, ref_image_embeds: Tensor,
                         text_encoder: TextEncoder, vocabulary: ConceptVocabulary,
                         class_texts: dict[str, list[str]], *,
                         templates: Sequence[str] = ("{}",),
-                        provenance: dict[str, Any] | None = None) -> ComponentDescriptions:
+                        provenance: dict[str, Any] | None = None,
+                        label_floor: str = "scrambled") -> ComponentDescriptions:
     """Semantic embedding, clarity, concept label and class alignment per component.
 
     ``ref_image_embeds`` [N, D] holds the reference model's image embeddings indexed
     by instance id (zero rows: no embedding; such instances are left out).
     ``templates`` render each concept phrasing (``"a photo of {}"``); class texts are
     used verbatim. ``provenance`` (e.g. the reference model's) is kept, with the
-    vocabulary, templates and m added.
+    vocabulary, templates and m added. ``label_floor``: ``scrambled`` labels a
+    component whose best term does not beat the vocabulary's scrambled phrases
+    ``unlabelled (closest: TERM)`` (``clipaudit.describe.labels``); ``off`` keeps the
+    nearest term whatever it scores.
     """
     if not vocabulary.concepts:
         raise InputError(f"concept vocabulary {vocabulary.name!r} has no concepts")
@@ -232,6 +236,8 @@ def describe_components(top: TopActivations, ref_image_embeds: Tensor,
     score, best = concept_align.max(dim=1)
     dead = semantic.norm(dim=1) == 0
     concept = ["" if d else vocabulary.concepts[i] for i, d in zip(best.tolist(), dead.tolist())]
+    concept = _floored(concept, score, semantic, empty, text_encoder, vocabulary, templates, dim,
+                       label_floor)
 
     class_names = list(class_texts)
     alpha = _class_alignment(semantic, empty, text_encoder, class_texts, dim)
@@ -240,8 +246,24 @@ def describe_components(top: TopActivations, ref_image_embeds: Tensor,
         class_alignment=alpha, class_names=class_names, vocabulary=vocabulary.name,
         empty_text=empty, top=top,
         provenance={**(provenance or {}), "vocabulary": vocabulary.name,
-                    "templates": list(templates), "m": int(top.ids.shape[1])},
+                    "templates": list(templates), "m": int(top.ids.shape[1]),
+                    "label_floor": label_floor},
     )
+
+
+def _floored(concept: list[str], score: Tensor, semantic: Tensor, empty: Tensor,
+             text_encoder: TextEncoder, vocabulary: ConceptVocabulary, templates: Sequence[str],
+             dim: int, label_floor: str) -> list[str]:
+    """Labels whose best term does not beat the scrambled vocabulary become unlabelled."""
+    from clipaudit.describe.labels import LABEL_FLOORS, apply_label_floor, scrambled_phrases
+
+    if label_floor not in LABEL_FLOORS:
+        raise InputError(f"label floor {label_floor!r}: expected one of {', '.join(LABEL_FLOORS)}")
+    if label_floor == "off":
+        return concept
+    null = ConceptVocabulary("scrambled", scrambled_phrases(vocabulary.concepts))
+    null_align = _alignment(semantic, concept_embeddings(null, text_encoder, templates, dim), empty)
+    return apply_label_floor(concept, score, null_align)
 
 
 def realign_classes(descriptions: ComponentDescriptions, text_encoder: TextEncoder,

@@ -62,6 +62,61 @@ def list_vocabularies() -> list[str]:
     return sorted(p.stem for p in _builtin_dpath().glob("*.yaml"))
 
 
+@dataclass(frozen=True)
+class VocabularyInfo:
+    """What ``clipaudit vocab list/show`` says about a vocabulary."""
+
+    name: str
+    source: str
+    """``built-in`` or ``file``."""
+    path: str
+    description: str
+    """The file's leading comment, first paragraph ("" when it has none)."""
+    vocabulary: ConceptVocabulary
+
+    @property
+    def n_concepts(self) -> int:
+        return len(self.vocabulary.concepts)
+
+    @property
+    def n_synonyms(self) -> int:
+        return sum(len(v) for v in self.vocabulary.synonyms.values())
+
+    def as_dict(self, concepts: bool = True) -> dict[str, Any]:
+        out: dict[str, Any] = {"name": self.name, "source": self.source, "path": self.path,
+                               "description": self.description, "n_concepts": self.n_concepts,
+                               "n_synonyms": self.n_synonyms}
+        if concepts:
+            out["concepts"] = [{"concept": c, "synonyms": self.vocabulary.synonyms.get(c, [])}
+                               for c in self.vocabulary.concepts]
+        return out
+
+
+def vocabulary_info(name_or_path: str | Path) -> VocabularyInfo:
+    """A built-in vocabulary by name, or a user's file, with where it comes from and its
+    description (how clipaudit reads the file: a user's way to check their own)."""
+    builtin = isinstance(name_or_path, str) and name_or_path in list_vocabularies()
+    fpath = _builtin_dpath() / f"{name_or_path}.yaml" if builtin else Path(name_or_path)
+    vocabulary = load_vocabulary(name_or_path)
+    return VocabularyInfo(vocabulary.name, "built-in" if builtin else "file", str(fpath),
+                          _leading_comment(fpath), vocabulary)
+
+
+def list_vocabulary_infos() -> list[VocabularyInfo]:
+    """``vocabulary_info`` of every shipped vocabulary."""
+    return [vocabulary_info(name) for name in list_vocabularies()]
+
+
+def _leading_comment(fpath: Path) -> str:
+    lines: list[str] = []
+    for line in fpath.read_text(encoding="utf-8").splitlines():
+        text = line.strip()
+        if not text.startswith("#") or (lines and text == "#"):
+            break
+        lines.append(text.lstrip("#").strip())
+    return " ".join(x for x in lines if x)
+
+
 def load_vocabulary(name_or_path: str | Path) -> ConceptVocabulary:
     """A built-in vocabulary by name, or a user's ``.txt``/``.yaml`` file.
 

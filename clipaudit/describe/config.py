@@ -28,6 +28,11 @@ class DescribeConfig:
     handful: a component's strongest few activations share incidental context (the
     lesion colour, skin tone or class that makes the artifact most salient), and their
     mean embedding inherits it; a few hundred describe what the component means."""
+    label_floor: str = "scrambled"
+    """``scrambled``: a component whose best term aligns with it no more than the
+    vocabulary's phrases with shuffled letters do is labelled ``unlabelled (closest:
+    TERM)`` and matches no rule-file concept; ``off``: always the nearest term (the
+    paper's labels)."""
     reuse: Path | None = None
     """Descriptions of an earlier audit (its folder or descriptions.safetensors) to reuse
     instead of recomputing; refused unless made from the same SAE, reference model,

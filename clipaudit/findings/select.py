@@ -22,6 +22,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from clipaudit.describe.labels import is_unlabelled
 from clipaudit.gate.matching import ConceptMatcher
 from clipaudit.results import ComponentPoint, Finding, FindingConfig, FindingKind
 
@@ -44,7 +45,8 @@ _MATCHER = ConceptMatcher()  # the lists of a FindingConfig already hold every s
 
 def _concept_listed(concept: str, listing: dict[str, list[str]], class_name: str) -> bool:
     """The gate's matching (clipaudit/gate/matching.py): whole words, any case,
-    punctuation and plurals: 'hair' matches 'dark hair' and 'Hairs.', not 'chair'."""
+    punctuation and plurals: 'hair' matches 'dark hair' and 'Hairs.', not 'chair'; an
+    ``unlabelled (closest: ...)`` label matches nothing."""
     return _MATCHER.matches(concept, [*listing.get("*", []), *listing.get(class_name, [])])
 
 
@@ -68,11 +70,11 @@ def select_candidates(share_jc: torch.Tensor, alignment_jc: torch.Tensor, clarit
             eligible.append((j, float(share_jc[j, c]), alignment, clarity, forbidden))
         by_concept: dict[str, float] = defaultdict(float)
         for j, share, *_ in eligible:
-            if concepts[j]:  # dead components have no label to group by
+            if concepts[j] and not is_unlabelled(concepts[j]):  # dead or undescribed: no group
                 by_concept[concepts[j]] += share
         of_class = []
         for j, share, alignment, clarity, forbidden in eligible:
-            together = by_concept[concepts[j]] if concepts[j] else share
+            together = by_concept.get(concepts[j], share)
             if share < config.share_min and together < config.share_min:
                 continue
             of_class.append(Candidate(j, name, share, together, alignment, clarity, concepts[j],

@@ -9,7 +9,14 @@
 from clipaudit.gate import checks as _checks  # noqa: F401  (registers the built-in checks)
 from clipaudit.gate.apply import GateRun, apply_rules
 from clipaudit.gate.baseline import BaselineIndex, BaselineMatch
-from clipaudit.gate.engine import check_audit_trust, evaluate, exit_code
+from clipaudit.gate.engine import (
+    NotEvaluated,
+    check_audit_trust,
+    evaluate,
+    exit_code,
+    is_not_evaluated,
+    not_evaluated_classes,
+)
 from clipaudit.gate.loader import list_rulesets, load_ruleset, parse_ruleset
 from clipaudit.gate.matching import concept_matches
 from clipaudit.gate.model import CheckSpec, RuleSet, Waiver
@@ -38,6 +45,7 @@ __all__ = [
     "CheckOutcome",
     "CheckSpec",
     "GateRun",
+    "NotEvaluated",
     "RuleSet",
     "Scope",
     "Violation",
@@ -48,9 +56,11 @@ __all__ = [
     "evaluate",
     "exit_code",
     "get_check",
+    "is_not_evaluated",
     "list_checks",
     "list_rulesets",
     "load_ruleset",
+    "not_evaluated_classes",
     "parse_ruleset",
     "register_check",
     "render_summary_md",

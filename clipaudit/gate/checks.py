@@ -233,3 +233,6 @@ def baseline_regression(spec: BaselineRegressionParams, scope: Scope) -> CheckOu
         {"baseline": scope.baseline.baseline_id, "method": scope.baseline.method,
          "matches": matches, "min_share": spec.min_share},
     )
+
+
+from clipaudit.gate import check_vocabulary as _check_vocabulary  # noqa: E402,F401  (registers vocabulary-fit)

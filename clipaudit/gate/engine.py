@@ -12,13 +12,14 @@ import datetime as dt
 import logging
 import math
 from collections.abc import Iterator
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Literal
 
-from clipaudit.errors import ArtifactError, MismatchError
+from clipaudit.errors import ArtifactError, InputError, MismatchError
 from clipaudit.gate.baseline import BaselineIndex
 from clipaudit.gate.model import CheckSpec, RuleSet, Waiver
 from clipaudit.gate.registry import CheckOutcome, Scope, Violation, get_check
-from clipaudit.results import AuditResult, RuleVerdict
+from clipaudit.results import AuditResult, ClassAudit, RuleVerdict
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ def evaluate(result: AuditResult, ruleset: RuleSet, *, baseline: AuditResult | N
     baseline of another backbone or hook point.
     """
     check_audit_trust(result)
+    require_evaluable(result, ruleset)
     index = None
     if baseline is not None:
         check_audit_trust(baseline, what="baseline audit")
@@ -48,8 +50,89 @@ def evaluate(result: AuditResult, ruleset: RuleSet, *, baseline: AuditResult | N
             verdicts.extend(_unknown_targets(spec, result))
             scopes = _class_scopes(result, ruleset, spec, index)
         for scope in scopes:
-            verdicts.append(_judge(spec, scope, registered.fn(spec, scope), ruleset, today))
+            if too_few_instances(scope.class_audit, ruleset):
+                verdicts.append(_not_evaluated(spec, scope, ruleset, today))
+            else:
+                verdicts.append(_judge(spec, scope, registered.fn(spec, scope), ruleset, today))
     return verdicts
+
+
+# ------------------------------------------------------------------ classes too small to judge
+
+
+def too_few_instances(class_audit: ClassAudit | None, ruleset: RuleSet) -> bool:
+    """Whether a class has fewer audited instances than the rule set's ``min_instances``."""
+    return class_audit is not None and class_audit.n_instances < ruleset.thresholds.min_instances
+
+
+def is_not_evaluated(verdict: RuleVerdict) -> bool:
+    """A class rule's verdict on a class with too few instances to judge."""
+    return bool(verdict.details.get("not_evaluated"))
+
+
+@dataclass(frozen=True)
+class NotEvaluated:
+    """A head's class that no rule judged: too few audited instances."""
+
+    head: str
+    class_name: str
+    n_instances: int
+    min_instances: int
+    status: str
+    """The worst status its verdicts got (``warn``, ``fail``; ``pass`` when waived)."""
+
+
+def not_evaluated_classes(verdicts: list[RuleVerdict]) -> list[NotEvaluated]:
+    """One entry per head and class whose rules were not evaluated, in verdict order."""
+    rank = {"pass": 0, "warn": 1, "fail": 2}
+    out: dict[tuple[str, str], NotEvaluated] = {}
+    for v in verdicts:
+        if not is_not_evaluated(v) or v.head is None or v.class_name is None:
+            continue
+        status = "pass" if v.waived is not None else v.status
+        key = (v.head, v.class_name)
+        known = out.get(key)
+        if known is None or rank[status] > rank[known.status]:
+            out[key] = NotEvaluated(v.head, v.class_name, int(v.details["n_instances"]),
+                                    int(v.details["min_instances"]), status)
+    return list(out.values())
+
+
+def require_evaluable(result: AuditResult, ruleset: RuleSet) -> None:
+    """Refuse (InputError, exit code 2) an audit in which some head has no class the rule
+    set can judge: its every verdict would be 'not evaluated'."""
+    minimum = ruleset.thresholds.min_instances
+    for head in result.heads:
+        if head.classes and all(too_few_instances(c, ruleset) for c in head.classes):
+            sizes = ", ".join(f"{c.class_name} {c.n_instances}"
+                              for c in sorted(head.classes, key=lambda c: -c.n_instances)[:3])
+            raise InputError(f"audit {result.audit_id}: no class of head {head.name!r} has the "
+                             f"{minimum} audited instances a verdict needs ({sizes}); audit more "
+                             "images or lower thresholds.min_instances in the rule file")
+
+
+def _not_evaluated(spec: CheckSpec, scope: Scope, ruleset: RuleSet,
+                   today: dt.date) -> RuleVerdict:
+    """The verdict of a class rule on a class too small to judge: never a pass (unless a
+    waiver covers it); ``thresholds.too_few_instances`` says warn or fail."""
+    assert scope.class_audit is not None and scope.head is not None
+    n, minimum = scope.class_audit.n_instances, ruleset.thresholds.min_instances
+    violation = Violation(f"not evaluated: {n} audited instance(s), fewer than min_instances "
+                          f"{minimum}", None, float(n), float(minimum))
+    waiver, lapsed = _waiver_for(violation, spec, scope, ruleset, today)
+    details = {"not_evaluated": True, "n_instances": n, "min_instances": minimum,
+               "violations": [] if waiver else [violation.to_dict()],
+               "waived": [{**violation.to_dict(), "waiver": _waiver_dict(waiver)}] if waiver else [],
+               "known_in_baseline": [], "expired_waivers": [_waiver_dict(w) for w in lapsed]}
+    status: Literal["pass", "warn", "fail"]
+    if waiver is not None:
+        status, reason = "pass", waiver.reason
+    else:
+        failing = ruleset.thresholds.too_few_instances == "fail" and spec.severity == "fail"
+        status, reason = ("fail" if failing else "warn"), None
+    return RuleVerdict(rule=spec.id, check=spec.check, status=status, message=violation.message,
+                       head=scope.head.name, class_name=scope.class_name, details=details,
+                       waived=reason)
 
 
 def exit_code(verdicts: list[RuleVerdict]) -> int:

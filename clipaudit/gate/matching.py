@@ -10,12 +10,16 @@ matches ``ruler``, ``Ruler.``, ``rulers``, ``measuring ruler`` and ``ruler/scale
 bar``; ``band-aid`` matches ``band aid``, ``band_aid`` and ``Band-Aids``; ``ink``
 does not match ``pink skin``. Synonym groups (``synonyms: {ruler: [scale bar]}``)
 make every member of a group stand for all of them; groups sharing a member merge.
+A component no vocabulary term describes (``unlabelled (closest: ruler)``) matches
+no term at all.
 """
 
 from __future__ import annotations
 
 import re
 from collections.abc import Iterable, Mapping
+
+from clipaudit.describe.labels import is_unlabelled
 
 Words = tuple[str, ...]
 
@@ -112,7 +116,10 @@ class ConceptMatcher:
         return {s for s in out if s}
 
     def first_match(self, label: str, terms: Iterable[str]) -> str | None:
-        """The first of ``terms`` that ``label`` matches (directly or via a synonym)."""
+        """The first of ``terms`` that ``label`` matches (directly or via a synonym).
+        An ``unlabelled (closest: ...)`` label matches nothing: no term describes it."""
+        if is_unlabelled(label):
+            return None
         label_words = words_of(label)
         for term in terms:
             if any(phrase_in(t, label_words) for t in self._groups.expand(term)):

@@ -72,6 +72,13 @@ class Thresholds(StrictModel):
     """A component aligned with its class at least this much is not a shortcut."""
     clarity_min: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.30
     """A component less coherent than this is not described well enough to be a finding."""
+    min_instances: Annotated[int, Field(ge=1)] = 20
+    """Audited instances a class needs before any rule can judge it (by label; by
+    prediction for unlabelled data). A class with fewer is not evaluated: no rule passes
+    it. A head of which no class has this many is an input error (exit code 2)."""
+    too_few_instances: Literal["warn", "fail"] = "warn"
+    """What a class below ``min_instances`` does to each rule's verdict for it: ``warn``
+    (shown as not evaluated; the gate still passes the other classes) or ``fail``."""
 
 
 class Concepts(StrictModel):

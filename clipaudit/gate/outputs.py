@@ -15,6 +15,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from clipaudit.artifacts import atomic_path
+from clipaudit.gate.engine import is_not_evaluated, not_evaluated_classes
 from clipaudit.results import AuditResult, RuleVerdict
 
 JUNIT_FNAME = "junit.xml"
@@ -38,6 +39,11 @@ def _x(text: object) -> str:
     return _XML_INVALID.sub("\ufffd", str(text))
 
 
+def _skipped(v: RuleVerdict) -> bool:
+    """Waived, or not evaluated (too few instances) without failing: a JUnit skip."""
+    return v.waived is not None or (is_not_evaluated(v) and not _failed(v))
+
+
 def _case_name(v: RuleVerdict) -> str:
     return f"{v.rule} [{v.class_name}]" if v.class_name is not None else v.rule
 
@@ -45,7 +51,7 @@ def _case_name(v: RuleVerdict) -> str:
 def _counts(verdicts: Iterable[RuleVerdict]) -> dict[str, str]:
     verdicts = list(verdicts)
     return {"tests": str(len(verdicts)), "failures": str(sum(map(_failed, verdicts))),
-            "skipped": str(sum(v.waived is not None for v in verdicts)),
+            "skipped": str(sum(_skipped(v) for v in verdicts)),
             "errors": "0", "time": "0"}
 
 
@@ -80,6 +86,8 @@ def junit_tree(result: AuditResult) -> ET.Element:
                 failure.text = _x(_failure_text(v))
             elif v.waived is not None:
                 ET.SubElement(case, "skipped", message=_x(f"waived: {v.waived}"))
+            elif is_not_evaluated(v):
+                ET.SubElement(case, "skipped", message=_x(v.message))
             label = "WARNING: " if v.status == "warn" else ""
             ET.SubElement(case, "system-out").text = _x(label + v.message)
     ET.indent(root)
@@ -134,16 +142,22 @@ def _verdict_row(v: RuleVerdict, text: str) -> list[str]:
 def render_summary_md(result: AuditResult, max_rows: int = 50) -> str:
     """Markdown for a CI step summary or a PR comment: verdict first, then what failed."""
     verdicts = result.verdicts
-    failing = [v for v in verdicts if _failed(v)]
-    warnings = [v for v in verdicts if v.status == "warn" and v.waived is None]
+    failing = [v for v in verdicts if _failed(v) and not is_not_evaluated(v)]
+    warnings = [v for v in verdicts if v.status == "warn" and v.waived is None
+                and not is_not_evaluated(v)]
     waived = [v for v in verdicts if v.waived is not None]
-    n_pass = len(verdicts) - len(failing) - len(warnings) - len(waived)
+    unjudged = [v for v in verdicts if is_not_evaluated(v) and v.waived is None]
+    n_pass = len(verdicts) - len(failing) - len(warnings) - len(waived) - len(unjudged)
+    small = not_evaluated_classes(verdicts)
     verdict = result.verdict
     lines = [f"## {_ICON[verdict]} clipaudit gate: {verdict.upper()}", "",
              f"Audit {md_escape(result.audit_id)} · rules {md_escape(result.rules_file or '-')}"
              f" · **{len(failing)} failing** · {len(warnings)} warning(s) · {n_pass} passing"
-             f" · {len(waived)} waived", ""]
+             f" · {len(waived)} waived"
+             + (f" · **{len(small)} class(es) not evaluated**" if small else ""), ""]
     header = ["Rule", "Head", "Class"]
+    if small:
+        lines += _not_evaluated_section(small, max_rows)
     if failing:
         lines += ["### Failing rules", ""]
         lines += _table([*header, "Why"], [_verdict_row(v, v.message) for v in failing], max_rows)
@@ -167,6 +181,15 @@ def render_summary_md(result: AuditResult, max_rows: int = 50) -> str:
     lines += ["", "</details>", "",
               f"<sub>{EXIT_CODES}; this audit: {_exit_code(result)}.</sub>", ""]
     return "\n".join(lines)
+
+
+def _not_evaluated_section(small: list, max_rows: int) -> list[str]:
+    rows = [[_ICON[c.status] if c.status != "pass" else "waived", md_escape(c.head),
+             md_escape(c.class_name), str(c.n_instances), str(c.min_instances)] for c in small]
+    return ["### Not evaluated", "",
+            "No rule judged these classes: they have fewer audited instances than the rule "
+            "set's `min_instances`.", "",
+            *_table(["Status", "Head", "Class", "Instances", "Minimum"], rows, max_rows), ""]
 
 
 def _findings_section(result: AuditResult, max_rows: int) -> list[str]:

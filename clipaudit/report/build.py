@@ -25,6 +25,7 @@ from clipaudit.report.model import (
     FindingRow,
     HeadSection,
     KeyValue,
+    NotEvaluatedRow,
     Num,
     ReportConfig,
     ReportData,
@@ -91,12 +92,23 @@ def _plain(value: Any) -> str:
 # ------------------------------------------------------------------ verdicts
 
 def _verdict_rows(result: AuditResult) -> tuple[VerdictRow, ...]:
+    from clipaudit.gate.engine import is_not_evaluated
+
     rows = [VerdictRow(status=v.status, rule=v.rule, check=v.check, head=v.head or "",
-                       class_name=v.class_name or "", message=v.message, waived=v.waived)
+                       class_name=v.class_name or "", message=v.message, waived=v.waived,
+                       not_evaluated=is_not_evaluated(v))
             for v in result.verdicts]
     rows.sort(key=lambda r: (r.waived is not None, _STATUS_ORDER[r.status], r.rule, r.head,
                              r.class_name))
     return tuple(rows)
+
+
+def _not_evaluated_rows(result: AuditResult) -> tuple[NotEvaluatedRow, ...]:
+    from clipaudit.gate.engine import not_evaluated_classes
+
+    return tuple(NotEvaluatedRow(status=c.status, head=c.head, class_name=c.class_name,  # type: ignore[arg-type]
+                                 n_instances=c.n_instances, min_instances=c.min_instances)
+                 for c in not_evaluated_classes(result.verdicts))
 
 
 def _class_status(rows: Iterable[VerdictRow], head: str, class_name: str) -> Status:
@@ -286,7 +298,9 @@ def build_report_data(result: AuditResult, audit_dpath: Path | str,
     comparison_heads, comparison_rows = _comparison(result)
     return ReportData(
         audit_id=result.audit_id, verdict=result.verdict,
-        reasons=tuple(r for r in verdicts if r.waived is None and r.status != "pass"),
+        reasons=tuple(r for r in verdicts
+                      if r.waived is None and r.status != "pass" and not r.not_evaluated),
+        not_evaluated=_not_evaluated_rows(result),
         verdict_rows=verdicts, finding_rows=finding_rows, class_names=_class_names(result),
         heads=tuple(_head_section(h, i, verdicts, thumbs, config)
                     for i, h in enumerate(result.heads)),

@@ -52,6 +52,19 @@ class VerdictRow:
     message: str
     waived: str | None
     """The waiver's reason: a waived row does not count towards the verdict."""
+    not_evaluated: bool = False
+    """The class had too few audited instances for the rule to judge it."""
+
+
+@dataclass(frozen=True)
+class NotEvaluatedRow:
+    """A head's class that no rule judged (fewer audited instances than the minimum)."""
+
+    status: Status
+    head: str
+    class_name: str
+    n_instances: int
+    min_instances: int
 
 
 @dataclass(frozen=True)
@@ -187,7 +200,8 @@ class ReportData:
     audit_id: str
     verdict: Status
     reasons: tuple[VerdictRow, ...]
-    """The unwaived fail and warn rows: why the verdict is what it is."""
+    """The unwaived fail and warn rows: why the verdict is what it is (classes not
+    evaluated are listed in ``not_evaluated`` instead, once per class)."""
     verdict_rows: tuple[VerdictRow, ...]
     finding_rows: tuple[FindingRow, ...]
     class_names: tuple[str, ...]
@@ -201,3 +215,11 @@ class ReportData:
     rules_file: str | None
     clipaudit_version: str
     """The version that rendered the report (the audit's own is in ``provenance``)."""
+    not_evaluated: tuple[NotEvaluatedRow, ...] = ()
+    """Classes no rule judged, shown beside the verdict."""
+
+    @property
+    def not_evaluated_status(self) -> Status:
+        """The worst status among ``not_evaluated`` (pass when all were waived)."""
+        statuses = {c.status for c in self.not_evaluated}
+        return "fail" if "fail" in statuses else "warn" if "warn" in statuses else "pass"

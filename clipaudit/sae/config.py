@@ -13,10 +13,11 @@ class SAETrainConfig:
 
     n_latents: int | None = None
     """Dictionary size m; None: ``expansion`` x d."""
-    expansion: int = 8
-    """m = expansion x d when ``n_latents`` is not given."""
-    k: int = 32
-    """Active latents per row."""
+    expansion: int | None = None
+    """m = expansion x d when ``n_latents`` is not given; None: from the data (the largest
+    power of two from 2 to 32 at which a latent fires on >= 100 rows on average)."""
+    k: int | None = None
+    """Active latents per row; None: from the width (1.6 x sqrt(d) within 8-64, at most d / 4)."""
     batch_size: int = 1024
     """Rows per optimisation step."""
     lr: float | None = None
@@ -28,8 +29,8 @@ class SAETrainConfig:
     steps: int | None = None
     """Optimisation steps; wins over ``epochs``."""
     epochs: float | None = None
-    """Passes over the data when ``steps`` is None; with neither, 10 epochs but at least
-    1000 steps."""
+    """Passes over the data when ``steps`` is None; with neither, 10 epochs within 1,000 to
+    100,000 steps."""
     aux_k: int | None = None
     """Dead latents that reconstruct the residual in the auxiliary loss; None: d // 2."""
     aux_coef: float = 1 / 32

@@ -19,7 +19,7 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from clipaudit.sae.checkpoint import (
 from clipaudit.sae.config import SAETrainConfig
 from clipaudit.sae.metrics import SAEMetrics, evaluate_sae
 from clipaudit.sae.model import TopKSAE
+from clipaudit.sae.settings import SAESettings, choose_sae_settings
 from clipaudit.sae.trainer import SAETrainer
 
 log = logging.getLogger(__name__)
@@ -55,6 +56,11 @@ class TrainResult:
     metrics: SAEMetrics
     """Evaluated on the whole source after training."""
     steps: int
+    settings: SAESettings | None = None
+    """The settings trained with, and which the data chose (``clipaudit.sae.settings``)."""
+    coverage: list[Any] = field(default_factory=list)
+    """Per declared artifact column: how well the best component separates it beside how
+    well a linear probe decodes it (filled by ``train_sae_on_cache``'s ``coverage``)."""
 
 
 # ------------------------------------------------------------------ driver
@@ -65,14 +71,23 @@ def train_sae(source: ActivationSource, config: SAETrainConfig = SAETrainConfig(
               embed_readout: Callable[[torch.Tensor], torch.Tensor] | None = None,
               checkpoint_fpath: Path | str | None = None) -> TrainResult:
     """Train a TopK SAE on ``source`` and evaluate it; the SAE's ``meta`` carries the
-    source's provenance, the config, the seed and the metrics.
+    source's provenance, the config (with what the data chose filled in), the seed and
+    the metrics.
 
     With ``checkpoint_fpath`` and ``config.checkpoint_every``, the training state is
     written there every that many steps, and a checkpoint found there is resumed from
     (``clipaudit.sae.checkpoint``; the caller removes it once the SAE is saved)."""
     d, n_rows = source.d, source.n_rows
-    n_latents = config.n_latents if config.n_latents is not None else config.expansion * d
-    _validate(config, n_latents, n_rows)
+    if n_rows == 0:
+        raise InputError("the activation source is empty: nothing to train on")
+    _validate(config)
+    settings = choose_sae_settings(config, d, n_rows)  # expansion, k, steps from d and N
+    config = settings.config
+    assert config.n_latents is not None and config.k is not None
+    n_latents = config.n_latents
+    if not 0 < config.k <= n_latents:
+        raise InputError(f"k must be between 1 and the number of latents ({n_latents}), "
+                         f"got {config.k}")
     device = resolve_device(config.device)
     total_steps = _total_steps(config, n_rows)
     if config.bf16 and device.type != "cuda":
@@ -108,19 +123,17 @@ def train_sae(source: ActivationSource, config: SAETrainConfig = SAETrainConfig(
     sae.eval()
     metrics = evaluate_sae(sae, source, embed_readout=embed_readout, reporter=reporter)
     sae.meta = _training_meta(sae, source, config, metrics, total_steps)
-    return TrainResult(sae=sae, metrics=metrics, steps=total_steps)
+    sae.meta["settings"] = settings.as_dict()
+    return TrainResult(sae=sae, metrics=metrics, steps=total_steps, settings=settings)
 
 
-def _validate(config: SAETrainConfig, n_latents: int, n_rows: int) -> None:
-    if n_rows == 0:
-        raise InputError("the activation source is empty: nothing to train on")
-    if not 0 < config.k <= n_latents:
-        raise InputError(f"k must be between 1 and the number of latents ({n_latents}), "
-                         f"got {config.k}")
+def _validate(config: SAETrainConfig) -> None:
+    if config.k is not None and config.k < 1:
+        raise InputError(f"k must be between 1 and the number of latents, got {config.k}")
     checks = {"batch_size": config.batch_size, "expansion": config.expansion,
-              "init_rows": config.init_rows}
+              "n_latents": config.n_latents, "init_rows": config.init_rows}
     for name, value in checks.items():
-        if value < 1:
+        if value is not None and value < 1:
             raise InputError(f"{name} must be at least 1, got {value}")
     if config.steps is not None and config.steps < 1:
         raise InputError(f"steps must be at least 1, got {config.steps}")
@@ -238,8 +251,13 @@ def _training_meta(sae: TopKSAE, source: ActivationSource, config: SAETrainConfi
     }
 
 
+CoverageFn = Callable[[TopKSAE, Any], list[Any]]
+"""(trained SAE, activation cache) -> coverage of the cache's declared artifact columns."""
+
+
 def train_sae_on_cache(cache_dpath: Path | str, out_fpath: Path | str,
                        config: SAETrainConfig = SAETrainConfig(), *, embed_check: bool = True,
+                       coverage: CoverageFn | None = None,
                        reporter: Reporter = NULL_REPORTER) -> TrainResult:
     """``clipaudit train-sae``: train on an activation cache, measure the downstream
     embedding cosine where the hook point allows it, and save the SAE to ``out_fpath``.
@@ -247,7 +265,12 @@ def train_sae_on_cache(cache_dpath: Path | str, out_fpath: Path | str,
     The cache is streamed from its memory-mapped shards (``config.shuffle_window``), never
     loaded whole. With ``config.checkpoint_every`` the training state goes to
     ``checkpoint_fpath_for(out_fpath)`` every that many steps; a rerun with the same
-    options resumes from it, and it is removed once the SAE is saved."""
+    options resumes from it, and it is removed once the SAE is saved.
+
+    ``coverage``, when given, measures on the training cache how well the SAE's best
+    component separates each declared artifact column beside how well a linear probe
+    decodes it (the figures of the audit's coverage check); they land in
+    ``TrainResult.coverage``."""
     from clipaudit.extraction.cache import open_cache
     from clipaudit.sae.files import save_sae
     from clipaudit.sae.info import embed_readout_for
@@ -262,4 +285,6 @@ def train_sae_on_cache(cache_dpath: Path | str, out_fpath: Path | str,
     result.sae.meta["data"]["cache"] = str(cache_dpath)
     save_sae(result.sae, out_fpath)
     checkpoint.unlink(missing_ok=True)  # the SAE is saved: nothing left to resume
+    if coverage is not None:
+        result = dataclasses.replace(result, coverage=list(coverage(result.sae, cache)))
     return result
