@@ -56,13 +56,19 @@ def explain_cmd(
     probe: Path = typer.Option(None, "--probe", help="Probe file."),
     prompts: Path = typer.Option(None, "--prompts", help="Zero-shot prompt-set YAML."),
     top: int = option(ExplainConfig, "top", "--top"),
+    heatmap: Path = option(ExplainConfig, "heatmap", "--heatmap",
+                           help="Write the predicted class's top components' heatmaps over the "
+                                "image to this PNG (several images: one file each)."),
+    heatmap_method: str = option(ExplainConfig, "heatmap_method", "--heatmap-method"),
+    heatmap_components: int = option(ExplainConfig, "heatmap_components", "--heatmap-components"),
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """Print each image's prediction and its top components per class."""
     from clipaudit.attribution.explain import explain_images
 
-    explanations = explain_images(images, sae_fpath, probe=probe, prompts=prompts,
-                                  config=ExplainConfig(top=top))
+    config = ExplainConfig(top=top, heatmap=heatmap, heatmap_method=heatmap_method,
+                           heatmap_components=heatmap_components)
+    explanations = explain_images(images, sae_fpath, probe=probe, prompts=prompts, config=config)
     if as_json:
         print_json([asdict(e) for e in explanations])
         return
@@ -75,3 +81,5 @@ def explain_cmd(
                               str(comp.component), f"{comp.activation:.3f}", f"{comp.attribution:+.4f}")
             table.add_row("", "", "SAE error", "", f"{cls.error:+.4f}", end_section=True)
         out.print(table)
+        if e.heatmap:
+            out.print(f"heatmaps -> {e.heatmap}")
