@@ -21,7 +21,7 @@ default method, the 8 images the report shows) are scored too, read back from th
 audit folder.
 
 Usage: python benchmarks/localization.py [--world dermatology] [--n 2000] [--n-reference 2000]
-       [--top 20]
+       [--top 20] [--resume]
        [--methods relevance gradient activation occlusion] [--out .bench/localization]
 Seeds are fixed; the README quotes this script's output.
 """
@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import shutil
 import time
 from pathlib import Path
@@ -89,6 +90,75 @@ def _score(maps: np.ndarray, masks: list[np.ndarray], patch_px) -> tuple[float, 
     return float(np.mean(hits)), float(np.mean(mass))
 
 
+def _extracted(data_dpath: Path, cache_dpath: Path, make, backbone, resume: bool):
+    """(data set, cache): made afresh, or the ones an earlier run left (``--resume``)."""
+    from clipaudit.extraction.cache_reader import open_cache
+    from clipaudit.synthetic import load_planted_dataset
+
+    if resume and (cache_dpath / "index.parquet").is_file():
+        return load_planted_dataset(data_dpath), open_cache(cache_dpath)
+    shutil.rmtree(data_dpath, ignore_errors=True)
+    shutil.rmtree(cache_dpath, ignore_errors=True)
+    data = make()
+    return data, extract(data.manifest_fpath, cache_dpath, ExtractConfig(num_workers=1),
+                         backbone=backbone).cache
+
+
+def _reference(args, world, backbone):
+    """The clean reference set, its cache and the SAE trained on it (the demo's settings)."""
+    from clipaudit.sae import load_sae
+
+    reference, ref_cache = _extracted(
+        args.out / "reference-data", args.out / "reference-cache",
+        lambda: make_planted_dataset(args.out / "reference-data", artifact=None,
+                                     n=args.n_reference, seed=SEED + 1, world=world),
+        backbone, args.resume)
+    sae_fpath = args.out / "sae.safetensors"
+    if not (args.resume and sae_fpath.is_file()):
+        readout = VisionTower(backbone.model).readout_cls
+        save_sae(train_sae(ref_cache, dataclasses.replace(DemoConfig().sae, seed=SEED),
+                           embed_readout=readout).sae, sae_fpath)
+    return reference, ref_cache, sae_fpath, load_sae(sae_fpath)
+
+
+def _audited_findings(args, world, backbone, artifacts, ref_cache, sae_fpath):
+    """Audit a planted data set per artifact; every probe finding about an artifact, with
+    the maps the audit wrote for it: {(artifact, component): (concept, {instance: map})}."""
+    ref_index = ref_cache.ok_index.reset_index(drop=True)
+    found: dict[tuple[str, int], tuple[str, dict]] = {}
+    for i, artifact in enumerate(artifacts):
+        dpath = args.out / artifact
+        _, cache = _extracted(
+            dpath / "data", dpath / "cache",
+            functools.partial(make_planted_dataset, dpath / "data", artifact=artifact, rate=RATE,
+                              n=args.n, seed=SEED + 10 + i, world=world),
+            backbone, args.resume)
+        save_probe(fit_probe_on_cache(cache.dpath, config=ProbeConfig(seed=SEED)).probe,
+                   dpath / "probe.safetensors")
+        result = run_audit(cache.dpath, sae_fpath, dpath / "audit", probe=dpath / "probe.safetensors",
+                           config=_audit_config(world.name, ref_cache.dpath), backbone=backbone).result
+        written = load_heatmap_values(dpath / "audit") if result.heatmaps and result.heatmaps.file else {}
+        for f in result.head("probe").findings:
+            about = _artifact_of(f, ref_index, world.artifacts)
+            if about is not None and (about, f.component) not in found:
+                found[(about, f.component)] = (f.concept, {
+                    i: written[(f.component, i)] for i in f.top_instances if (f.component, i) in written})
+    return found
+
+
+def _views_and_masks(ids, ref_index, reference, artifact, preprocess):
+    """The model's view and the artifact's mask of each top image that holds the artifact."""
+    rows = ref_index.set_index("id").loc[ids]
+    views, masks, kept = [], [], []
+    for iid, path in zip(ids, rows["path"]):
+        mask = view_mask(preprocess, load_artifact_mask(reference.dpath, path, artifact))
+        if mask.any():
+            views.append(model_view(preprocess, decode_image(path))[0])
+            masks.append(mask)
+            kept.append(iid)
+    return views, masks, kept
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--world", default="dermatology")
@@ -98,75 +168,38 @@ def main() -> None:
     parser.add_argument("--top", type=int, default=20, help="top images scored per finding")
     parser.add_argument("--methods", nargs="+", default=list(list_heatmap_methods()))
     parser.add_argument("--out", type=Path, default=Path(".bench/localization"))
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the data sets, caches and SAE an earlier run left in --out")
     args = parser.parse_args()
-    shutil.rmtree(args.out, ignore_errors=True)
     world = get_world(args.world)
     backbone = load_backbone(BackboneSpec(model=world.clip_model))
-    tower = VisionTower(backbone.model)
-    demo = DemoConfig()
     start = time.perf_counter()
-
-    reference = make_planted_dataset(args.out / "reference-data", artifact=None, n=args.n_reference,
-                                     seed=SEED + 1, world=world)
-    ref_cache = extract(reference.manifest_fpath, args.out / "reference-cache",
-                        ExtractConfig(num_workers=1), backbone=backbone).cache
-    trained = train_sae(ref_cache, dataclasses.replace(demo.sae, seed=SEED),
-                        embed_readout=tower.readout_cls)
-    sae_fpath = args.out / "sae.safetensors"
-    save_sae(trained.sae, sae_fpath)
-    sae = trained.sae
+    reference, ref_cache, sae_fpath, sae = _reference(args, world, backbone)
     hook = HookPoint(**ref_cache.provenance["hook"])
     ref_index = ref_cache.ok_index.reset_index(drop=True)
     truth = reference.ground_truth["masks"]
     localised, diffuse = truth["localised"], truth["diffuse"]
-    print(f"world {world.name}: CLIP {backbone.id}, SAE {trained.metrics.fvu:.4f} FVU; artifacts "
-          f"localised {localised}, diffuse {diffuse}; {time.perf_counter() - start:.0f} s")
-
-    found: dict[tuple[str, int], str] = {}  # (artifact, component) -> concept label
-    audit_maps: dict[tuple[str, int], dict] = {}
-    for i, artifact in enumerate([*localised, *diffuse]):
-        dpath = args.out / artifact
-        data = make_planted_dataset(dpath / "data", artifact=artifact, rate=RATE, n=args.n,
-                                    seed=SEED + 10 + i, world=world)
-        cache = extract(data.manifest_fpath, dpath / "cache", ExtractConfig(num_workers=1),
-                        backbone=backbone).cache
-        save_probe(fit_probe_on_cache(cache.dpath, config=ProbeConfig(seed=SEED)).probe,
-                   dpath / "probe.safetensors")
-        outcome = run_audit(cache.dpath, sae_fpath, dpath / "audit", probe=dpath / "probe.safetensors",
-                            config=_audit_config(world.name, ref_cache.dpath), backbone=backbone)
-        written = load_heatmap_values(dpath / "audit")
-        for f in outcome.result.head("probe").findings:
-            about = _artifact_of(f, ref_index, world.artifacts)
-            if about is not None and (about, f.component) not in found:
-                found[(about, f.component)] = f.concept
-                audit_maps[(about, f.component)] = {i: written[(f.component, i)]
-                                                    for i in f.top_instances
-                                                    if (f.component, i) in written}
+    print(f"world {world.name}: CLIP {backbone.id}, SAE {sae.n_latents} latents; artifacts "
+          f"localised {localised}, diffuse {diffuse}; {time.perf_counter() - start:.0f} s", flush=True)
+    found = _audited_findings(args, world, backbone, [*localised, *diffuse], ref_cache, sae_fpath)
     descriptions = load_descriptions(next(args.out.glob("*/audit/descriptions.safetensors")))
-    print(f"data sets, caches, probes and audits: {time.perf_counter() - start:.0f} s\n")
+    print(f"data sets, caches, probes and audits: {time.perf_counter() - start:.0f} s\n", flush=True)
 
     header = " | ".join(f"{m} point / mass" for m in args.methods)
     print(f"{'artifact':<11}{'kind':<10}{'comp':>5} {'concept':<16}{'imgs':>5} {'area':>6} | "
           f"audit's maps | {header}")
-    verdicts, seconds = [], {m: 0.0 for m in args.methods}
-    n_maps = 0
+    verdicts, seconds, n_maps = [], {m: 0.0 for m in args.methods}, 0
     for artifact in [*localised, *diffuse]:
-        comps = [(j, concept) for (a, j), concept in found.items() if a == artifact]
+        comps = [(j, concept, written) for (a, j), (concept, written) in found.items() if a == artifact]
         if not comps:
             print(f"{artifact:<11}{'':<10}  no finding names it")
             if artifact in localised:
                 verdicts.append((artifact, None))
             continue
-        for j, concept in comps:
+        for j, concept, written in comps:
             ids = descriptions.top.instances(j)[:args.top]
-            rows = ref_index.set_index("id").loc[ids]
-            views, masks, kept = [], [], []
-            for iid, path in zip(ids, rows["path"]):
-                mask = view_mask(backbone.preprocess, load_artifact_mask(reference.dpath, path, artifact))
-                if mask.any():
-                    views.append(model_view(backbone.preprocess, decode_image(path))[0])
-                    masks.append(mask)
-                    kept.append(iid)
+            views, masks, kept = _views_and_masks(ids, ref_index, reference, artifact,
+                                                  backbone.preprocess)
             if not kept:
                 print(f"{artifact:<11}{'':<10}{j:>5}  none of its top images holds the artifact")
                 continue
@@ -184,20 +217,18 @@ def main() -> None:
                 if method == DEFAULT_METHOD and artifact in localised:
                     verdicts.append((artifact, point))
             n_maps += len(kept)
-            own = [(audit_maps[(artifact, j)][i], k) for i, k in zip(kept, masks)
-                   if i in audit_maps[(artifact, j)]]
+            own = [(written[i], k) for i, k in zip(kept, masks) if i in written]
             audit_cell = (f"{_score(np.stack([m for m, _ in own]), [k for _, k in own], patch_px)[0]:.2f}"
                           f" of {len(own)}" if own else "-")
             kind = "localised" if artifact in localised else "diffuse"
             print(f"{artifact:<11}{kind:<10}{j:>5} {concept[:15]:<16}{len(kept):>3}/{len(ids):<2}"
-                  f"{area:>6.2f} | {audit_cell:<12} | {' | '.join(cells)}")
+                  f"{area:>6.2f} | {audit_cell:<12} | {' | '.join(cells)}", flush=True)
     print("\nseconds per map: " + ", ".join(f"{m} {seconds[m] / max(n_maps, 1):.3f}"
                                             for m in args.methods))
-    met = [a for a, p in verdicts if p is not None and p >= TARGET]
+    missed = sorted({a for a, p in verdicts if p is None or p < TARGET})
     print(f"localised artifacts with pointing accuracy >= {TARGET} ({DEFAULT_METHOD}): "
-          f"{len(set(met))}/{len({a for a, _ in verdicts})}"
-          + ("" if len(met) == len(verdicts) else
-             f"  (missed: {sorted({a for a, p in verdicts if p is None or p < TARGET})})"))
+          f"{len({a for a, _ in verdicts}) - len(missed)}/{len({a for a, _ in verdicts})}"
+          + (f"  (missed: {missed})" if missed else ""))
     print(f"total time {time.perf_counter() - start:.0f} s")
 
 

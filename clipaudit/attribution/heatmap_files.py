@@ -69,13 +69,14 @@ def add_heatmaps(components: Sequence[ComponentInfo], index: Any, model: Any,
                  preprocess: Any, sae: SAE, hook: HookPoint | Mapping[str, Any],
                  out_dpath: Path | str, config: HeatmapConfig = HeatmapConfig(), *,
                  reporter: Reporter = NULL_REPORTER) -> tuple[list[ComponentInfo], HeatmapsInfo | None]:
-    """``components`` with a heatmap per top image, and how they were made.
+    """``components`` with a heatmap per top image, and how they were made (None when
+    heatmaps are turned off or there is no component to map).
 
     ``index``: the table of the images the top instances are ids of (columns ``id`` and
     ``path``). Images that cannot be read are skipped (logged), as for thumbnails.
     """
     components = list(components)
-    if not config.enabled:
+    if not config.enabled or not components:  # nothing asked for, or no finding to map
         return components, None
     check_method(config.method)
     if not isinstance(hook, HookPoint):
