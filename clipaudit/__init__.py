@@ -64,6 +64,8 @@ _EXPORTS: dict[str, str] = {
     "attribute_images": "clipaudit.attribution",
     "class_relevance": "clipaudit.attribution",
     "explain_images": "clipaudit.attribution",
+    "component_heatmaps": "clipaudit.attribution",
+    "list_heatmap_methods": "clipaudit.attribution",
     # describe
     "DescribeConfig": "clipaudit.describe.config",
     "describe_components": "clipaudit.describe",
@@ -129,6 +131,8 @@ __all__ = [
     "attribute_images",
     "class_relevance",
     "explain_images",
+    "component_heatmaps",
+    "list_heatmap_methods",
     "DescribeConfig",
     "describe_components",
     "list_vocabularies",
@@ -172,7 +176,9 @@ if TYPE_CHECKING:  # for type checkers and IDEs: the same names, imported eagerl
         attribute_cls,
         attribute_images,
         class_relevance,
+        component_heatmaps,
         explain_images,
+        list_heatmap_methods,
     )
     from clipaudit.audit import AuditConfig, AuditOutcome, run_audit
     from clipaudit.demo import DemoConfig, run_demo

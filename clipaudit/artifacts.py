@@ -40,17 +40,19 @@ SCHEMA_VERSIONS: dict[str, int] = {
     "probe": 1,
     "prompt-set": 1,
     "attributions": 1,
-    "audit": 2,
+    "audit": 3,
     "synthetic-dataset": 2,
     "tiny-clip": 1,
     "component-descriptions": 1,
     "column-roles": 1,
+    "heatmaps": 1,
 }
 
 READABLE_OLDER_VERSIONS: dict[str, tuple[int, ...]] = {
     "synthetic-dataset": (1,),  # version 1 had no artifact masks; its data still loads
     "activation-cache": (1,),  # earlier caches (last block, cls) still open and audit
     "sae": (1,),  # TopK SAE files without the fields schema 2 added
+    "audit": (2,),  # version 2 had no heatmaps (optional fields, absent there)
 }
 """Older schema versions a kind's loader still reads (it handles what they lack)."""
 

@@ -30,6 +30,7 @@ import torch
 from clipaudit._version import __version__
 from clipaudit.artifacts import sha256_file, sha256_json
 from clipaudit.attribution.ablation import ablated_scores, ablation_effect, deletion_curves
+from clipaudit.attribution.heatmap_files import HeatmapConfig, add_heatmaps
 from clipaudit.attribution.patching import Attributions, attribute_cls, check_gradient, class_relevance
 from clipaudit.describe.components import ComponentDescriptions
 from clipaudit.describe.config import DescribeConfig
@@ -86,6 +87,8 @@ class OutputConfig:
     """Components per class kept for the relevance-vs-alignment scatter."""
     report: ReportConfig = ReportConfig()
     """What the reports show of the audit."""
+    heatmaps: HeatmapConfig = HeatmapConfig()
+    """Heatmaps of the findings' top images (``heatmaps/``)."""
 
 
 @dataclass(frozen=True)
@@ -193,13 +196,16 @@ def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | 
     components, instances = _components_and_instances(head_audits, descriptions, sae,
                                                       ref_cache.ok_index.reset_index(drop=True),
                                                       out_dpath, config.outputs)
+    components, heatmaps = add_heatmaps(components, ref_cache.ok_index.reset_index(drop=True),
+                                        backbone.model, backbone.preprocess, sae, hook, out_dpath,
+                                        config.outputs.heatmaps, reporter=reporter)
     result = AuditResult(
         audit_id=_audit_id(cache, sae_fpath, audited, config),
         provenance=_provenance(cache, backbone, sae, sae_fpath, audited, config),
         sae_metrics={k: float(v) for k, v in (sae.meta.get("metrics") or {}).items()
                      if isinstance(v, (int, float)) and v is not None},
         heads=head_audits, components=components, instances=instances,
-        rules_file=ruleset.name,
+        rules_file=ruleset.name, heatmaps=heatmaps,
     )
     verdicts = evaluate(result, ruleset, baseline=baseline)
     result = dataclasses.replace(result, verdicts=verdicts)

@@ -145,6 +145,37 @@ class HeadAudit:
 
 
 @dataclass(frozen=True)
+class ComponentHeatmap:
+    """Where a component's activation comes from in one of its top images."""
+
+    instance: int
+    """Instance id (a key of ``AuditResult.instances``)."""
+    overlay: str
+    """PNG relative to the audit folder: the model's view of the image, the map over it."""
+    map: str
+    """PNG relative to the audit folder: the map alone (red adds to the activation, blue
+    takes away), at patch resolution."""
+    peak: list[int]
+    """[row, col] of the map's maximum on the patch grid."""
+    activation: float
+    """The component's activation on this image."""
+
+
+@dataclass(frozen=True)
+class HeatmapsInfo:
+    """How the audit's heatmaps were made, or why there are none."""
+
+    method: str | None
+    """``clipaudit.attribution.list_heatmap_methods()`` name; None when none were made."""
+    grid: list[int] = field(default_factory=list)
+    """[rows, cols] of the patch grid."""
+    file: str | None = None
+    """safetensors file (relative to the audit folder) with every map's values."""
+    note: str = ""
+    """What the maps show, or why the audit has none (a tower without patch tokens)."""
+
+
+@dataclass(frozen=True)
 class ComponentInfo:
     """What a component means (shared by every head)."""
 
@@ -155,6 +186,8 @@ class ComponentInfo:
     top_instances: list[int] = field(default_factory=list)
     direction: list[float] = field(default_factory=list)
     """Unit decoder direction, so a baseline audit with another SAE can be matched."""
+    heatmaps: list[ComponentHeatmap] = field(default_factory=list)
+    """One per top image the audit could read, most activating first."""
 
 
 @dataclass(frozen=True)
@@ -192,6 +225,8 @@ class AuditResult:
     instances: list[InstanceInfo] = field(default_factory=list)
     verdicts: list[RuleVerdict] = field(default_factory=list)
     rules_file: str | None = None
+    heatmaps: HeatmapsInfo | None = None
+    """How the findings' heatmaps were made; None for audits without them."""
 
     @property
     def verdict(self) -> Status:

@@ -61,4 +61,14 @@
       status.textContent = wanted === "" ? "" : shown + " finding card(s) shown";
     });
   }
+
+  /* Each card's own checkbox switches its images and overlays (CSS alone); this one sets them all. */
+  var everyCard = document.getElementById("heatmaps-all");
+  if (everyCard) {
+    everyCard.addEventListener("change", function () {
+      Array.prototype.forEach.call(document.querySelectorAll("input.heatmap-switch"), function (box) {
+        box.checked = everyCard.checked;
+      });
+    });
+  }
 })();

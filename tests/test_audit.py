@@ -91,6 +91,37 @@ def test_explain_prints_components_per_class(pipeline):
     assert all(len(c["top"]) == 5 for c in explanation["classes"])
 
 
+def test_explain_draws_the_predicted_class_heatmaps(pipeline, tmp_path):
+    import json
+
+    from PIL import Image
+
+    images = sorted((pipeline["data"] / "images").glob("*.png"))[:2]
+    base = ["explain", "--sae", str(pipeline["sae"]), "--probe", str(pipeline["probe"])]
+    res = CliRunner().invoke(app, [*base[:1], str(images[0]), *base[1:], "--heatmap",
+                                   str(tmp_path / "one.png"), "--heatmap-components", "2", "--json"])
+    assert res.exit_code == 0, res.output
+    (explanation,) = json.loads(res.stdout)
+    assert explanation["heatmap"] == str(tmp_path / "one.png")
+    predicted = next(c for c in explanation["classes"] if c["class_name"] == explanation["prediction"])
+    drawn = [c for c in predicted["top"] if c["heatmap"] is not None]
+    assert 1 <= len(drawn) <= 2 and all(c["attribution"] > 0 for c in drawn)
+    assert all(len(c["heatmap"]) == 4 and len(c["heatmap"][0]) == 4 for c in drawn)  # 32 px / 8 px
+    with Image.open(tmp_path / "one.png") as panel:
+        assert panel.width > (1 + len(drawn)) * 160 and panel.height > 160
+    # several images: one file each; a file that is not PNG or an unknown method: exit 2
+    res = CliRunner().invoke(app, [*base[:1], *map(str, images), *base[1:], "--heatmap",
+                                   str(tmp_path / "many.png")])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in tmp_path.glob("many-*.png")) == [
+        f"many-{i}-{p.stem}.png" for i, p in enumerate(images)]
+    for bad in (["--heatmap", str(tmp_path / "x.jpg")],
+                ["--heatmap", str(tmp_path / "x.png"), "--heatmap-method", "saliency"]):
+        res = CliRunner().invoke(app, [*base[:1], str(images[0]), *base[1:], *bad])
+        assert res.exit_code == 2 and "Traceback" not in res.output, res.output
+    assert not (tmp_path / "x.jpg").exists() and not (tmp_path / "x.png").exists()
+
+
 def test_fit_probe_cli_reports_per_class_accuracy(pipeline, tmp_path):
     res = CliRunner().invoke(app, ["fit-probe", str(pipeline["cache"]), "--out",
                                    str(tmp_path / "p.safetensors"), "--json"])

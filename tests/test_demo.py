@@ -32,6 +32,30 @@ def test_demo_finds_the_planted_ruler_and_fails_the_rules(tmp_path):
     assert spurious["probe"]["malignant"] > spurious["zero-shot"]["malignant"]
     html = (audit_dpath / "report.html").read_text()
     assert "ruler" in html and "FAIL" in html
+    _the_ruler_heatmaps_point_at_the_rulers(result, ruler.component, out, html)
+
+
+def _the_ruler_heatmaps_point_at_the_rulers(result, component, out, html):
+    """The ruler finding's heatmaps peak on the rulers of its top images (their masks
+    come from the reference set's ground truth), and the report shows them."""
+    import numpy as np
+
+    from clipaudit.attribution.heatmap_files import load_heatmap_values
+    from clipaudit.attribution.localization import pointing_hit
+    from clipaudit.synthetic import load_artifact_mask
+
+    assert result.heatmaps is not None and result.heatmaps.method == "relevance"
+    info = next(c for c in result.components if c.component == component)
+    assert [h.instance for h in info.heatmaps] == info.top_instances
+    values = load_heatmap_values(out / "audit")
+    paths = {i.id: i.path for i in result.instances}
+    masks = [load_artifact_mask(out / "reference-data", paths[h.instance], "ruler")
+             for h in info.heatmaps]
+    with_ruler = [(values[(component, h.instance)], m) for h, m in zip(info.heatmaps, masks) if m.any()]
+    assert len(with_ruler) >= 6
+    hits = [pointing_hit(v, m, (8, 8)) for v, m in with_ruler]
+    assert np.mean(hits) >= 0.8, hits
+    assert html.count('class="overlay"') >= 6 and 'id="heatmaps-all"' in html
 
 
 @pytest.mark.slow

@@ -25,17 +25,20 @@ from typer.testing import CliRunner
 
 from clipaudit.cli import app
 from clipaudit.report import build_report_data, render_html, write_report
+from clipaudit.report.model import ReportConfig
 from clipaudit.report.render import _csp_hash
 from clipaudit.report.svg import ScatterPoint, nice_ticks, scatter_svg
 from clipaudit.results import (
     AblationEffect,
     AuditResult,
     ClassAudit,
+    ComponentHeatmap,
     ComponentInfo,
     ComponentPoint,
     FaithfulnessCurve,
     Finding,
     HeadAudit,
+    HeatmapsInfo,
     InstanceInfo,
     RuleVerdict,
     SliceEffect,
@@ -64,6 +67,25 @@ def _write_thumbnails(audit_dpath: Path, n: int) -> list[InstanceInfo]:
     instances.append(InstanceInfo(id=n, path="/data/lesions/gone.jpg", label="malignant",
                                   thumbnail="thumbnails/gone.png"))
     return instances
+
+
+HEATMAP_INSTANCES = (0, 3, 6, 9, 12)
+"""Top instances of component 7 with a heatmap; 12's overlay file is missing on purpose."""
+
+
+def _write_heatmaps(audit_dpath: Path) -> list[ComponentHeatmap]:
+    (audit_dpath / "heatmaps").mkdir(parents=True, exist_ok=True)
+    maps = []
+    for i in HEATMAP_INSTANCES:
+        overlay, raw = f"heatmaps/c7-i{i}-overlay.png", f"heatmaps/c7-i{i}-map.png"
+        if i != 12:
+            img = Image.new("RGB", (96, 96), (30, 10, 60))
+            img.paste((250, 240, 120), (0, 0, 96, 24))  # bright over the "ruler"
+            img.save(audit_dpath / overlay)
+            img.save(audit_dpath / raw)
+        maps.append(ComponentHeatmap(instance=i, overlay=overlay, map=raw, peak=[0, 1],
+                                     activation=1.5))
+    return maps
 
 
 def _finding(head: str, class_name: str, component: int, rank: int, concept: str,
@@ -101,7 +123,8 @@ def _head(name: str, kind: str, findings: list[Finding], rng: random.Random) -> 
                      classes=classes, findings=findings, faithfulness=curves)
 
 
-def make_audit_result(instances: list[InstanceInfo]) -> AuditResult:
+def make_audit_result(instances: list[InstanceInfo],
+                      heatmaps: list[ComponentHeatmap] | None = None) -> AuditResult:
     rng = random.Random(0)
     probe = _head("probe", "linear-probe", [
         _finding("probe", "malignant", 7, 1, "ruler", 0.31),
@@ -135,14 +158,17 @@ def make_audit_result(instances: list[InstanceInfo]) -> AuditResult:
         sae_metrics={"fvu": 0.121, "l0": 32.0, "dead_fraction": 0.0123},
         heads=[probe, zero_shot],
         components=[ComponentInfo(component=7, concept="ruler", concept_score=0.14,
-                                  clarity=0.72, top_instances=[0, 3])],
+                                  clarity=0.72, top_instances=[0, 3], heatmaps=heatmaps or [])],
         instances=instances, verdicts=verdicts, rules_file="rules/dermatology.yaml",
+        heatmaps=HeatmapsInfo(method="relevance", grid=[4, 4], file="heatmaps/heatmaps.safetensors",
+                              note="relevance: test maps <b>4x4</b>") if heatmaps else None,
     )
 
 
 def make_audit_folder(audit_dpath: Path) -> AuditResult:
-    """A finished audit folder: audit.json plus PNG thumbnails (one missing on purpose)."""
-    result = make_audit_result(_write_thumbnails(audit_dpath, 14))
+    """A finished audit folder: audit.json plus PNG thumbnails (one missing on purpose) and
+    heatmap overlays of component 7 (one missing on purpose)."""
+    result = make_audit_result(_write_thumbnails(audit_dpath, 14), _write_heatmaps(audit_dpath))
     save_audit(result, audit_dpath)
     return result
 
@@ -223,7 +249,7 @@ def test_thumbnails_are_downsized_inline_and_missing_ones_are_placeholders(audit
     assert card.concept == "ruler"
     assert len(card.thumbnails) == 6
     first = _decode_data_uri(card.thumbnails[0].src)
-    assert max(first.size) == 64 and first.size[0] > first.size[1]
+    assert max(first.size) == ReportConfig().thumbnail_px and first.size[0] > first.size[1]
     assert first.mode in ("RGB", "P")
     # instance 12 has a thumbnail on disk, 14 (not among the top 6) would be the missing one
     assert all(t.src for t in card.thumbnails)
@@ -420,3 +446,90 @@ def test_a_finding_split_over_components_shows_its_concept_share(audit_dpath):
     assert cards["probe:malignant:21"].concept_share is None  # alone with its label
     page = render_html(data)
     assert "(45.0% with the class's other &ldquo;ruler&rdquo; findings)" in page
+
+
+# ------------------------------------------------------------------ heatmaps
+
+
+def _cards(data):
+    return {c.id: c for h in data.heads for cls in h.classes for c in cls.cards}
+
+
+def test_finding_cards_carry_heatmap_overlays_beside_their_images(audit_dpath):
+    data = build_report_data(load_audit(audit_dpath), audit_dpath)
+    cards = _cards(data)
+    ruler = cards["probe:malignant:7"]
+    # top instances [0, 3, 6, 9, 12, 1]: overlays for 0, 3, 6, 9; 12's file is missing
+    assert [t.overlay is not None for t in ruler.thumbnails] == [True] * 4 + [False, False]
+    assert ruler.has_heatmaps and cards["zero-shot:malignant:7"].has_heatmaps
+    assert not cards["probe:malignant:21"].has_heatmaps  # another component: no maps
+    overlay = _decode_data_uri(ruler.thumbnails[0].overlay)
+    assert max(overlay.size) <= ReportConfig().thumbnail_px
+    assert overlay.convert("RGB").getpixel((10, 5))[0] > 200  # the bright band drawn above
+    assert data.any_heatmaps and "relevance: test maps <b>4x4</b>" in data.heatmap_note
+
+    page = render_html(data)
+    parsed = _parse(page)
+    switches = [a for t, a in parsed.tags if t == "input" and "heatmap-switch" in (a.get("class") or "")]
+    assert len(switches) == 2 and all("checked" in a for a in switches)
+    labels = {a.get("for") for t, a in parsed.tags if t == "label"}
+    assert {a["id"] for a in switches} <= labels
+    assert "heatmaps-all" in {a.get("id") for t, a in parsed.tags if t == "input"}
+    overlays = [a for t, a in parsed.tags if t == "img" and a.get("class") == "overlay"]
+    assert len(overlays) == 8 and all(a["src"].startswith("data:image/") for a in overlays)
+    assert "test maps &lt;b&gt;4x4&lt;/b&gt;" in page  # the note is text
+
+    paper = _parse(render_html(data, print_mode=True))
+    assert not [a for t, a in paper.tags if t == "input"]  # nothing to switch on paper
+    figures = [a for t, a in paper.tags if t == "figure" and "with-overlay" in (a.get("class") or "")]
+    assert len(figures) == 8  # each shows its image and its heatmap side by side
+    assert len([a for t, a in paper.tags if t == "img" and a.get("class") == "overlay"]) == 8
+
+
+def test_the_report_says_why_an_audit_has_no_heatmaps(audit_dpath):
+    result = load_audit(audit_dpath)
+    why = "heatmaps need a tower with patch tokens; ModifiedResNet has none that clipaudit knows"
+    result = dataclasses.replace(
+        result, heatmaps=HeatmapsInfo(method=None, note=why),
+        components=[dataclasses.replace(c, heatmaps=[]) for c in result.components])
+    data = build_report_data(result, audit_dpath)
+    assert not data.any_heatmaps and data.heatmap_note == f"No heatmaps: {why}"
+    page = render_html(data)
+    assert f"No heatmaps: {why}" in page and not [t for t, _ in _parse(page).tags if t == "input"]
+    older = build_report_data(dataclasses.replace(result, heatmaps=None), audit_dpath)
+    assert older.heatmap_note == "" and "heatmap-note" not in render_html(older).split("<body")[1]
+
+
+def test_an_audit_of_schema_2_still_loads(audit_dpath):
+    fpath = audit_dpath / "audit.json"
+    doc = json.loads(fpath.read_text())
+    doc["schema_version"] = 2
+    del doc["result"]["heatmaps"]
+    for c in doc["result"]["components"]:
+        del c["heatmaps"]
+    fpath.write_text(json.dumps(doc))
+    result = load_audit(audit_dpath)
+    assert result.heatmaps is None and result.components[0].heatmaps == []
+    doc["schema_version"] = 1
+    fpath.write_text(json.dumps(doc))
+    res = CliRunner().invoke(app, ["report", str(audit_dpath), "--no-pdf"])
+    assert res.exit_code == 2 and "schema version 1" in res.stderr
+
+
+@pytest.mark.slow
+def test_pdf_embeds_each_heatmap_beside_its_image(audit_dpath, tmp_path):
+    pdfimages = _poppler("pdfimages")
+    with_maps = write_report(audit_dpath, html=False, pdf=True).pdf.read_bytes()
+    (tmp_path / "with.pdf").write_bytes(with_maps)
+    result = load_audit(audit_dpath)
+    save_audit(dataclasses.replace(result, heatmaps=None, components=[
+        dataclasses.replace(c, heatmaps=[]) for c in result.components]), audit_dpath)
+    write_report(audit_dpath, html=False, pdf=True)
+
+    def images(fpath: Path) -> int:
+        listing = subprocess.run([pdfimages, "-list", str(fpath)], check=True,
+                                 capture_output=True, text=True).stdout
+        return len(listing.strip().splitlines()) - 2  # two header lines
+
+    n_with, n_without = images(tmp_path / "with.pdf"), images(audit_dpath / "report.pdf")
+    assert n_without > 0 and n_with >= n_without + 4  # the 8 overlays (identical pairs may share)

@@ -266,3 +266,33 @@ def test_the_harness_sees_errors_dialogs_and_requests(browser, tmp_path):
     assert any("boom" in p for p in browser.problems())
     assert any(u.startswith("http://127.0.0.1:9/") for u in browser.requested_urls())
     assert browser.events_of("Page.javascriptDialogOpening")
+
+
+def _shown_images(anchor: str) -> str:
+    """JS: the class of each image shown in the card's figures that have a heatmap."""
+    return f"""Array.from(document.getElementById({json.dumps(anchor)})
+        .querySelectorAll("figure.with-overlay img"))
+        .filter(i => i.offsetParent !== null && i.getBoundingClientRect().width > 0)
+        .map(i => i.className)"""
+
+
+def test_heatmap_overlays_switch_per_card_and_for_all(browser, report_url):
+    browser.open(report_url)
+    anchor = browser.js("""document.querySelector("article.card input.heatmap-switch")
+        .closest("article").id""")
+    shown = _shown_images(anchor)
+    assert set(browser.js(shown)) == {"overlay"}  # overlays first: the point of the card
+    assert len(browser.js(shown)) == 4
+    browser.click(f"label[for='{anchor}-heatmaps']")
+    assert set(browser.js(shown)) == {"plain"} and len(browser.js(shown)) == 4
+    browser.click(f"label[for='{anchor}-heatmaps']")
+    assert set(browser.js(shown)) == {"overlay"}
+    browser.click("#heatmaps-all")  # every card at once
+    every = """Array.from(document.querySelectorAll("figure.with-overlay img"))
+        .filter(i => i.offsetParent !== null).map(i => i.className)"""
+    assert set(browser.js(every)) == {"plain"}
+    browser.click("#heatmaps-all")
+    assert set(browser.js(every)) == {"overlay"}
+    broken = browser.js("""Array.from(document.querySelectorAll("img.overlay"))
+        .filter(i => !i.complete || i.naturalWidth === 0).length""")
+    assert broken == 0 and browser.problems() == []

@@ -66,14 +66,20 @@ def explain_cmd(
     audit: Path = option(ExplainConfig, "audit", "--audit", file_okay=False,
                          help="Audit folder of this SAE: show the concept labels it gave the "
                               "components."),
+    heatmap: Path = option(ExplainConfig, "heatmap", "--heatmap",
+                           help="Write the predicted class's top components' heatmaps over the "
+                                "image to this PNG (several images: one file each)."),
+    heatmap_method: str = option(ExplainConfig, "heatmap_method", "--heatmap-method"),
+    heatmap_components: int = option(ExplainConfig, "heatmap_components", "--heatmap-components"),
     as_json: bool = json_option("each image's prediction and components"),
     quiet: bool = quiet_option(),
 ) -> None:
     """Print each image's prediction and its top components per class."""
     from clipaudit.attribution.explain import explain_images
 
-    explanations = explain_images(images, sae_fpath, probe=probe, prompts=prompts,
-                                  config=ExplainConfig(top=top, gradient=gradient, audit=audit))
+    config = ExplainConfig(top=top, gradient=gradient, audit=audit, heatmap=heatmap,
+                           heatmap_method=heatmap_method, heatmap_components=heatmap_components)
+    explanations = explain_images(images, sae_fpath, probe=probe, prompts=prompts, config=config)
     if as_json:
         print_json([asdict(e) for e in explanations])
         return
@@ -94,6 +100,8 @@ def explain_cmd(
             table.add_row("", "", "SAE error", *([""] if labelled else []), "",
                           f"{cls.error:+.4f}", end_section=True)
         out.print(table)
+        if e.heatmap:
+            out.print(f"heatmaps -> {e.heatmap}", markup=False)
     if not (labelled or quiet):
         err.print("components are numbers only: add --audit AUDIT_DIR (an audit of this SAE) "
                   "to see the concept label the audit gave each", markup=False)

@@ -418,7 +418,7 @@ def encode_reference_images(backbone: Any, items: Any, *, batch_size: int = 64,
 
 
 def write_thumbnails(ids: Iterable[int], items: Any, out_dpath: Path | str,
-                     size: int = 96) -> dict[int, str]:
+                     size: int = 192) -> dict[int, str]:
     """Small PNGs ``<out_dpath>/<id>.png`` (longest side ``size``) for the report.
 
     Returns id -> path relative to ``out_dpath``'s parent (``thumbnails/17.png``),

@@ -286,16 +286,17 @@ class VisionTower(Tower):
         before_ln = v.pool_type == "tok" or (v.final_ln_after_pool and v.attn_pool is None)
         return before_ln, v.attn_pool is not None
 
-    def pooled(self, images: torch.Tensor) -> Capture:
-        x = self.run_blocks(self.embed(images), 0, self.n_blocks)
+    def pool_residual(self, x: torch.Tensor) -> torch.Tensor:
+        """The pooled vector (the ``pooled`` hook point) from the last block's output."""
         before_ln, attn = self._pool_mode()
         v = self.visual
         y = v.attn_pool(x) if attn else x
-        if before_ln:
-            pooled, _ = v._global_pool(y)
-        else:
-            pooled, _ = v._global_pool(v.ln_post(y))
-        return Capture(pooled, self.readout(x))
+        pooled, _ = v._global_pool(y if before_ln else v.ln_post(y))
+        return pooled
+
+    def pooled(self, images: torch.Tensor) -> Capture:
+        x = self.run_blocks(self.embed(images), 0, self.n_blocks)
+        return Capture(self.pool_residual(x), self.readout(x))
 
     def build_readout(self) -> PooledReadout:
         before_ln, attn = self._pool_mode()

@@ -5,6 +5,7 @@ This is the only place the report computes anything; templates lay out what it r
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -156,14 +157,17 @@ def _ablation_view(effect: AblationEffect | None) -> AblationView | None:
 
 
 class _Thumbnails:
-    """Inlines each instance's thumbnail once, however many cards show it."""
+    """Inlines each instance's thumbnail once, however many cards show it, and each
+    (component, instance) heatmap overlay the audit wrote."""
 
     def __init__(self, result: AuditResult, audit_dpath: Path, px: int):
         self._instances: Mapping[int, InstanceInfo] = {i.id: i for i in result.instances}
+        self._overlays = {(c.component, h.instance): h.overlay
+                          for c in result.components for h in c.heatmaps}
         self._audit_dpath, self._px = audit_dpath, px
         self._cache: dict[int, Thumbnail] = {}
 
-    def __call__(self, instance_id: int) -> Thumbnail:
+    def __call__(self, instance_id: int, component: int | None = None) -> Thumbnail:
         if instance_id not in self._cache:
             info = self._instances.get(instance_id)
             if info is None:
@@ -173,12 +177,19 @@ class _Thumbnails:
                        if info.thumbnail else None)
                 thumb = Thumbnail(src=src, caption=info.label or f"#{info.id}", title=info.path)
             self._cache[instance_id] = thumb
-        return self._cache[instance_id]
+        thumb = self._cache[instance_id]
+        overlay = self._overlays.get((component, instance_id)) if component is not None else None
+        if overlay is None:
+            return thumb
+        return dataclasses.replace(thumb, overlay=thumbnail_data_uri(self._audit_dpath, overlay,
+                                                                     self._px))
 
 
 def _finding_card(finding: Finding, anchor: str, thumbs: _Thumbnails,
                   config: ReportConfig) -> FindingCard:
     aucs = sorted(finding.metadata_auc.items(), key=lambda kv: -abs(kv[1] - 0.5))
+    shown = tuple(thumbs(i, finding.component)
+                  for i in finding.top_instances[:config.thumbnails_per_finding])
     return FindingCard(
         anchor=anchor, id=finding.id, head=finding.head, class_name=finding.class_name,
         component=finding.component, kind=finding.kind, rank=finding.rank,
@@ -186,7 +197,7 @@ def _finding_card(finding: Finding, anchor: str, thumbs: _Thumbnails,
         share=pct(finding.share),
         concept_share=pct(finding.concept_share) if finding.concept_split else None,
         alignment=num(finding.alignment, "+.3f"), clarity=num(finding.clarity, ".2f"),
-        thumbnails=tuple(thumbs(i) for i in finding.top_instances[:config.thumbnails_per_finding]),
+        thumbnails=shown, has_heatmaps=any(t.overlay for t in shown),
         metadata_aucs=tuple(AucRow(column=c, auc=num(a, ".2f"),
                                    strong=a >= STRONG_AUC or a <= 1 - STRONG_AUC)
                             for c, a in aucs),
@@ -286,6 +297,15 @@ def provenance_rows(provenance: Mapping[str, Any]) -> tuple[KeyValue, ...]:
     return tuple(kv for k in keys for kv in _flatten(str(k), provenance[k]))
 
 
+def _heatmap_note(result: AuditResult) -> str:
+    info = result.heatmaps
+    if info is None:
+        return ""
+    if info.method is None:
+        return f"No heatmaps: {info.note}"
+    return f"Heatmaps show where each finding's component fires in its top images ({info.note})."
+
+
 def build_report_data(result: AuditResult, audit_dpath: Path | str,
                       config: ReportConfig | None = None) -> ReportData:
     """Everything the report shows, computed from a finished audit and its thumbnails."""
@@ -296,16 +316,18 @@ def build_report_data(result: AuditResult, audit_dpath: Path | str,
                          for head in result.heads
                          for f in sorted(head.findings, key=lambda f: (f.class_name, f.rank)))
     comparison_heads, comparison_rows = _comparison(result)
+    heads = tuple(_head_section(h, i, verdicts, thumbs, config) for i, h in enumerate(result.heads))
     return ReportData(
         audit_id=result.audit_id, verdict=result.verdict,
         reasons=tuple(r for r in verdicts
                       if r.waived is None and r.status != "pass" and not r.not_evaluated),
         not_evaluated=_not_evaluated_rows(result),
         verdict_rows=verdicts, finding_rows=finding_rows, class_names=_class_names(result),
-        heads=tuple(_head_section(h, i, verdicts, thumbs, config)
-                    for i, h in enumerate(result.heads)),
+        heads=heads,
         comparison_heads=comparison_heads, comparison_rows=comparison_rows,
         sae_metrics=tuple(KeyValue(k, _plain(v)) for k, v in sorted(result.sae_metrics.items())),
         provenance=provenance_rows(result.provenance),
-        rules_file=result.rules_file, clipaudit_version=__version__,
+        rules_file=result.rules_file, heatmap_note=_heatmap_note(result),
+        any_heatmaps=any(card.has_heatmaps for h in heads for cls in h.classes for card in cls.cards),
+        clipaudit_version=__version__,
     )

@@ -18,8 +18,8 @@ from clipaudit.results import Status
 class ReportConfig:
     """How much of an audit goes into a report (a knob for the report's size)."""
 
-    thumbnail_px: int = 64
-    """Longest side of an inlined thumbnail, in pixels."""
+    thumbnail_px: int = 128
+    """Longest side of an inlined thumbnail (and heatmap overlay), in pixels."""
     thumbnails_per_finding: int = 6
     """Top images shown on each finding card."""
     max_scatter_points: int = 400
@@ -96,6 +96,8 @@ class Thumbnail:
     """The instance's label (or its id when unlabelled)."""
     title: str
     """The instance's path."""
+    overlay: str | None = None
+    """A ``data:`` URI of the finding component's heatmap over the image, or None."""
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,8 @@ class FindingCard:
     alignment: Num
     clarity: Num
     thumbnails: tuple[Thumbnail, ...]
+    has_heatmaps: bool
+    """At least one thumbnail carries a heatmap overlay."""
     metadata_aucs: tuple[AucRow, ...]
     ablation: AblationView | None
 
@@ -213,6 +217,11 @@ class ReportData:
     sae_metrics: tuple[KeyValue, ...]
     provenance: tuple[KeyValue, ...]
     rules_file: str | None
+    heatmap_note: str
+    any_heatmaps: bool
+    """Some finding card shows heatmap overlays."""
+    """How the findings' heatmaps were made, or why there are none (empty: the audit
+    predates heatmaps or had them turned off)."""
     clipaudit_version: str
     """The version that rendered the report (the audit's own is in ``provenance``)."""
     not_evaluated: tuple[NotEvaluatedRow, ...] = ()
