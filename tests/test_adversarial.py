@@ -41,7 +41,7 @@ from conftest import CONFIGS_DPATH
 
 REPO_DPATH = Path(__file__).resolve().parents[1]
 TINY_CONFIG = CONFIGS_DPATH / "tiny-vit-a.json"
-SPEC = BackboneSpec(model="tiny-vit-a", config=TINY_CONFIG)
+SPEC = BackboneSpec(model="tiny-vit-a", config=TINY_CONFIG, pretrained="random")
 SCRIPT, IMG_TAG, TEMPLATE = '<script>alert(1)</script>', '"><img src=x onerror=alert(1)>', "{{7*7}}"
 PAYLOADS = (SCRIPT, IMG_TAG, TEMPLATE)
 OUT_OF_SPACE = ("No space left on device", "File too large")
@@ -182,7 +182,8 @@ def test_disk_full_while_extracting_keeps_finished_shards_and_resumes(hostile, t
     with small_disk(disk, kib=48) as mounted:
         cache = disk / "cache"
         args = ["extract", str(hostile["root"] / "manifest.csv"), "--out", str(cache),
-                "--model-config", str(TINY_CONFIG), "--workers", "0", "--batch-size", "40",
+                "--model-config", str(TINY_CONFIG), "--pretrained", "random", "--workers", "0",
+                "--batch-size", "40",
                 "--shard-size", "40", "-q"]
         proc = _cli(args, limit_bytes=None if mounted else 16_000)
         assert proc.returncode == 2, proc.stderr
@@ -240,7 +241,8 @@ def test_a_read_only_output_folder_is_refused_in_one_line(hostile, earlier_audit
         for args in (_audit_args(hostile, shelf / "audit"), ["report", str(shelf / "audit")],
                      ["rules", "apply", str(shelf / "audit"), "--rules", "strict"],
                      ["extract", str(hostile["root"] / "manifest.csv"), "--out",
-                      str(shelf / "cache"), "--model-config", str(TINY_CONFIG)]):
+                      str(shelf / "cache"), "--model-config", str(TINY_CONFIG),
+                      "--pretrained", "random"]):
             res = runner.invoke(app, args)
             assert res.exit_code == 2, (args[0], res.output)
             line = _one_error_line(res.stderr)
@@ -255,7 +257,7 @@ def test_an_output_path_that_is_a_file_or_folder_is_refused(tmp_path):
     cases = [
         (["audit", "cache", "--sae", "s", "--probe", "p", "--out", str(a_file)], "not a folder"),
         (["extract", str(tmp_path / "images"), "--out", str(a_file), "--model-config",
-          str(TINY_CONFIG)], "not a folder"),
+          str(TINY_CONFIG), "--pretrained", "random"], "not a folder"),
         (["demo", "--out", str(a_file), "-q"], "not a folder"),
         (["report", str(a_file)], "audit.json: file not found"),
     ]
@@ -311,7 +313,8 @@ main()
 def test_two_extracts_at_once_on_one_cache_second_refuses(hostile, tmp_path):
     cache = tmp_path / "cache"
     args = ["extract", str(hostile["root"] / "manifest.csv"), "--out", str(cache),
-            "--model-config", str(TINY_CONFIG), "--workers", "0", "--batch-size", "40",
+            "--model-config", str(TINY_CONFIG), "--pretrained", "random", "--workers", "0",
+                "--batch-size", "40",
             "--shard-size", "40", "-q"]
     first = subprocess.Popen([sys.executable, "-c", HOLD_AND_EXTRACT, *args],
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -335,7 +338,7 @@ def test_two_extracts_at_once_on_one_cache_second_refuses(hostile, tmp_path):
 def test_a_killed_extract_does_not_block_the_next(hostile, tmp_path):
     cache = tmp_path / "cache"
     args = ["extract", str(hostile["root"] / "manifest.csv"), "--out", str(cache),
-            "--model-config", str(TINY_CONFIG), "--workers", "0", "-q"]
+            "--model-config", str(TINY_CONFIG), "--pretrained", "random", "--workers", "0", "-q"]
     first = subprocess.Popen([sys.executable, "-c", HOLD_AND_EXTRACT, *args],
                              stdout=subprocess.PIPE, text=True,
                              env={**os.environ, "PYTHONPATH": str(REPO_DPATH)})
@@ -358,7 +361,8 @@ def _png(fpath: Path) -> None:
 
 def _extract_folder(images: Path, out: Path):
     return runner.invoke(app, ["extract", str(images), "--out", str(out), "--model-config",
-                               str(TINY_CONFIG), "--workers", "0", "--json"])
+                               str(TINY_CONFIG), "--pretrained", "random", "--workers", "0",
+                               "--json"])
 
 
 def test_file_names_with_newlines_and_quotes_are_extracted(tmp_path):

@@ -33,7 +33,8 @@ from conftest import (
     write_tars,
 )
 
-TINY_A = BackboneSpec(model="tiny-vit-a", config=CONFIGS_DPATH / "tiny-vit-a.json")
+TINY_A = BackboneSpec(model="tiny-vit-a", config=CONFIGS_DPATH / "tiny-vit-a.json",
+                      pretrained="random")
 
 
 def _config(**kw) -> ExtractConfig:
@@ -166,6 +167,7 @@ def test_cli_extracts_tar_shards_by_pattern(tmp_path):
     write_tars(tmp_path / "shards", image_samples(5), per_tar=2)
     res = CliRunner().invoke(app, [
         "extract", str(tmp_path / "shards" / "{00000..00002}.tar"), "--out", str(tmp_path / "c"),
-        "--model-config", str(CONFIGS_DPATH / "tiny-vit-a.json"), "--workers", "0", "--json"])
+        "--model-config", str(CONFIGS_DPATH / "tiny-vit-a.json"), "--pretrained", "random",
+        "--workers", "0", "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.stdout)["n_ok"] == 5

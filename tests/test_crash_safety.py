@@ -36,7 +36,7 @@ from clipaudit.synthetic import make_planted_dataset
 from conftest import CONFIGS_DPATH
 
 REPO_DPATH = Path(__file__).resolve().parents[1]
-SPEC = BackboneSpec(model="tiny-vit-a", config=CONFIGS_DPATH / "tiny-vit-a.json")
+SPEC = BackboneSpec(model="tiny-vit-a", config=CONFIGS_DPATH / "tiny-vit-a.json", pretrained="random")
 OLD_TOP_M, NEW_TOP_M = 30, 20
 
 CHILD = r"""

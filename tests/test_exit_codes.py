@@ -16,7 +16,8 @@ from clipaudit.errors import InputError
 # verb -> (arguments after the verb, the library function it calls, patched to raise)
 VERBS = {
     "demo": ([], "clipaudit.demo.run_demo"),
-    "extract": (["images", "--out", "cache"], "clipaudit.cli.cmd_extract.load_image_source"),
+    "extract": (["images", "--out", "cache", "--model", "tiny-derm-clip"],
+                "clipaudit.cli.cmd_extract.load_image_source"),
     "train-sae": (["cache", "--out", "sae.safetensors"], "clipaudit.sae.train_sae_on_cache"),
     "sae-info": (["sae.safetensors"], "clipaudit.sae.sae_info"),
     "fit-probe": (["cache", "--out", "probe.safetensors"], "clipaudit.heads.fit_probe_on_cache"),
@@ -31,6 +32,8 @@ VERBS = {
     "synthetic make-counterfactual": (["--out", "pairs", "--artifact", "ruler"],
                                       "clipaudit.cli.cmd_synthetic.make_counterfactual_dataset"),
     "synthetic train-clip": (["--out", "clip"], "clipaudit.synthetic.train_tiny_clip"),
+    "vocab list": ([], "clipaudit.describe.list_vocabulary_infos"),
+    "vocab show": (["general"], "clipaudit.describe.vocabulary_info"),
 }
 
 

@@ -32,7 +32,8 @@ from clipaudit.synthetic import make_planted_dataset
 from conftest import CONFIGS_DPATH, image_samples, write_hf_parquet, write_tars
 
 REPO_DPATH = Path(__file__).resolve().parents[1]
-TINY_A = BackboneSpec(model="tiny-vit-a", config=CONFIGS_DPATH / "tiny-vit-a.json")
+TINY_A = BackboneSpec(model="tiny-vit-a", config=CONFIGS_DPATH / "tiny-vit-a.json",
+                      pretrained="random")
 N_IMAGES = 300
 
 
@@ -167,7 +168,8 @@ def test_ray_resume_after_kill_9_equals_an_uninterrupted_run(ray_session, plante
                                                              tmp_path):
     out = tmp_path / "killed"
     args = ["extract", str(planted), "--out", str(out), "--model-config",
-            str(CONFIGS_DPATH / "tiny-vit-a.json"), "--shard-size", "64", "--batch-size", "16",
+            str(CONFIGS_DPATH / "tiny-vit-a.json"), "--pretrained", "random",
+            "--shard-size", "64", "--batch-size", "16",
             "--workers", "1", "--engine", "ray", "--ray-actors", "2", "--quiet"]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(
         p for p in (str(REPO_DPATH), os.environ.get("PYTHONPATH")) if p)}

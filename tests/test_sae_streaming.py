@@ -29,7 +29,8 @@ from clipaudit.sae.checkpoint import checkpoint_fpath_for
 from conftest import CONFIGS_DPATH
 
 REPO_DPATH = Path(__file__).resolve().parents[1]
-TINY_A = BackboneSpec(model="tiny-vit-a", config=CONFIGS_DPATH / "tiny-vit-a.json")
+TINY_A = BackboneSpec(model="tiny-vit-a", config=CONFIGS_DPATH / "tiny-vit-a.json",
+                      pretrained="random")
 WEIGHTS = ("W_enc", "b_enc", "W_dec", "b_dec", "scale")
 
 

@@ -7,10 +7,11 @@ from rich.table import Table
 from rich.text import Text
 
 from clipaudit.cli import app
-from clipaudit.cli._common import out, print_json, user_errors
+from clipaudit.cli._common import json_option, out, print_json, quiet_option, user_errors
+from clipaudit.cli._exit import ClipAuditGroup
 
-vocab_app = typer.Typer(help="Concept vocabularies: the words components are labelled with.",
-                        no_args_is_help=True)
+vocab_app = typer.Typer(cls=ClipAuditGroup, no_args_is_help=True,
+                        help="Concept vocabularies: the words components are labelled with.")
 app.add_typer(vocab_app, name="vocab")
 
 
@@ -20,7 +21,8 @@ def _first_sentence(text: str) -> str:
 
 @vocab_app.command("list")
 @user_errors
-def list_cmd(json_out: bool = typer.Option(False, "--json", help="Print as JSON.")) -> None:
+def list_cmd(json_out: bool = json_option("the vocabularies"),
+             quiet: bool = quiet_option()) -> None:
     """List the shipped vocabularies (pass one or several to audit with --vocab)."""
     from clipaudit.describe import list_vocabulary_infos
 
@@ -34,6 +36,8 @@ def list_cmd(json_out: bool = typer.Option(False, "--json", help="Print as JSON.
         table.add_row(Text(i.name), str(i.n_concepts), str(i.n_synonyms),
                       Text(_first_sentence(i.description)))
     out.print(table)
+    if quiet:
+        return
     out.print("Combine them (--vocab general --vocab product) or add your own file "
               "(--vocab terms.yaml); `clipaudit vocab show NAME|FILE` lists the concepts.",
               markup=False)
@@ -43,7 +47,8 @@ def list_cmd(json_out: bool = typer.Option(False, "--json", help="Print as JSON.
 @user_errors
 def show_cmd(
     name: str = typer.Argument(..., help="A shipped vocabulary name or a .txt/.yaml file."),
-    json_out: bool = typer.Option(False, "--json", help="Print as JSON."),
+    json_out: bool = json_option("the vocabulary's concepts and synonyms"),
+    quiet: bool = quiet_option(),
 ) -> None:
     """Show a vocabulary's concepts and synonyms, as clipaudit reads them."""
     from clipaudit.describe import vocabulary_info
