@@ -213,7 +213,8 @@ def test_ray_engine_without_ray_says_how_to_install_it(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray -> ImportError
     monkeypatch.delitem(sys.modules, "clipaudit.extraction.ray_engine", raising=False)
     res = CliRunner().invoke(app, ["extract", str(tmp_path / "nowhere"), "--out",
-                                   str(tmp_path / "c"), "--engine", "ray"])
+                                   str(tmp_path / "c"), "--engine", "ray",
+                                   "--model", "tiny-derm-clip"])
     assert res.exit_code == 2
     assert "pip install 'clipaudit[ray]'" in res.output
     assert "Traceback" not in res.output and len(res.output.strip().splitlines()) == 1
