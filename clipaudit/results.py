@@ -90,11 +90,34 @@ class Finding:
     metadata_auc: dict[str, float] = field(default_factory=dict)
     """ROC AUC of the component's activation against each binary metadata column."""
     ablation: AblationEffect | None = None
+    share_ci: list[float] | None = None
+    """[low, high]: bootstrap interval of ``share`` over the class's instances (None: not
+    computed, as in audits made before intervals existed)."""
+    concept_share_ci: list[float] | None = None
+    """[low, high]: bootstrap interval of ``concept_share``."""
+    chance_share: float | None = None
+    """The concept share the same components carry over random sets of as many instances
+    as the class has (the permutation null's 95th percentile by default)."""
 
     @property
     def concept_split(self) -> bool:
         """Whether other findings of this class share its concept label (and share)."""
         return self.concept_share - self.share >= 5e-4
+
+    @property
+    def gate_share(self) -> float:
+        """What the gate judges: the lower end of the concept share's interval (the concept
+        share itself where no interval was computed)."""
+        return self.concept_share_ci[0] if self.concept_share_ci else self.concept_share
+
+    @property
+    def backed(self) -> bool:
+        """The data back the finding: the concept share's interval lies above the chance
+        level (True where no statistics were computed). Unbacked findings are reported
+        but fail and warn nothing."""
+        if self.chance_share is None or not self.concept_share_ci:
+            return True
+        return self.concept_share_ci[0] > self.chance_share
 
 
 @dataclass(frozen=True)
@@ -142,6 +165,40 @@ class HeadAudit:
     classes: list[ClassAudit] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     faithfulness: list[FaithfulnessCurve] = field(default_factory=list)
+    relied_on: list[ComponentReliance] = field(default_factory=list)
+    """Components carrying a large share of several classes' evidence, most classes first."""
+
+
+@dataclass(frozen=True)
+class ComponentReliance:
+    """A component that carries a large share of the evidence of several classes."""
+
+    component: int
+    concept: str
+    n_classes: int
+    """Classes whose evidence it carries at least ``share_min`` of."""
+    n_findings: int
+    """Classes for which it is a finding."""
+    classes: list[str] = field(default_factory=list)
+    """The classes it carries the largest shares of (a few)."""
+    max_share: float = 0.0
+
+
+@dataclass(frozen=True)
+class PermutationControl:
+    """The audit again with each head's labels shuffled within the data (same model, same
+    SAE, same descriptions): the findings and failures chance alone produces."""
+
+    seed: int
+    n_findings: int
+    n_backed: int
+    """Findings whose interval lies above the chance level (those the gate judges)."""
+    n_failing: int
+    """Failing verdicts that name a finding (rules about the SAE or the unexplained share
+    do not depend on what the labels mean and are left out)."""
+    n_warnings: int
+    failing: list[str] = field(default_factory=list)
+    """``head / class`` of the failing verdicts (at most 20)."""
 
 
 @dataclass(frozen=True)
@@ -192,6 +249,8 @@ class AuditResult:
     instances: list[InstanceInfo] = field(default_factory=list)
     verdicts: list[RuleVerdict] = field(default_factory=list)
     rules_file: str | None = None
+    permutation: PermutationControl | None = None
+    """What the same audit finds with shuffled labels (None: not run)."""
 
     @property
     def verdict(self) -> Status:

@@ -17,6 +17,14 @@ from clipaudit.describe.config import DescribeConfig
 _STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red"}
 
 
+_LISTED = 30
+"""Rows of the findings and rules tables printed (the rest are in the audit folder)."""
+
+
+def _ci(ci) -> str:
+    return f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+
+
 def _print_outcome(outcome, as_json: bool) -> None:
     from clipaudit.results import to_dict
 
@@ -26,20 +34,35 @@ def _print_outcome(outcome, as_json: bool) -> None:
                     "audit_dir": str(outcome.audit_dpath),
                     "files": {k: str(v) for k, v in outcome.files.items()},
                     "verdicts": to_dict(result.verdicts),
-                    "findings": [to_dict(f) for h in result.heads for f in h.findings]})
+                    "findings": [to_dict(f) for h in result.heads for f in h.findings],
+                    "permutation": to_dict(result.permutation)})
         return
-    findings = Table("head", "class", "component", "concept", "share", "alignment", "clarity", "kind",
-                     title="findings")
-    for head in result.heads:
-        for f in head.findings:
-            findings.add_row(head.name, f.class_name, str(f.component), f"{f.concept} ({f.concept_score:.2f})",
-                             f"{f.share:.3f}", f"{f.alignment:+.3f}", f"{f.clarity:.2f}", f.kind)
+    every = sorted((f for h in result.heads for f in h.findings),
+                   key=lambda f: (not f.backed, -f.gate_share))
+    findings = Table("head", "class", "component", "concept", "share [95% interval]", "chance",
+                     "alignment", "clarity", "kind", title=f"findings ({len(every)})")
+    for f in every[:_LISTED]:
+        findings.add_row(f.head, f.class_name, str(f.component), f"{f.concept} ({f.concept_score:.2f})",
+                         f"{f.share:.3f}{_ci(f.share_ci)}",
+                         "" if f.chance_share is None else f"{f.chance_share:.3f}"
+                         + ("" if f.backed else " (not backed)"),
+                         f"{f.alignment:+.3f}", f"{f.clarity:.2f}", f.kind)
     out.print(findings)
-    rules = Table("rule", "head", "class", "status", "why", title="rules")
-    for v in result.verdicts:
+    if len(every) > _LISTED:
+        out.print(f"... and {len(every) - _LISTED} more findings in audit.json and the report")
+    shown = [v for v in result.verdicts if v.status != "pass" or v.waived]
+    rules = Table("rule", "head", "class", "status", "why",
+                  title=f"rules ({len(result.verdicts) - len(shown)} passing not listed)")
+    for v in shown[:_LISTED]:
         status = f"[{_STYLE[v.status]}]{v.status}[/]" + (" (waived)" if v.waived else "")
         rules.add_row(v.rule, v.head or "", v.class_name or "", status, v.message)
     out.print(rules)
+    if len(shown) > _LISTED:
+        out.print(f"... and {len(shown) - _LISTED} more in summary.md and junit.xml")
+    control = result.permutation
+    if control is not None:
+        out.print(f"permutation control (labels shuffled): {control.n_findings} findings, "
+                  f"{control.n_backed} backed, {control.n_failing} failing verdicts")
     out.print(f"verdict: [{_STYLE[result.verdict]}]{result.verdict.upper()}[/]   "
               f"audit folder: {outcome.audit_dpath}")
 
@@ -66,16 +89,31 @@ def audit_cmd(
                                 help="Reuse the component descriptions of an earlier audit (its "
                                      "folder): a new rule file or head re-audits without "
                                      "recomputing them."),
+    text_cache: str = option(AuditConfig, "describe.text_cache", "--text-cache"),
     pdf: bool = option(OutputConfig, "pdf", "--pdf/--no-pdf", help="Also write report.pdf."),
+    attributions: bool = option(OutputConfig, "attributions.write", "--attributions/--no-attributions",
+                                help="Write the per-instance attribution tables "
+                                     "(attributions-<head>/, Parquet; off by default: large)."),
+    attribution_classes: str = option(OutputConfig, "attributions.classes", "--attribution-classes"),
+    resamples: int = option(AuditConfig, "statistics.resamples", "--resamples", min=10),
+    permutation: bool = option(AuditConfig, "statistics.permutation",
+                               "--permutation-control/--no-permutation-control",
+                               help="Also audit with labels shuffled within the data and report "
+                                    "the findings and failures chance alone produces."),
+    seed: int = option(AuditConfig, "seed", "--seed"),
     as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
 ) -> None:
     """Audit a probe and/or prompt set for shortcuts; exit 1 when a rule fails."""
+    from clipaudit.attribution.table import AttributionTableConfig
     from clipaudit.audit import run_audit
+    from clipaudit.findings.statistics import StatisticsConfig
 
     config = AuditConfig(
-        rules=rules, outputs=OutputConfig(pdf=pdf),
+        rules=rules, seed=seed,
+        outputs=OutputConfig(pdf=pdf, attributions=AttributionTableConfig(attributions, attribution_classes)),
+        statistics=StatisticsConfig(resamples=resamples, permutation=permutation),
         describe=DescribeConfig(vocabularies=tuple(vocab), reference_cache=reference_data, top_m=top_m,
-                                reuse=descriptions))
+                                reuse=descriptions, text_cache=text_cache))
     with RichReporter(quiet=as_json) as reporter:
         outcome = run_audit(cache, sae, out_dpath, probe=probe, prompts=prompts, config=config,
                             baseline_dpath=baseline, reporter=reporter)
