@@ -21,6 +21,15 @@ def tiny_backbone(name: str = "tiny-vit-a", seed: int = 0) -> Backbone:
     return load_backbone(BackboneSpec(model=name, config=CONFIGS_DPATH / f"{name}.json", seed=seed))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_home(tmp_path_factory):
+    """Tests never write to the user's ~/.cache (the text-embedding cache lives there)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(params=TINY_CONFIGS)
 def any_tiny_backbone(request) -> Backbone:
     return tiny_backbone(request.param)
