@@ -112,9 +112,10 @@ class AuditConfig:
             raise InputError(f"attribution classes {self.outputs.attributions.classes!r}: use one "
                              f"of {', '.join(ATTRIBUTION_CLASSES)}")
         s = self.statistics
-        if s.resamples < 10 or not 0.5 <= s.level < 1 or not 0.5 <= s.chance_quantile < 1:
-            raise InputError(f"statistics: resamples must be >= 10 (got {s.resamples}), level and "
-                             f"chance quantile in [0.5, 1) (got {s.level}, {s.chance_quantile})")
+        if s.resamples < 10 or not 0.5 <= s.level < 1 or not 0 < s.fdr < 1:
+            raise InputError(f"statistics: resamples must be >= 10 (got {s.resamples}), the level in "
+                             f"[0.5, 1) (got {s.level}), the false discovery rate in (0, 1) "
+                             f"(got {s.fdr})")
         if self.batch_size <= 0:
             raise InputError(f"batch size must be positive, got {self.batch_size}")
 
@@ -210,7 +211,8 @@ def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | 
                     if config.statistics.permutation else [])
         evidence = stages.gather_evidence(
             selections, [c.component for s in shuffled for c in s.candidates], ctx)
-        head_audits = [stages.head_audit(s, evidence, ctx) for s in selections]
+        backed = stages.backed_keys(selections, config.statistics.fdr)
+        head_audits = [stages.head_audit(s, evidence, ctx, b) for s, b in zip(selections, backed)]
         components, infos = _components_and_instances(head_audits, descriptions, sae, ref_cache,
                                                       out_dpath, config.outputs)
         result = AuditResult(

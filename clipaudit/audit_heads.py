@@ -26,13 +26,18 @@ import torch
 from clipaudit.attribution.ablation import deletion_curves
 from clipaudit.attribution.audit_pass import FirstPass, HeadPass, relevance_over_spill
 from clipaudit.attribution.patching import Relevance
-from clipaudit.attribution.sparse_ablation import AblationContext, ablation_effect_sparse
+from clipaudit.attribution.sparse_ablation import AblationContext, ablate_component, class_effect
 from clipaudit.describe.components import ComponentDescriptions
 from clipaudit.extraction.cache_reader import ActivationCache
 from clipaudit.extraction.hooks import VisionTower
 from clipaudit.findings import Candidate, make_finding, scatter_points, select_candidates
 from clipaudit.findings.evidence import binary_columns, firing_rows, sparse_metadata_aucs
-from clipaudit.findings.statistics import ClassEvidence, StatisticsConfig, candidate_statistics
+from clipaudit.findings.statistics import (
+    ClassEvidence,
+    StatisticsConfig,
+    benjamini_hochberg,
+    candidate_statistics,
+)
 from clipaudit.progress import Reporter
 from clipaudit.results import (
     AblationEffect,
@@ -50,7 +55,8 @@ log = logging.getLogger(__name__)
 RELIED_ON_LISTED = 50
 """Components kept in a head's roll-up of components relied on by several classes."""
 SCATTER_POINTS_TOTAL = 20_000
-"""Scatter points shared by the classes without findings (each keeps at least 10)."""
+"""Scatter points shared by the classes without backed findings (each keeps at least 10;
+in heads of at most 100 classes every class with findings keeps ``scatter_points``)."""
 
 
 @dataclass(frozen=True)
@@ -164,10 +170,15 @@ def gather_evidence(selections: Sequence[Selection], also_aucs_for: Sequence[int
                     acts = ctx.cache.take("acts", firing.positions)
                     for s in selections:
                         p = s.head_pass
-                        for cand in (c for c in s.candidates if c.component == j):
-                            ablations[(p.index, cand.class_name, j)] = ablation_effect_sparse(
-                                contexts[p.index], p.head, ctx.tower, ctx.sae, j, cand.class_name,
-                                firing, acts)
+                        of_j = [c for c in s.candidates if c.component == j]
+                        if not of_j:
+                            continue
+                        ablation = ablate_component(contexts[p.index], p.head, ctx.tower, ctx.sae, j,
+                                                    firing, acts)
+                        for cand in of_j:
+                            ablations[(p.index, cand.class_name, j)] = class_effect(
+                                contexts[p.index], ablation, j, p.head.class_names.index(cand.class_name),
+                                cand.class_name)
                 task.advance()
     return Evidence(aucs, ablations)
 
@@ -175,7 +186,21 @@ def gather_evidence(selections: Sequence[Selection], also_aucs_for: Sequence[int
 # ------------------------------------------------------------------ head audit
 
 
-def make_findings(s: Selection, evidence: Evidence, ctx: AuditContext, with_ablation: bool = True) -> list[Any]:
+def backed_keys(selections: Sequence[Selection], fdr: float) -> list[set[tuple[str, int]]]:
+    """Per selection, the (class, component) of its findings the data back: those that
+    survive the Benjamini-Hochberg procedure over every finding of every selection (one
+    family: the audit's findings)."""
+    tested = [(i, key) for i, s in enumerate(selections) for key in s.stats]
+    q = benjamini_hochberg([selections[i].stats[key].p_value for i, key in tested])
+    out: list[set[tuple[str, int]]] = [set() for _ in selections]
+    for (i, key), qv in zip(tested, q):
+        if qv <= fdr:
+            out[i].add(key)
+    return out
+
+
+def make_findings(s: Selection, evidence: Evidence, ctx: AuditContext, backed: set[tuple[str, int]],
+                  with_ablation: bool = True) -> list[Any]:
     """Each candidate with its evidence and statistics, ranked within its class."""
     findings, rank = [], {}
     head = s.head_pass.head
@@ -188,17 +213,20 @@ def make_findings(s: Selection, evidence: Evidence, ctx: AuditContext, with_abla
                                evidence.aucs.get(cand.component, {}), ablation)
         st = s.stats.get((cand.class_name, cand.component))
         if st is not None:
-            finding = dataclasses.replace(finding, share_ci=list(st.share_ci),
-                                          concept_share_ci=list(st.concept_share_ci),
-                                          chance_share=st.chance_share)
+            finding = dataclasses.replace(
+                finding, share_ci=list(st.share_ci), concept_share_ci=list(st.concept_share_ci),
+                chance_share=st.chance_share, p_value=st.p_value,
+                backed=(cand.class_name, cand.component) in backed)
         findings.append(finding)
     return findings
 
 
-def head_audit(s: Selection, evidence: Evidence, ctx: AuditContext) -> HeadAudit:
+def head_audit(s: Selection, evidence: Evidence, ctx: AuditContext,
+               backed: set[tuple[str, int]]) -> HeadAudit:
     p, rel, d = s.head_pass, s.relevance, ctx.descriptions
     head = p.head
-    findings = make_findings(s, evidence, ctx)
+    findings = make_findings(s, evidence, ctx, backed)
+    unexplained = rel.unexplained_share
     pred, truth = torch.from_numpy(p.pred), torch.from_numpy(p.truth)
     known = truth >= 0
     accuracy = float((pred[known] == truth[known]).float().mean()) if known.any() else None
@@ -211,12 +239,13 @@ def head_audit(s: Selection, evidence: Evidence, ctx: AuditContext) -> HeadAudit
         of_class = by_class.get(name, [])
         mask = truth == c if rel.by == "label" else pred == c
         acc = float((pred[mask] == c).float().mean()) if rel.by == "label" and mask.any() else None
+        detailed = any(f.backed for f in of_class) or (of_class and len(head.class_names) <= 100)
         classes.append(ClassAudit(
             class_name=name, n_instances=int(rel.n_instances[c]), accuracy=acc,
             spurious_share=float(sum(f.share for f in of_class)),
-            unexplained_share=float(rel.unexplained_share[c]),
+            unexplained_share=float(unexplained[c]),
             components=scatter_points(rel.share[:, c], s.alignment[:, c], d.clarity, d.concept,
-                                      ctx.scatter_points if of_class else quiet_points,
+                                      ctx.scatter_points if detailed else quiet_points,
                                       [f.component for f in of_class])))
     return HeadAudit(name=head.name, kind=head.kind, class_names=list(head.class_names),
                      accuracy=accuracy, classes=classes, findings=findings,
@@ -280,8 +309,8 @@ def permutation_control(shuffled: Sequence[Selection], evidence: Evidence, real:
     from clipaudit.gate import evaluate
 
     heads = []
-    for s, real_head in zip(shuffled, real.heads):
-        findings = make_findings(s, evidence, ctx, with_ablation=False)
+    for s, real_head, backed in zip(shuffled, real.heads, backed_keys(shuffled, ctx.statistics.fdr)):
+        findings = make_findings(s, evidence, ctx, backed, with_ablation=False)
         classes = [dataclasses.replace(c, n_instances=int(s.relevance.n_instances[i]), components=[],
                                        spurious_share=float(sum(f.share for f in findings
                                                                 if f.class_name == c.class_name)))

@@ -96,8 +96,15 @@ class Finding:
     concept_share_ci: list[float] | None = None
     """[low, high]: bootstrap interval of ``concept_share``."""
     chance_share: float | None = None
-    """The concept share the same components carry over random sets of as many instances
-    as the class has (the permutation null's 95th percentile by default)."""
+    """The concept share the same components carry of the class's evidence over the data
+    at large (a random sample of it): what a random set of instances gives on average."""
+    p_value: float | None = None
+    """Chance of the class's mean attribution of these components in a random set of the
+    class's size (a Chernoff bound; None: not computed)."""
+    backed: bool = True
+    """The data back the finding: it survives the Benjamini-Hochberg procedure over the
+    audit's findings (``clipaudit.findings.statistics``). Unbacked findings are reported
+    but fail and warn nothing. True where no statistics were computed."""
 
     @property
     def concept_split(self) -> bool:
@@ -109,15 +116,6 @@ class Finding:
         """What the gate judges: the lower end of the concept share's interval (the concept
         share itself where no interval was computed)."""
         return self.concept_share_ci[0] if self.concept_share_ci else self.concept_share
-
-    @property
-    def backed(self) -> bool:
-        """The data back the finding: the concept share's interval lies above the chance
-        level (True where no statistics were computed). Unbacked findings are reported
-        but fail and warn nothing."""
-        if self.chance_share is None or not self.concept_share_ci:
-            return True
-        return self.concept_share_ci[0] > self.chance_share
 
 
 @dataclass(frozen=True)
@@ -192,7 +190,7 @@ class PermutationControl:
     seed: int
     n_findings: int
     n_backed: int
-    """Findings whose interval lies above the chance level (those the gate judges)."""
+    """Findings backed by the data (those the gate judges)."""
     n_failing: int
     """Failing verdicts that name a finding (rules about the SAE or the unexplained share
     do not depend on what the labels mean and are left out)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
 import pytest
 import torch
 
@@ -12,7 +13,9 @@ from clipaudit.findings import Candidate
 from clipaudit.findings.statistics import (
     ClassEvidence,
     StatisticsConfig,
+    benjamini_hochberg,
     candidate_statistics,
+    chernoff_p_value,
     share_statistics,
 )
 from clipaudit.gate import evaluate, load_ruleset
@@ -48,17 +51,46 @@ def _share(ev: ClassEvidence, members: list[int]) -> float:
     return float(total[members].sum() / total.abs().sum())
 
 
-@pytest.mark.parametrize("n,rate,backed", [(2000, 0.6, True), (2000, 0.2, False), (5, 0.6, False)])
-def test_a_finding_is_backed_only_when_its_interval_clears_chance(n, rate, backed):
+@pytest.mark.parametrize("n,rate,significant", [(2000, 0.6, True), (2000, 0.2, False), (5, 0.6, False),
+                                                (40, 0.8, True)])
+def test_a_class_unlike_random_sets_of_the_data_has_a_small_p_value(n, rate, significant):
     own, pool = _world(n, shortcut_rate=rate, seed=n)
     share = _share(own, [0])
     (stats,) = share_statistics(own, n, pool, [(0, [0])], [(share, share)], LATENTS,
                                 StatisticsConfig(resamples=300), torch.Generator().manual_seed(0))
     lo, hi = stats.share_ci
     assert lo <= share <= hi and stats.concept_share_ci == stats.share_ci
-    assert (lo > stats.chance_share) == backed
+    assert (stats.p_value < 1e-3) == significant
     # the chance level is what random sets of the data give: above the pool's own share
     assert stats.chance_share > _share(pool, [0]) - 0.01
+    if significant:
+        assert lo > stats.chance_share
+
+
+@pytest.mark.parametrize("n,k", [(20, 4), (20, 8), (100, 12), (5, 3), (5, 5)])
+def test_the_chernoff_bound_is_never_below_the_exact_tail(n, k):
+    """A component firing on 10% of the data: the chance that a random set of n holds at
+    least k firing instances (a binomial tail) is at most the bound, and not far below."""
+    from scipy.stats import binom
+
+    population = np.r_[np.ones(100), np.zeros(900)]
+    bound = chernoff_p_value(population, k / n, n)
+    exact = binom.sf(k - 1, n, 0.1)
+    assert exact <= bound <= 1.0
+    assert bound < 30 * exact * np.sqrt(n) or bound > 0.05
+    assert chernoff_p_value(population, 0.05, n) == 1.0  # below the mean
+    assert chernoff_p_value(population, 1.5, n) == 0.0  # above every value
+
+
+def test_benjamini_hochberg_keeps_the_false_discovery_rate():
+    rng = np.random.default_rng(0)
+    null = rng.random(1900)
+    real = rng.random(100) * 1e-4
+    q = benjamini_hochberg(np.r_[null, real])
+    called = q <= 0.05
+    assert called[1900:].all() and called[:1900].sum() <= 0.05 * called.sum() + 2
+    assert benjamini_hochberg([0.01]) == pytest.approx([0.01])
+    assert benjamini_hochberg([0.04, 0.01, 0.03]).tolist() == pytest.approx([0.04, 0.03, 0.04])
 
 
 def test_intervals_narrow_as_classes_grow_and_large_classes_are_resampled_m_out_of_n():
@@ -98,10 +130,11 @@ def test_a_concept_split_over_components_is_resampled_together():
 # ------------------------------------------------------------------ the gate
 
 
-def _finding(share: float, ci: list[float] | None, chance: float | None, concept: str = "blur") -> Finding:
+def _finding(share: float, ci: list[float] | None, backed: bool = True, concept: str = "blur") -> Finding:
     return Finding(id=f"h:c:{concept}", head="h", class_name="c", component=3, kind="shortcut", rank=1,
                    share=share, concept_share=share, alignment=-0.1, clarity=0.8, concept=concept,
-                   concept_score=0.1, share_ci=ci, concept_share_ci=ci, chance_share=chance)
+                   concept_score=0.1, share_ci=ci, concept_share_ci=ci, chance_share=0.1,
+                   p_value=1e-9 if backed else 0.2, backed=backed)
 
 
 def _result(findings: list[Finding], permutation: PermutationControl | None = None) -> AuditResult:
@@ -117,21 +150,19 @@ def _status(result: AuditResult, rule: str) -> str:
 
 
 @pytest.mark.parametrize("finding,status", [
-    (_finding(0.40, [0.31, 0.49], 0.10), "fail"),   # lower bound above the 0.25 limit
-    (_finding(0.40, [0.20, 0.60], 0.10), "pass"),   # point above, lower bound below: passes
-    (_finding(0.40, [0.31, 0.49], 0.35), "pass"),   # not backed: no different from chance
-    (_finding(0.40, None, None), "fail"),           # no statistics (older audits): the point
+    (_finding(0.40, [0.31, 0.49]), "fail"),          # lower bound above the 0.25 limit
+    (_finding(0.40, [0.20, 0.60]), "pass"),          # point above, lower bound below: passes
+    (_finding(0.40, [0.31, 0.49], False), "pass"),   # not backed: no different from chance
+    (_finding(0.40, None), "fail"),                  # no statistics (older audits): the point
 ])
 def test_the_shortcut_rule_judges_the_lower_bound_of_backed_findings(finding, status):
     assert _status(_result([finding]), "no-shortcuts") == status
-    assert finding.backed == (finding.chance_share is None or finding.share_ci[0] > finding.chance_share)
 
 
 def test_an_unbacked_forbidden_concept_fails_nothing():
-    backed = _finding(0.3, [0.2, 0.4], 0.05, concept="watermark")
+    backed = _finding(0.3, [0.2, 0.4], concept="watermark")
     assert _status(_result([backed]), "no-forbidden-concepts") == "fail"
-    unbacked = dataclasses.replace(backed, chance_share=0.25)
-    assert not unbacked.backed
+    unbacked = dataclasses.replace(backed, backed=False)
     assert _status(_result([unbacked]), "no-forbidden-concepts") == "pass"
     assert _status(_result([unbacked]), "shortcut-watch") == "pass"
 

@@ -69,27 +69,42 @@ class AblationContext:
         return self.truth == c if (self.truth >= 0).any() else self.pred == c
 
 
+@dataclass(frozen=True)
+class ComponentAblation:
+    """One component removed on the rows where it fires, for one head: what every class's
+    ablation effect is computed from (the model runs once per component, not per class)."""
+
+    positions: np.ndarray
+    delta: torch.Tensor
+    """[f, C] change of every class score."""
+    flipped: np.ndarray
+    """bool [f]: the predicted class changed."""
+    correct_before: np.ndarray
+    correct_after: np.ndarray
+
+
 @torch.no_grad()
-def ablation_effect_sparse(ctx: AblationContext, head: Head, tower: VisionTower, sae: SAE,
-                           component: int, class_name: str, firing: Firing,
-                           acts_fd: torch.Tensor) -> AblationEffect:
-    """``ablation.ablation_effect`` for ``component`` and ``class_name``, from the rows
-    where the component fires (``firing``) and their activations ``acts_fd`` [f, d]."""
-    c = head.class_names.index(class_name)
-    pos = firing.positions
+def ablate_component(ctx: AblationContext, head: Head, tower: VisionTower, sae: SAE,
+                     component: int, firing: Firing, acts_fd: torch.Tensor) -> ComponentAblation:
+    """Scores before and after removing ``component`` from the rows where it fires
+    (``firing``, activations ``acts_fd`` [f, d])."""
     h = acts_fd.float()
     atom = sae.W_dec.detach().float()[:, component] / float(sae.scale)
     before = head.scores(tower.readout_cls(h))
     after = head.scores(tower.readout_cls(h - torch.from_numpy(firing.values).float()[:, None] * atom))
-    delta = (after[:, c] - before[:, c]).double().numpy()
     pred_b, pred_a = before.argmax(1).numpy(), after.argmax(1).numpy()
-    truth = ctx.truth[pos]
-    correct_b = (pred_b == truth) & (truth >= 0)
-    correct_a = (pred_a == truth) & (truth >= 0)
-    flipped = pred_b != pred_a
+    truth = ctx.truth[firing.positions]
+    return ComponentAblation(firing.positions, (after - before).double(), pred_b != pred_a,
+                             (pred_b == truth) & (truth >= 0), (pred_a == truth) & (truth >= 0))
+
+
+def class_effect(ctx: AblationContext, ablation: ComponentAblation, component: int,
+                 c: int, class_name: str) -> AblationEffect:
+    """``ablation.ablation_effect`` for class ``c`` from a component's ablation."""
+    pos = ablation.positions
+    delta = ablation.delta[:, c].numpy()
     of_class = ctx.of_class(c)
     n_class = int(of_class.sum())
-    score_delta = float(delta[of_class[pos]].sum() / n_class) if n_class else 0.0
     known = int((ctx.truth >= 0).sum())
     total_correct = int(ctx.correct.sum())
 
@@ -103,11 +118,22 @@ def ablation_effect_sparse(ctx: AblationContext, head: Head, tower: VisionTower,
             column=s.column, value=s.value, n=s.n,
             score_delta=float(delta[inside].sum() / s.n) if s.n else 0.0,
             accuracy_before=accuracy(s.correct, s.known),
-            accuracy_after=accuracy(s.correct - int(correct_b[inside].sum())
-                                    + int(correct_a[inside].sum()), s.known),
-            flipped=int(flipped[inside].sum())))
+            accuracy_after=accuracy(s.correct - int(ablation.correct_before[inside].sum())
+                                    + int(ablation.correct_after[inside].sum()), s.known),
+            flipped=int(ablation.flipped[inside].sum())))
     return AblationEffect(
-        component=int(component), class_name=class_name, score_delta=score_delta,
+        component=int(component), class_name=class_name,
+        score_delta=float(delta[of_class[pos]].sum() / n_class) if n_class else 0.0,
         accuracy_before=accuracy(total_correct, known),
-        accuracy_after=accuracy(total_correct - int(correct_b.sum()) + int(correct_a.sum()), known),
-        flipped=int(flipped.sum()), slices=slices)
+        accuracy_after=accuracy(total_correct - int(ablation.correct_before.sum())
+                                + int(ablation.correct_after.sum()), known),
+        flipped=int(ablation.flipped.sum()), slices=slices)
+
+
+def ablation_effect_sparse(ctx: AblationContext, head: Head, tower: VisionTower, sae: SAE,
+                           component: int, class_name: str, firing: Firing,
+                           acts_fd: torch.Tensor) -> AblationEffect:
+    """``ablation.ablation_effect`` for ``component`` and ``class_name``, from the rows
+    where the component fires (``firing``) and their activations ``acts_fd`` [f, d]."""
+    ablation = ablate_component(ctx, head, tower, sae, component, firing, acts_fd)
+    return class_effect(ctx, ablation, component, head.class_names.index(class_name), class_name)

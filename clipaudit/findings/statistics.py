@@ -1,22 +1,27 @@
-"""How sure a finding is: a bootstrap interval for its share, and the share chance gives.
+"""How sure a finding is: a bootstrap interval for its share, and a test against chance.
 
 For a finding (component j, class c) the audit reports:
 
 - ``share_ci`` and ``concept_share_ci``: percentile bootstrap intervals (default 95%) of
   the relevance share rho[j, c] and of the concept share, resampling the class's
   instances with replacement (``resamples`` times; the shares are ratios, so each
-  resample recomputes the whole class's evidence, sum_j' |R_j'|, not only j's);
-- ``chance_share``: the share the same components carry of class c's evidence over
-  *random* sets of as many instances as the class has, drawn from the audited data
-  (the permutation null: labels shuffled within the data), at its ``chance_quantile``
-  (default the 95th percentile).
-
-The gate judges the lower end of the interval (``Finding.gate_share``), and only a
-finding whose lower end exceeds the chance level counts (``Finding.backed``): a class
-with few instances has a wide interval and a wide null, so nothing fails it unless its
-evidence really is unlike a random draw of the data. A component that carries a large
-share of every set of images (a constant offset of the head, a feature present
-everywhere) is not specific to the class and is not backed either.
+  resample recomputes the whole class's evidence, sum_j' |R_j'|, not only j's). The
+  gate judges the lower end (``Finding.gate_share``).
+- ``p_value``: how likely a random set of as many instances as the class has, drawn
+  from the audited data (labels shuffled within the data), gives the finding's
+  components at least the class's mean attribution. It is a Chernoff bound,
+  exp(-n sup_l [l t - log E exp(l X)]) with X the components' attribution to the class
+  over a random sample of the data: valid for any distribution of X (skewed ones
+  included, such as a component that fires on few images), conservative, and small
+  enough to survive a correction for thousands of findings when the evidence is real.
+- ``backed``: the finding survives the Benjamini-Hochberg procedure over all of the
+  audit's findings at false discovery rate ``fdr``. Only backed findings fail or warn:
+  a class with few instances, or evidence no different from a random draw of the data
+  (a component that carries a share of every set of images), fails nothing, however
+  many classes the audit has.
+- ``chance_share``: for the reader, the concept share the same components carry of the
+  class's evidence over the data at large (a random sample of it): what a random set of
+  instances gives on average.
 
 Large classes are resampled m-out-of-n: draws of ``max_resample_size`` instances, the
 spread scaled by sqrt(m / n) (the error of a mean shrinks as 1/sqrt(n)), from at most
@@ -31,6 +36,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -46,9 +52,9 @@ class StatisticsConfig:
     """Bootstrap resamples per class with findings (and random sets for the chance level)."""
     level: float = 0.95
     """Two-sided level of the bootstrap intervals; the gate judges their lower end."""
-    chance_quantile: float = 0.95
-    """Quantile of the share over random sets of the class's size that a finding's lower
-    bound must exceed to count (to be backed by the data)."""
+    fdr: float = 0.05
+    """False discovery rate at which findings are backed by the data (Benjamini-Hochberg
+    over the audit's findings); only backed findings fail or warn."""
     max_resample_size: int = 10_000
     """Larger classes are resampled m-out-of-n with this m (spread scaled by sqrt(m/n))."""
     max_rows: int = 50_000
@@ -77,7 +83,10 @@ class ShareStatistics:
     share_ci: tuple[float, float]
     concept_share_ci: tuple[float, float]
     chance_share: float
-    """``chance_quantile`` of the concept share over random sets of the class's size."""
+    """The concept share over the data at large (the random pool)."""
+    p_value: float
+    """Chernoff bound on the chance of the class's mean attribution of the finding's
+    components (its concept group) in a random set of the class's size."""
 
 
 def share_statistics(own: ClassEvidence, n_class: int, pool: ClassEvidence,
@@ -98,18 +107,68 @@ def share_statistics(own: ClassEvidence, n_class: int, pool: ClassEvidence,
     m = min(n_class, config.max_resample_size)
     boot = _resampled_shares(own, torch.randint(len(own), (config.resamples, m), generator=generator),
                              columns, n_latents)
-    null = _resampled_shares(pool, torch.randint(len(pool), (config.resamples, m), generator=generator),
-                             columns, n_latents)
+    population = torch.zeros(n_latents).index_add_(0, pool.components.reshape(-1),
+                                                    pool.values.reshape(-1).float())
+    population_total = float(population.abs().sum().clamp_min(1e-12))
     shrink = math.sqrt(m / n_class) if n_class > m else 1.0
     alpha = (1.0 - config.level) / 2
     out = []
     for (single, group), (share, concept_share) in zip(where, points):
         lo, hi = _interval(boot[:, single], share, shrink, alpha)
         clo, chi = _interval(boot[:, group], concept_share, shrink, alpha)
-        chance = null[:, group]
-        chance = chance.mean() + (chance - chance.mean()) * shrink
+        members = columns[group]
+        p = chernoff_p_value(_group_sums(pool, members), float(_group_sums(own, members).mean()), n_class)
         out.append(ShareStatistics((lo, hi), (clo, chi),
-                                   float(torch.quantile(chance.double(), config.chance_quantile))))
+                                   float(population[members].sum()) / population_total, p))
+    return out
+
+
+def _group_sums(ev: ClassEvidence, members: Tensor) -> np.ndarray:
+    """Per row, the attribution of the components ``members`` together."""
+    return (ev.values * torch.isin(ev.components, members)).sum(1).double().numpy()
+
+
+def chernoff_p_value(population: np.ndarray, t: float, n: int) -> float:
+    """An upper bound on P(mean of n independent draws from ``population`` >= t):
+    exp(-n I(t)), I(t) = sup_{l >= 0} [l t - log mean(exp(l x))] (Chernoff). 1 when t is
+    not above the population's mean; 0 when no value of the population reaches t."""
+    x = np.asarray(population, dtype=np.float64)
+    if len(x) == 0 or n <= 0 or t <= x.mean():
+        return 1.0
+    top = x.max()
+    if t > top:
+        return 0.0
+    if t == top:
+        return float(np.mean(x == top)) ** n
+    z = (x - t) / max(float(x.std()), 1e-300)  # the same supremum, on a scale where l ~ 1
+
+    def tilted_mean(l: float) -> float:
+        w = np.exp(l * (z - z.max()))
+        return float((w * z).sum() / w.sum())
+
+    lo, hi = 0.0, 1.0
+    while tilted_mean(hi) < 0 and hi < 1e9:
+        lo, hi = hi, hi * 2
+    for _ in range(100):  # the tilted mean grows with l: bisect for zero
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if tilted_mean(mid) < 0 else (lo, mid)
+    l = (lo + hi) / 2
+    log_mgf = float(np.log(np.mean(np.exp(l * (z - z.max())))) + l * z.max())
+    return float(np.exp(min(0.0, n * log_mgf)))
+
+
+def benjamini_hochberg(p_values: Sequence[float]) -> np.ndarray:
+    """Adjusted p-values (q-values) of the Benjamini-Hochberg procedure: reject where
+    q <= the false discovery rate."""
+    p = np.asarray(p_values, dtype=np.float64)
+    m = len(p)
+    if m == 0:
+        return p
+    order = np.argsort(p)
+    ranked = p[order] * m / np.arange(1, m + 1)
+    q = np.minimum.accumulate(ranked[::-1])[::-1].clip(max=1.0)
+    out = np.empty(m)
+    out[order] = q
     return out
 
 

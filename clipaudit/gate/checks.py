@@ -31,7 +31,7 @@ def _interval(ci: list[float] | None) -> str:
 
 
 def _chance(f: Finding) -> str:
-    return f"; chance {f.chance_share:.3f}" if f.chance_share is not None else ""
+    return f"; {f.chance_share:.3f} over all data" if f.chance_share is not None else ""
 
 
 # ------------------------------------------------------------------ shortcut-share
