@@ -40,7 +40,7 @@ SCHEMA_VERSIONS: dict[str, int] = {
     "audit": 3,
     "synthetic-dataset": 1,
     "tiny-clip": 1,
-    "component-descriptions": 1,
+    "component-descriptions": 2,
     "text-embeddings": 1,
 }
 

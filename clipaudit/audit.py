@@ -184,7 +184,7 @@ def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | 
         raise InputError(f"{cache_dpath}: the audit runs at the default hook point (last block, cls); "
                          f"this cache is at layer {hook['layer']}, token {hook['token']}")
     sae = load_sae(sae_fpath, expect_backbone_id=backbone.id, expect_hook=hook, expect_d=cache.d)
-    audited = make_heads(probe, prompts, backbone, heads)
+    audited = make_heads(probe, prompts, backbone, heads, encode_text=_text_encoder(backbone, config))
     baseline_dpath = baseline_dpath or ruleset.baseline
     baseline = load_audit(baseline_dpath) if baseline_dpath else None
 
@@ -253,15 +253,22 @@ def write_outputs(result: AuditResult, out_dpath: Path,
 
 
 def make_heads(probe: Path | str | LinearProbe | None, prompts: Path | str | PromptSet | None,
-               backbone: Backbone, heads: Sequence[Head] = ()) -> list[Head]:
+               backbone: Backbone, heads: Sequence[Head] = (),
+               encode_text: Any = None) -> list[Head]:
     """The heads to audit: a probe (file or object), a prompt set (file or object) and
-    any ready heads, loaded through the head registry."""
+    any ready heads, loaded through the head registry. ``encode_text`` (default the
+    backbone's) encodes a prompt set, e.g. through the text cache."""
     out: list[Head] = []
     if probe is not None:
         out.append(probe if isinstance(probe, LinearProbe) else load_head("linear-probe", probe, backbone))
     if prompts is not None:
-        out.append(make_zero_shot_head(prompts, backbone.encode_text) if isinstance(prompts, PromptSet)
-                   else load_head("zero-shot", prompts, backbone))
+        if isinstance(prompts, PromptSet) or encode_text is not None:
+            from clipaudit.heads.zero_shot import load_prompt_set
+
+            prompt_set = prompts if isinstance(prompts, PromptSet) else load_prompt_set(prompts)
+            out.append(make_zero_shot_head(prompt_set, encode_text or backbone.encode_text))
+        else:
+            out.append(load_head("zero-shot", prompts, backbone))
     out.extend(heads)
     if not out:
         raise InputError("nothing to audit: give a probe (--probe) and/or a prompt set (--prompts)")
@@ -269,6 +276,13 @@ def make_heads(probe: Path | str | LinearProbe | None, prompts: Path | str | Pro
     if len(set(names)) != len(names):
         raise InputError(f"two heads share a name ({', '.join(names)}); name each head differently")
     return out
+
+
+def _text_encoder(backbone: Backbone, config: AuditConfig) -> Any:
+    from clipaudit.describe.text_cache import cached_text_encoder, resolve_text_cache
+
+    return cached_text_encoder(backbone.encode_text, backbone.id,
+                               resolve_text_cache(config.describe.text_cache))
 
 
 # ------------------------------------------------------------------ steps
@@ -388,10 +402,18 @@ def _reuse_descriptions(path: Path, key: dict[str, Any]) -> ComponentDescription
     return descriptions
 
 
+DESCRIPTIONS_TOP_KEPT = 32
+"""Top instances per component kept in the audit's descriptions file (what a reuse shows)."""
+
+
 def save_descriptions_for_audit(descriptions: ComponentDescriptions, out_dpath: Path) -> Path:
+    """The descriptions a later audit can reuse, without what it recomputes (the class
+    alignment) and with the first 32 top instances of each component (the semantic
+    embeddings were computed from all top-m): bounded by the SAE, not by the classes."""
     from clipaudit.describe.components import save_descriptions
 
-    return save_descriptions(out_dpath / DESCRIPTIONS_FNAME, descriptions)
+    return save_descriptions(out_dpath / DESCRIPTIONS_FNAME, descriptions,
+                             top_kept=DESCRIPTIONS_TOP_KEPT, class_alignment=False)
 
 
 def check_same_model(ref_cache: ActivationCache, cache: ActivationCache, ref_dpath: Path | str) -> None:

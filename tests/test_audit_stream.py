@@ -232,3 +232,34 @@ def test_sparse_ablation_equals_the_dense_ablation(setup, labelled):
             for a, b in zip(got.slices, want.slices):
                 assert a.score_delta == pytest.approx(b.score_delta, abs=1e-5)
                 assert a.accuracy_after == pytest.approx(b.accuracy_after)
+
+
+def test_the_audits_descriptions_file_keeps_what_a_reuse_needs(tmp_path):
+    from types import SimpleNamespace
+
+    from clipaudit.describe.components import (
+        describe_components,
+        load_descriptions,
+        realign_classes,
+        save_descriptions,
+        top_activations,
+    )
+    from clipaudit.describe.concepts import ConceptVocabulary
+
+    g = torch.Generator().manual_seed(0)
+    codes = SimpleNamespace(indices=torch.randint(0, 6, (40, 1), generator=g),
+                            values=torch.rand(40, 1, generator=g) + 0.1)
+    top = top_activations([(torch.arange(40), codes)], 6, m=10)
+    ref = torch.randn(40, 8, generator=g)
+
+    def encoder(texts):
+        return torch.stack([torch.randn(8, generator=torch.Generator().manual_seed(len(t))) for t in texts])
+
+    desc = describe_components(top, ref, encoder, ConceptVocabulary("v", ["a", "bb", "ccc"]),
+                               {"x": ["x1"], "y": ["yy2"]})
+    back = load_descriptions(save_descriptions(tmp_path / "d.safetensors", desc, top_kept=3,
+                                               class_alignment=False))
+    assert back.class_alignment.shape == (6, 0) and back.class_names == []
+    assert torch.equal(back.top.ids, desc.top.ids[:, :3]) and torch.equal(back.top.counts, desc.top.counts)
+    again = realign_classes(back, encoder, {"x": ["x1"], "y": ["yy2"]})
+    torch.testing.assert_close(again.class_alignment, desc.class_alignment, equal_nan=True)
