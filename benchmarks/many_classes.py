@@ -84,8 +84,8 @@ def run_audit_cli(paths: dict[str, Path], audit_dpath: Path, code: Path | None,
         env["PYTHONPATH"] = str(code)
     run = run_audit(paths["cache"], {"sae": paths["sae"]}, audit_dpath, env,
                     ["--prompts", str(paths["prompts"]), *extra])
-    return {"wall_s": run["wall_s"], "peak_rss_mib": run["peak_mib"], "exit_code": run["exit"],
-            "json": run["json"]}
+    return {"wall_s": run["wall_s"], "cpu_s": run["cpu_s"], "peak_rss_mib": run["peak_mib"],
+            "exit_code": run["exit"], "json": run["json"]}
 
 
 def main() -> None:
@@ -109,8 +109,8 @@ def main() -> None:
     verdicts = run["json"]["verdicts"]
     statuses = pd.Series([v["status"] for v in verdicts]).value_counts().to_dict()
     html = audit_dpath / "report.html"
-    print(f"audit: {run['wall_s']:.1f} s (target 90), peak RSS {run['peak_rss_mib']:.0f} MiB "
-          f"(target 2048), exit code {run['exit_code']}")
+    print(f"audit: {run['wall_s']:.1f} s (target 90; {run['cpu_s']:.1f} CPU s), peak RSS "
+          f"{run['peak_rss_mib']:.0f} MiB (target 2048), exit code {run['exit_code']}")
     print(f"folder: {folder_bytes(audit_dpath) / 1e6:.1f} MB (target 60); report.html "
           f"{html.stat().st_size / 1e6 if html.is_file() else 0:.2f} MB; report.pdf "
           f"{pdf_pages(audit_dpath / 'report.pdf')} pages (target 60)")

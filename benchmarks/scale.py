@@ -128,14 +128,16 @@ def encode_only(cache_dpath: Path, sae_fpath: Path, batch_size: int) -> float:
 
 
 _PEAK = ("import resource, subprocess, sys; rc = subprocess.call(sys.argv[1:]); "
-         "sys.stderr.write('\\npeak-rss-kib %d\\n' % resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+         "u = resource.getrusage(resource.RUSAGE_CHILDREN); "
+         "sys.stderr.write('\\npeak-rss-kib %d cpu-s %.1f\\n' % (u.ru_maxrss, u.ru_utime + u.ru_stime)); "
          "sys.exit(rc)")
 """A wrapper process whose only child is the audit: its RUSAGE_CHILDREN is the audit's peak."""
 
 
 def run_audit(cache: Path, models: dict[str, Path], out: Path, env: dict[str, str],
               extra: list[str]) -> dict:
-    """``clipaudit audit`` in a child process: wall time, peak RSS (MiB), exit code, JSON."""
+    """``clipaudit audit`` in a child process: wall time, peak RSS (MiB), CPU seconds (user +
+    system: the figure to read on a shared machine), exit code, JSON."""
     shutil.rmtree(out, ignore_errors=True)
     heads = ["--probe", str(models["probe"])] if "probe" in models else []
     cmd = [sys.executable, "-c", _PEAK, sys.executable, "-c", "from clipaudit.cli import main; main()",
@@ -145,8 +147,9 @@ def run_audit(cache: Path, models: dict[str, Path], out: Path, env: dict[str, st
     wall = time.perf_counter() - start
     if proc.returncode not in (0, 1):
         sys.exit(f"audit failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-    peak_kib = int(proc.stderr.rsplit("peak-rss-kib", 1)[1].split()[0])
-    return {"wall_s": wall, "peak_mib": peak_kib / 1024, "exit": proc.returncode,
+    usage = proc.stderr.rsplit("peak-rss-kib", 1)[1].split()
+    return {"wall_s": wall, "peak_mib": int(usage[0]) / 1024, "cpu_s": float(usage[2]),
+            "exit": proc.returncode,
             "json": json.loads(proc.stdout)}
 
 
@@ -189,7 +192,7 @@ def main() -> None:
         print(f"cache of {n:,} rows ready ({time.perf_counter() - start:.0f} s)", flush=True)
     first = run_audit(args.out / f"cache-{sizes[0]}", models, args.out / "audit-warmup", env, ["--no-pdf"])
     print(f"warm-up audit (encodes the text embeddings once per model): {first['wall_s']:.0f} s", flush=True)
-    print(f"{'N':>9} | {'encode s':>9} | {'audit s':>8} | {'ratio':>5} | {'peak MiB':>8} | "
+    print(f"{'N':>9} | {'encode s':>9} | {'audit s':>8} | {'CPU s':>7} | {'ratio':>5} | {'peak MiB':>8} | "
           f"{'folder MB':>9} | {'PDF pages':>9} | verdict | real findings (backed) | "
           f"permutation: findings (backed), failing")
     peaks = {}
@@ -204,7 +207,8 @@ def main() -> None:
         findings = run["json"]["findings"]
         control = run["json"]["permutation"] or {}
         failing = sum(v["status"] == "fail" and v["waived"] is None for v in run["json"]["verdicts"])
-        print(f"{n:>9,} | {encode_s:>9.1f} | {run['wall_s']:>8.1f} | {run['wall_s'] / encode_s:>5.2f} | "
+        print(f"{n:>9,} | {encode_s:>9.1f} | {run['wall_s']:>8.1f} | {run['cpu_s']:>7.1f} | "
+              f"{run['wall_s'] / encode_s:>5.2f} | "
               f"{run['peak_mib']:>8.0f} | {folder:>9.1f} | {pages!s:>9} | {run['json']['verdict']:<7} "
               f"({failing} failing) | {len(findings)} ({sum(f['backed'] for f in findings)}) | "
               f"{control.get('n_findings')} ({control.get('n_backed')}), {control.get('n_failing')}",
