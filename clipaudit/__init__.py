@@ -73,6 +73,7 @@ _EXPORTS: dict[str, str] = {
     # audit, gate, report
     "AuditConfig": "clipaudit.audit",
     "AuditOutcome": "clipaudit.audit",
+    "StatisticsConfig": "clipaudit.findings.statistics",
     "run_audit": "clipaudit.audit",
     "AuditResult": "clipaudit.results",
     "load_audit": "clipaudit.results",
@@ -138,6 +139,7 @@ __all__ = [
     "list_vocabularies",
     "AuditConfig",
     "AuditOutcome",
+    "StatisticsConfig",
     "run_audit",
     "AuditResult",
     "load_audit",

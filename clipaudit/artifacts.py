@@ -39,20 +39,21 @@ SCHEMA_VERSIONS: dict[str, int] = {
     "sae-checkpoint": 1,
     "probe": 1,
     "prompt-set": 1,
-    "attributions": 1,
-    "audit": 3,
+    "attributions": 2,
+    "audit": 4,
     "synthetic-dataset": 2,
     "tiny-clip": 1,
-    "component-descriptions": 1,
+    "component-descriptions": 2,
     "column-roles": 1,
     "heatmaps": 1,
+    "text-embeddings": 1,
 }
 
 READABLE_OLDER_VERSIONS: dict[str, tuple[int, ...]] = {
     "synthetic-dataset": (1,),  # version 1 had no artifact masks; its data still loads
     "activation-cache": (1,),  # earlier caches (last block, cls) still open and audit
     "sae": (1,),  # TopK SAE files without the fields schema 2 added
-    "audit": (2,),  # version 2 had no heatmaps (optional fields, absent there)
+    "audit": (2, 3),  # 2: no heatmaps, no intervals or permutation control (optional fields)
 }
 """Older schema versions a kind's loader still reads (it handles what they lack)."""
 
@@ -312,15 +313,25 @@ def write_parquet(fpath: Path | str, kind: str, table: Any,
     return Path(fpath)
 
 
-def read_parquet(fpath: Path | str, kind: str) -> tuple[Any, dict[str, Any]]:
-    """Return (pandas DataFrame, header)."""
+def read_parquet(fpath: Path | str, kind: str, *, skip_columns: tuple[str, ...] = (),
+                 strings_as_categories: bool = False) -> tuple[Any, dict[str, Any]]:
+    """Return (pandas DataFrame, header). ``skip_columns`` are not read;
+    ``strings_as_categories`` reads string columns dictionary-encoded (pandas categoricals)."""
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     fpath = Path(fpath)
     if not fpath.is_file():
         raise ArtifactError(f"{fpath}: file not found")
     try:
-        table = pq.read_table(str(fpath))
+        columns = read_dictionary = None
+        if skip_columns or strings_as_categories:
+            schema = pq.read_schema(str(fpath))
+            columns = [n for n in schema.names if n not in skip_columns]
+            if strings_as_categories:
+                read_dictionary = [f.name for f in schema if f.name in columns
+                                   and (pa.types.is_string(f.type) or pa.types.is_large_string(f.type))]
+        table = pq.read_table(str(fpath), columns=columns, read_dictionary=read_dictionary)
     except Exception as e:  # pyarrow's error types vary by version
         raise ArtifactError(f"{fpath}: not a readable Parquet file ({e})") from None
     raw = (table.schema.metadata or {}).get(_META_KEY.encode())

@@ -1,17 +1,28 @@
 """The audit, the one orchestrator of the pipeline's later stages:
 
-    cache + SAE + heads -> attributions (attribution) -> descriptions (describe)
-    -> findings (findings) -> rule verdicts (gate) -> audit folder (report)
+    cache + SAE + heads -> one streaming pass (attribution) -> descriptions (describe)
+    -> candidates, intervals, chance levels, evidence (findings) -> permutation control
+    -> rule verdicts (gate) -> audit folder (report)
 
-The audit folder holds audit.json, the per-instance Parquet tables, the component
-descriptions (``descriptions.safetensors``, reusable by a later audit), thumbnails,
-junit.xml, summary.md, report.html and report.pdf.
+The audit streams: it reads the cache shard by shard, encodes each shard with the
+SAE once, accumulates each head's per-class relevance and the components' top
+activations, and spills the sparse codes to a scratch folder inside the audit folder
+(removed when done) for the passes that need them once the findings are known. Its
+memory is bounded by the SAE and the number of classes (a few bytes per instance
+aside: predictions and labels), never by the number of instances; see
+``clipaudit.attribution.audit_pass`` and ``clipaudit.audit_heads``.
+
+The audit folder holds audit.json, the component descriptions
+(``descriptions.safetensors``, reusable by a later audit), thumbnails, junit.xml,
+summary.md, report.html and report.pdf, and on request the per-instance attribution
+tables (``attributions-<head>/``, ``OutputConfig.attributions``).
 
 It runs from the activation cache at the pooled hook point of any tower (or the
 last block's class token of a class-token ViT, the same vector), where the rest of
-the tower is a norm and a projection (``clipaudit.extraction.hooks.cache_readout``)
-and everything after extraction is cheap; the attribution library also works from
-images at any hook point (``clipaudit.attribution.attribute_images``).
+the tower is a norm and an affine projection (``clipaudit.extraction.hooks.cache_readout``)
+and attributions have a closed form (the ``frozen`` gradient); the attribution library
+also works from images at any hook point and with the ``exact`` gradient
+(``clipaudit.attribution.attribute_images``, ``attribute_cls``).
 """
 
 from __future__ import annotations
@@ -19,42 +30,35 @@ from __future__ import annotations
 import dataclasses
 import datetime as _dt
 import logging
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 import torch
 
 from clipaudit._version import __version__
 from clipaudit.artifacts import sha256_file, sha256_json
-from clipaudit.attribution.ablation import ablated_scores, ablation_effect, deletion_curves
+from clipaudit.attribution.audit_pass import encode_rows, first_pass
 from clipaudit.attribution.heatmap_files import HeatmapConfig, add_heatmaps
-from clipaudit.attribution.patching import Attributions, attribute_cls, check_gradient, class_relevance
-from clipaudit.describe.components import ComponentDescriptions
+from clipaudit.attribution.patching import check_gradient
+from clipaudit.attribution.table import ATTRIBUTION_CLASSES, AttributionTableConfig
+from clipaudit.describe.components import ComponentDescriptions, TopActivations
 from clipaudit.describe.config import DescribeConfig
 from clipaudit.errors import InputError
 from clipaudit.extraction.backbone import Backbone, load_backbone_for
 from clipaudit.extraction.cache_reader import ActivationCache
 from clipaudit.extraction.hooks import cache_readout
-from clipaudit.extraction.readout import PooledReadout
-from clipaudit.findings import make_finding, metadata_aucs, scatter_points, select_candidates
+from clipaudit.findings.statistics import StatisticsConfig
 from clipaudit.heads import Head, LinearProbe, PromptSet, load_head, make_zero_shot_head
-from clipaudit.heads.labels import check_heads_against_labels
+from clipaudit.heads.labels import HeadLabels, check_heads_against_labels
 from clipaudit.progress import NULL_REPORTER, Reporter
 from clipaudit.report.model import ReportConfig
-from clipaudit.results import (
-    AUDIT_FNAME,
-    AuditResult,
-    ClassAudit,
-    ComponentInfo,
-    FindingConfig,
-    HeadAudit,
-    InstanceInfo,
-    save_audit,
-)
-from clipaudit.sae.model import SAE, cat_codes
+from clipaudit.results import AUDIT_FNAME, AuditResult, ComponentInfo, InstanceInfo, save_audit
+from clipaudit.sae.model import SAE
 from clipaudit.staging import staged_output
 
 log = logging.getLogger(__name__)
@@ -84,9 +88,12 @@ class OutputConfig:
     thumbnails_per_finding: int = 8
     """Top images kept per finding in audit.json (and as thumbnails)."""
     scatter_points: int = 300
-    """Components per class kept for the relevance-vs-alignment scatter."""
+    """Components kept for the relevance-vs-alignment scatter of a class with findings
+    (classes without findings keep fewer: 20,000 points shared among them, 10 at least)."""
     report: ReportConfig = ReportConfig()
     """What the reports show of the audit."""
+    attributions: AttributionTableConfig = AttributionTableConfig()
+    """The optional per-instance attribution tables (attributions-<head>/)."""
     heatmaps: HeatmapConfig = HeatmapConfig()
     """Heatmaps of the findings' top images (``heatmaps/``)."""
 
@@ -103,14 +110,40 @@ class AuditConfig:
     describe: DescribeConfig = DescribeConfig()
     """How components are described (vocabulary, reference model and set, top-m)."""
     faithfulness: FaithfulnessConfig = FaithfulnessConfig()
+    statistics: StatisticsConfig = StatisticsConfig()
+    """Bootstrap intervals, chance levels and the permutation control."""
     outputs: OutputConfig = OutputConfig()
     batch_size: int = 4096
-    """Instances per batch when encoding and attributing from the cache."""
+    """Instances per batch when encoding and attributing from the cache (at most: wide
+    SAEs encode fewer at once, so the encoder's pre-activations stay under 128 MB)."""
     gradient: str = "frozen"
-    """``frozen``: norm scales and the head's normalisation held fixed (attributions add up
-    to the score); ``exact``: plain autograd through them, as the paper's code."""
+    """``frozen``: norm scales and the head's normalisation held fixed, attributions add up
+    to the score and have a closed form (what the streaming audit computes). ``exact``
+    (plain autograd, as the paper's code) is refused by the audit: use ``explain
+    --gradient exact`` or ``attribute_cls(..., gradient="exact")``; the deletion curves
+    of every audit compare both rankings."""
     seed: int = 0
-    """Seeds the sampling of the faithfulness instances."""
+    """Seeds the faithfulness sample, the bootstrap and the permutation control."""
+
+    def validate(self) -> None:
+        if self.outputs.attributions.classes not in ATTRIBUTION_CLASSES:
+            raise InputError(f"attribution classes {self.outputs.attributions.classes!r}: use one "
+                             f"of {', '.join(ATTRIBUTION_CLASSES)}")
+        s = self.statistics
+        if s.resamples < 10 or not 0.5 <= s.level < 1 or not 0 < s.fdr < 1:
+            raise InputError(f"statistics: resamples must be >= 10 (got {s.resamples}), the level in "
+                             f"[0.5, 1) (got {s.level}), the false discovery rate in (0, 1) "
+                             f"(got {s.fdr})")
+        if self.batch_size <= 0:
+            raise InputError(f"batch size must be positive, got {self.batch_size}")
+        check_gradient(self.gradient)
+        if self.gradient != "frozen":
+            raise InputError(
+                f"gradient {self.gradient!r}: the audit computes attributions in closed form from "
+                "the cache, with norm scales frozen (gradient frozen); the exact gradient is "
+                "available per image (clipaudit explain --gradient exact) and in the library "
+                "(attribute_cls(..., gradient='exact')), and every audit's deletion curves "
+                "compare the two rankings")
 
 
 @dataclass(frozen=True)
@@ -122,30 +155,38 @@ class AuditOutcome:
 
 
 @dataclass(frozen=True)
-class _Data:
-    """The audited instances: cached activations, ids, labels, metadata and SAE codes."""
+class Instances:
+    """The audited instances in cache row order: what the audit keeps of each (labels as
+    categoricals, metadata columns), a few bytes per instance."""
 
-    acts: torch.Tensor
-    """[n, d] float32 activations at the hook point."""
-    ids: torch.Tensor
-    """[n] instance ids."""
-    labels: list[str | None]
+    ids: np.ndarray
+    labels: pd.Series | None
+    """Categorical labels (NaN: unknown); None when the index has no label column."""
     metadata: pd.DataFrame
-    """The index's metadata columns, one row per instance."""
-    codes: _Codes
+
+    @property
+    def has_labels(self) -> bool:
+        return self.labels is not None and bool(self.labels.notna().any())
+
+    def truth(self, class_names: Sequence[str], matched: HeadLabels | None = None) -> np.ndarray:
+        """int64 [n]: each instance's label as an index into ``class_names`` (through the
+        label map of ``matched``); -1 unlabelled (counted by prediction), -2 a label of
+        no class (left out)."""
+        if self.labels is None:
+            return np.full(len(self.ids), -1, dtype=np.int64)
+        cat = self.labels.astype("category")
+        lookup = {name: i for i, name in enumerate(class_names)}
+        to_class = matched.label_to_class if matched is not None else {}
+        lut = np.array([lookup.get(to_class.get(str(c), str(c)), -2) for c in cat.cat.categories]
+                       + [-1], dtype=np.int64)
+        return lut[cat.cat.codes.to_numpy()]
 
 
-@dataclass(frozen=True)
-class _Stage:
-    """What every head's audit shares."""
-
-    sae: SAE
-    tower: PooledReadout
-    """The rest of the tower from the cached vectors."""
-    descriptions: ComponentDescriptions
-    finding_config: FindingConfig
-    config: AuditConfig
-    reporter: Reporter
+def load_instances(cache: ActivationCache) -> Instances:
+    index = cache.ok_index
+    labels = index["label"].reset_index(drop=True) if "label" in index else None
+    metadata = index[[c for c in index.columns if c not in _INDEX_COLUMNS]].reset_index(drop=True)
+    return Instances(index["id"].to_numpy(dtype=np.int64), labels, metadata)
 
 
 @staged_output("out_dpath", command="audit", replaces=AUDIT_FNAME)  # replaced whole or not at all
@@ -157,19 +198,25 @@ def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | 
               reporter: Reporter = NULL_REPORTER) -> AuditOutcome:
     """Audit heads (a probe, a prompt set, and/or ready ``heads``) on a cache with an SAE,
     and write the audit folder. Returns the result and the gate's exit code (0 or 1)."""
+    from clipaudit import audit_heads as stages
     from clipaudit.extraction.cache_reader import open_cache
     from clipaudit.gate import evaluate, exit_code, load_ruleset
     from clipaudit.results import load_audit
     from clipaudit.sae import load_sae
 
+    config.validate()
     ruleset = load_ruleset(config.rules)  # fail fast on a bad rule file
-    check_gradient(config.gradient)
-    cache = open_cache(cache_dpath)
+    cache = open_cache(cache_dpath, lean=True)
     hook = cache.provenance["hook"]
     backbone = backbone or load_backbone_for(cache.provenance["backbone"])
     tower = cache_readout(backbone.model, hook, cache_dpath)
+    if not tower.is_affine:
+        raise InputError(f"{cache_dpath}: the rest of this tower after the pooled vector "
+                         f"({tower.description}) is not affine, so attributions have no closed "
+                         "form and the audit cannot stream them; attribute single images with "
+                         "clipaudit explain (autograd)")
     sae = load_sae(sae_fpath, expect_backbone_id=backbone.id, expect_hook=hook, expect_d=cache.d)
-    audited = make_heads(probe, prompts, backbone, heads)
+    audited = make_heads(probe, prompts, backbone, heads, encode_text=_text_encoder(backbone, config))
     # every class must match the data's labels, with enough instances, before any work
     matched = check_heads_against_labels(audited, cache, label_map=config.label_map,
                                          min_instances=ruleset.thresholds.min_instances,
@@ -177,36 +224,50 @@ def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | 
     baseline_dpath = baseline_dpath or ruleset.baseline
     baseline = load_audit(baseline_dpath) if baseline_dpath else None
 
-    data = _load_data(cache, sae, config.batch_size)
+    instances = load_instances(cache)
     out_dpath = Path(out_dpath)
     out_dpath.mkdir(parents=True, exist_ok=True)
-    descriptions, ref_cache = describe_for_audit(cache, data.codes, sae, sae_fpath, backbone, audited,
-                                                 config.describe, config.batch_size, reporter)
-    files = {"descriptions": save_descriptions_for_audit(descriptions, out_dpath)}
-    stage = _Stage(sae, tower, descriptions, ruleset.finding_config(), config, reporter)
-    head_audits = []
-    for head in audited:
-        attr = attribute_cls(data.acts, data.ids, sae, head, tower, batch_size=config.batch_size,
-                             gradient=config.gradient, reporter=reporter)
-        files[f"attributions-{head.name}"] = attr.to_parquet(
-            out_dpath / f"attributions-{head.name}.parquet", provenance={"head": head.name})
-        labels = matched[head.name].instance_labels(data.labels)  # data labels -> class names
-        head_audits.append(_audit_head(head, attr, dataclasses.replace(data, labels=labels), stage))
-
-    components, instances = _components_and_instances(head_audits, descriptions, sae,
-                                                      ref_cache.ok_index.reset_index(drop=True),
+    describe_here = config.describe.reuse is None and config.describe.reference_cache is None
+    with tempfile.TemporaryDirectory(prefix=".spill-", dir=out_dpath) as spill_dpath:
+        truths = [instances.truth(h.class_names, matched[h.name]) for h in audited]
+        first = first_pass(cache, sae, audited, tower, truths,
+                           instances.has_labels, Path(spill_dpath), batch_size=config.batch_size,
+                           top_m=config.describe.top_m if describe_here else None,
+                           table=config.outputs.attributions, out_dpath=out_dpath, reporter=reporter)
+        files = {f"attributions-{p.head.name}": p.table for p in first.heads if p.table is not None}
+        descriptions, ref_cache = describe_for_audit(cache, first.top, sae, sae_fpath, backbone, audited,
+                                                     config.describe, config.batch_size, reporter)
+        files["descriptions"] = save_descriptions_for_audit(descriptions, out_dpath)
+        ctx = stages.AuditContext(
+            sae, tower, cache, first, descriptions, instances.metadata, ruleset.finding_config(),
+            config.statistics, config.seed, config.outputs.thumbnails_per_finding,
+            config.outputs.scatter_points, config.faithfulness.instances, config.faithfulness.steps,
+            reporter)
+        selections = [stages.select(p, p.relevance, p.assign, ctx, config.seed)  # type: ignore[arg-type]
+                      for p in first.heads]  # first_pass sets every relevance
+        shuffled = ([stages.shuffled_selection(p, ctx) for p in first.heads]
+                    if config.statistics.permutation else [])
+        evidence = stages.gather_evidence(
+            selections, [c.component for s in shuffled for c in s.candidates], ctx)
+        backed = stages.backed_keys(selections, config.statistics.fdr)
+        head_audits = [stages.head_audit(s, evidence, ctx, b) for s, b in zip(selections, backed)]
+        components, infos = _components_and_instances(head_audits, descriptions, sae, ref_cache,
                                                       out_dpath, config.outputs)
-    components, heatmaps = add_heatmaps(components, ref_cache.ok_index.reset_index(drop=True),
-                                        backbone.model, backbone.preprocess, sae, hook, out_dpath,
-                                        config.outputs.heatmaps, reporter=reporter)
-    result = AuditResult(
-        audit_id=_audit_id(cache, sae_fpath, audited, config),
-        provenance=_provenance(cache, backbone, sae, sae_fpath, audited, config),
-        sae_metrics={k: float(v) for k, v in (sae.meta.get("metrics") or {}).items()
-                     if isinstance(v, (int, float)) and v is not None},
-        heads=head_audits, components=components, instances=instances,
-        rules_file=ruleset.name, heatmaps=heatmaps,
-    )
+        components, heatmaps = add_heatmaps(
+            components, pd.DataFrame({"id": [i.id for i in infos], "path": [i.path for i in infos]}),
+            backbone.model, backbone.preprocess, sae, hook, out_dpath, config.outputs.heatmaps,
+            reporter=reporter)
+        result = AuditResult(
+            audit_id=_audit_id(cache, sae_fpath, audited, config),
+            provenance=_provenance(cache, backbone, sae, sae_fpath, audited, config),
+            sae_metrics={k: float(v) for k, v in (sae.meta.get("metrics") or {}).items()
+                         if isinstance(v, (int, float)) and v is not None},
+            heads=head_audits, components=components, instances=infos,
+            rules_file=ruleset.name, heatmaps=heatmaps,
+        )
+        if shuffled:
+            result = dataclasses.replace(result, permutation=stages.permutation_control(
+                shuffled, evidence, result, ruleset, ctx))
     verdicts = evaluate(result, ruleset, baseline=baseline)
     result = dataclasses.replace(result, verdicts=verdicts)
     files |= write_outputs(result, out_dpath, config.outputs)
@@ -234,15 +295,22 @@ def write_outputs(result: AuditResult, out_dpath: Path,
 
 
 def make_heads(probe: Path | str | LinearProbe | None, prompts: Path | str | PromptSet | None,
-               backbone: Backbone, heads: Sequence[Head] = ()) -> list[Head]:
+               backbone: Backbone, heads: Sequence[Head] = (),
+               encode_text: Any = None) -> list[Head]:
     """The heads to audit: a probe (file or object), a prompt set (file or object) and
-    any ready heads, loaded through the head registry."""
+    any ready heads, loaded through the head registry. ``encode_text`` (default the
+    backbone's) encodes a prompt set, e.g. through the text cache."""
     out: list[Head] = []
     if probe is not None:
         out.append(probe if isinstance(probe, LinearProbe) else load_head("linear-probe", probe, backbone))
     if prompts is not None:
-        out.append(make_zero_shot_head(prompts, backbone.encode_text) if isinstance(prompts, PromptSet)
-                   else load_head("zero-shot", prompts, backbone))
+        if isinstance(prompts, PromptSet) or encode_text is not None:
+            from clipaudit.heads.zero_shot import load_prompt_set
+
+            prompt_set = prompts if isinstance(prompts, PromptSet) else load_prompt_set(prompts)
+            out.append(make_zero_shot_head(prompt_set, encode_text or backbone.encode_text))
+        else:
+            out.append(load_head("zero-shot", prompts, backbone))
     out.extend(heads)
     if not out:
         raise InputError("nothing to audit: give a probe (--probe) and/or a prompt set (--prompts)")
@@ -252,40 +320,14 @@ def make_heads(probe: Path | str | LinearProbe | None, prompts: Path | str | Pro
     return out
 
 
+def _text_encoder(backbone: Backbone, config: AuditConfig) -> Any:
+    from clipaudit.describe.text_cache import cached_text_encoder, resolve_text_cache
+
+    return cached_text_encoder(backbone.encode_text, backbone.id,
+                               resolve_text_cache(config.describe.text_cache))
+
+
 # ------------------------------------------------------------------ steps
-
-
-@dataclass(frozen=True)
-class _Codes:
-    """Every instance's SAE codes, kept sparse ([n, k]); one component's column on demand."""
-
-    indices: torch.Tensor
-    values: torch.Tensor
-
-    def column(self, component: int) -> torch.Tensor:
-        return (self.values * (self.indices == component)).sum(1)
-
-    def rows(self, start: int, stop: int) -> _Codes:
-        return _Codes(self.indices[start:stop], self.values[start:stop])
-
-
-@torch.no_grad()
-def _encode_all(sae: SAE, acts: torch.Tensor, batch_size: int) -> _Codes:
-    parts = [sae.encode(acts[s:s + batch_size]) for s in range(0, len(acts), batch_size)]
-    if not parts:
-        return _Codes(torch.zeros(0, sae.k, dtype=torch.long), torch.zeros(0, sae.k))
-    codes = cat_codes(parts)  # SAEs with a threshold activate a varying number per row
-    return _Codes(codes.indices, codes.values.float())
-
-
-def _load_data(cache: ActivationCache, sae: SAE, batch_size: int) -> _Data:
-    index = cache.ok_index.reset_index(drop=True)
-    acts = cache.load_acts().float()
-    ids = torch.tensor(index["id"].to_numpy(), dtype=torch.long)
-    labels: list[str | None] = ([None if pd.isna(x) else str(x) for x in index["label"]]
-                                if "label" in index else [None] * len(ids))
-    metadata = index[[c for c in index.columns if c not in _INDEX_COLUMNS]]
-    return _Data(acts, ids, labels, metadata, _encode_all(sae, acts, batch_size))
 
 
 def class_texts(heads: Sequence[Head]) -> dict[str, list[str]]:
@@ -298,53 +340,88 @@ def class_texts(heads: Sequence[Head]) -> dict[str, list[str]]:
     return texts
 
 
-def describe_for_audit(cache: ActivationCache, codes: _Codes, sae: SAE, sae_fpath: Path | str,
-                       backbone: Backbone, heads: Sequence[Head], config: DescribeConfig,
-                       batch_size: int, reporter: Reporter) -> tuple[ComponentDescriptions,
-                                                                     ActivationCache]:
-    """What each component means, on the reference set (default: the audited data).
+def describe_for_audit(cache: ActivationCache, top: TopActivations | None, sae: SAE,
+                       sae_fpath: Path | str, backbone: Backbone, heads: Sequence[Head],
+                       config: DescribeConfig, batch_size: int,
+                       reporter: Reporter) -> tuple[ComponentDescriptions, ActivationCache]:
+    """What each component means, on the reference set (default: the audited data, whose
+    top activations ``top`` the audit's pass already collected).
 
     Reuses ``config.reuse`` (an earlier audit's descriptions) when it was computed from
     the same SAE, reference model, reference set, vocabulary and top-m; only the class
-    alignment is then recomputed for these heads' classes (text encoding only).
+    alignment is then recomputed for these heads' classes (text encoding only). Text
+    embeddings go through the text cache (``config.text_cache``).
     """
     from clipaudit.describe.components import (
         describe_components,
         encode_reference_images,
         realign_classes,
-        top_activations,
     )
     from clipaudit.describe.concepts import load_vocabularies
+    from clipaudit.describe.text_cache import cached_text_encoder, resolve_text_cache
     from clipaudit.extraction.backbone import load_backbone
-    from clipaudit.extraction.cache_reader import open_cache
+    from clipaudit.extraction.cache_reader import index_rows, open_cache
 
     ref_cache = cache
     if config.reference_cache is not None:
-        ref_cache = open_cache(config.reference_cache)
+        ref_cache = open_cache(config.reference_cache, lean=True)
         check_same_model(ref_cache, cache, config.reference_cache)
     ref_backbone = backbone if config.reference is None else load_backbone(config.reference)
+    encode_text = cached_text_encoder(ref_backbone.encode_text, ref_backbone.id,
+                                      resolve_text_cache(config.text_cache))
     key = _descriptions_key(sae_fpath, ref_cache, ref_backbone, config)
     if config.reuse is not None:
         reused = _reuse_descriptions(config.reuse, key)
-        return realign_classes(reused, ref_backbone.encode_text, class_texts(heads)), ref_cache
+        return realign_classes(reused, encode_text, class_texts(heads)), ref_cache
 
-    index = ref_cache.ok_index.reset_index(drop=True)
-    ids = torch.tensor(index["id"].to_numpy(), dtype=torch.long)
-    if ref_cache is not cache:  # another reference set: encode it (the audited data is encoded once)
-        codes = _encode_all(sae, ref_cache.load_acts().float(), batch_size)
-    batches = ((ids[s:s + batch_size], codes.rows(s, s + batch_size))
-               for s in range(0, len(ids), batch_size))
-    top = top_activations(batches, sae.n_latents, m=config.top_m)
+    if top is None or ref_cache is not cache:  # another reference set: one pass over it
+        top = _top_activations(ref_cache, sae, config.top_m, batch_size, reporter)
     if config.reference is None:
-        embeds = ref_cache.load_embeds().float()
-        ref = torch.zeros(int(ids.max()) + 1 if len(ids) else 0, embeds.shape[1])
-        ref[ids] = embeds
+        ref: Any = EmbeddingsById(ref_cache)
     else:
-        ref = encode_reference_images(ref_backbone, index, reporter=reporter)
+        items = index_rows(ref_cache.dpath, ref_cache.ok_index["id"].tolist(), ["path"])
+        ref = encode_reference_images(ref_backbone, items, reporter=reporter)
     vocabulary = load_vocabularies(list(config.vocabularies))
-    return describe_components(top, ref, ref_backbone.encode_text, vocabulary, class_texts(heads),
+    return describe_components(top, ref, encode_text, vocabulary, class_texts(heads),
                                templates=config.concept_templates, provenance=key,
                                label_floor=config.label_floor), ref_cache
+
+
+@torch.no_grad()
+def _top_activations(cache: ActivationCache, sae: SAE, m: int, batch_size: int,
+                     reporter: Reporter) -> TopActivations:
+    from clipaudit.describe.components import TopActivationsAccumulator
+
+    acc = TopActivationsAccumulator(sae.n_latents, m)
+    step = encode_rows(sae, batch_size)
+    with reporter.task("encoding the reference set", total=cache.n_ok) as task:
+        for shard in cache.iter_shards(("acts", "ids")):
+            for s in range(0, len(shard["ids"]), step):
+                acc.update(shard["ids"][s:s + step], sae.encode(shard["acts"][s:s + step]))
+                task.advance(len(shard["ids"][s:s + step]))
+    return acc.result()
+
+
+class EmbeddingsById:
+    """A cache's image embeddings indexed by instance id, read on demand (the rows the
+    descriptions need: top-m per component), never all at once. Ids the cache lacks
+    read as zero rows."""
+
+    def __init__(self, cache: ActivationCache) -> None:
+        self.cache = cache
+        self._ids = cache.ok_index["id"].to_numpy(dtype=np.int64)
+        n = int(self._ids.max()) + 1 if len(self._ids) else 0
+        self.shape = (n, cache.embed_dim)
+
+    def __getitem__(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1).numpy()
+        rows = np.searchsorted(self._ids, flat)
+        rows = np.minimum(rows, max(len(self._ids) - 1, 0))
+        present = (self._ids[rows] == flat) if len(self._ids) else np.zeros(len(flat), bool)
+        out = torch.zeros(len(flat), self.shape[1])
+        if present.any():
+            out[torch.from_numpy(present)] = self.cache.take("embeds", rows[present])
+        return out.reshape(*ids.shape, self.shape[1])
 
 
 def _descriptions_key(sae_fpath: Path | str, ref_cache: ActivationCache, ref_backbone: Backbone,
@@ -368,10 +445,18 @@ def _reuse_descriptions(path: Path, key: dict[str, Any]) -> ComponentDescription
     return descriptions
 
 
+DESCRIPTIONS_TOP_KEPT = 32
+"""Top instances per component kept in the audit's descriptions file (what a reuse shows)."""
+
+
 def save_descriptions_for_audit(descriptions: ComponentDescriptions, out_dpath: Path) -> Path:
+    """The descriptions a later audit can reuse, without what it recomputes (the class
+    alignment) and with the first 32 top instances of each component (the semantic
+    embeddings were computed from all top-m): bounded by the SAE, not by the classes."""
     from clipaudit.describe.components import save_descriptions
 
-    return save_descriptions(out_dpath / DESCRIPTIONS_FNAME, descriptions)
+    return save_descriptions(out_dpath / DESCRIPTIONS_FNAME, descriptions,
+                             top_kept=DESCRIPTIONS_TOP_KEPT, class_alignment=False)
 
 
 def check_same_model(ref_cache: ActivationCache, cache: ActivationCache, ref_dpath: Path | str) -> None:
@@ -383,67 +468,11 @@ def check_same_model(ref_cache: ActivationCache, cache: ActivationCache, ref_dpa
     require_match("hook point", cache.provenance["hook"], ref_cache.provenance["hook"], ref_dpath)
 
 
-def _audit_head(head: Head, attr: Attributions, data: _Data, stage: _Stage) -> HeadAudit:
-    rel = class_relevance(attr, data.labels)
-    descriptions = stage.descriptions
-    alignment = descriptions.class_alignment[:, [descriptions.class_names.index(c)
-                                                 for c in head.class_names]]
-    candidates = select_candidates(rel.share, alignment, descriptions.clarity, descriptions.concept,
-                                   descriptions.concept_score, head.class_names, stage.finding_config)
-    findings = _findings(head, candidates, data, stage)
-    truth = torch.tensor([head.class_names.index(x) if x in head.class_names else -1
-                          for x in data.labels], dtype=torch.long)
-    pred = attr.predictions
-    known = truth >= 0
-    accuracy = float((pred[known] == truth[known]).float().mean()) if known.any() else None
-    classes = []
-    for c, name in enumerate(head.class_names):
-        of_class = [f for f in findings if f.class_name == name]
-        mask = truth == c if rel.by == "label" else pred == c
-        acc = float((pred[mask] == c).float().mean()) if rel.by == "label" and mask.any() else None
-        classes.append(ClassAudit(
-            class_name=name, n_instances=int(rel.n_instances[c]), accuracy=acc,
-            spurious_share=float(sum(f.share for f in of_class)),
-            unexplained_share=float(rel.unexplained_share[c]),
-            components=scatter_points(rel.share[:, c], alignment[:, c], descriptions.clarity,
-                                      descriptions.concept, stage.config.outputs.scatter_points,
-                                      [f.component for f in of_class])))
-    curves = _faithfulness(head, data, torch.where(known, truth, pred), stage)
-    return HeadAudit(name=head.name, kind=head.kind, class_names=list(head.class_names),
-                     accuracy=accuracy, classes=classes, findings=findings, faithfulness=curves)
-
-
-def _findings(head: Head, candidates: Sequence[Any], data: _Data, stage: _Stage) -> list[Any]:
-    """Each candidate with its evidence: top images, metadata AUCs, ablation effect."""
-    clean = ablated_scores(data.acts, stage.sae, head, stage.tower, [])
-    findings = []
-    rank: dict[str, int] = {}
-    with stage.reporter.task(f"findings ({head.name})", total=len(candidates)) as task:
-        for cand in candidates:
-            rank[cand.class_name] = rank.get(cand.class_name, 0) + 1
-            top = stage.descriptions.top.instances(cand.component)
-            aucs = metadata_aucs(data.codes.column(cand.component).numpy(), data.metadata)
-            effect = ablation_effect(data.acts, stage.sae, head, stage.tower, cand.component,
-                                     cand.class_name, data.labels, data.metadata,
-                                     clean_scores=clean, codes=data.codes)
-            findings.append(make_finding(head.name, cand, rank[cand.class_name],
-                                         top[: stage.config.outputs.thumbnails_per_finding], aucs, effect))
-            task.advance()
-    return findings
-
-
-def _faithfulness(head: Head, data: _Data, target: torch.Tensor, stage: _Stage) -> list[Any]:
-    config = stage.config
-    sample = torch.randperm(len(data.acts), generator=torch.Generator().manual_seed(config.seed))
-    sample = sample[: config.faithfulness.instances]
-    return deletion_curves(data.acts[sample], stage.sae, head, stage.tower, target[sample],
-                           steps=config.faithfulness.steps, seed=config.seed)
-
-
-def _components_and_instances(head_audits: Sequence[HeadAudit], descriptions: ComponentDescriptions,
-                              sae: SAE, index: pd.DataFrame, out_dpath: Path,
+def _components_and_instances(head_audits: Sequence[Any], descriptions: ComponentDescriptions,
+                              sae: SAE, ref_cache: ActivationCache, out_dpath: Path,
                               outputs: OutputConfig) -> tuple[list[ComponentInfo], list[InstanceInfo]]:
     from clipaudit.describe.components import write_thumbnails
+    from clipaudit.extraction.cache_reader import index_rows
 
     wanted = sorted({f.component for h in head_audits for f in h.findings})
     components = []
@@ -457,7 +486,7 @@ def _components_and_instances(head_audits: Sequence[HeadAudit], descriptions: Co
             top_instances=descriptions.top.instances(j)[: outputs.thumbnails_per_finding],
             direction=[round(float(x), 6) for x in direction]))
     instance_ids = sorted({i for c in components for i in c.top_instances})
-    items = index[index["id"].isin(instance_ids)]
+    items = index_rows(ref_cache.dpath, instance_ids, ["path", "label"])
     thumbs = write_thumbnails(instance_ids, items, out_dpath / "thumbnails")
     by_id = items.set_index("id")
     instances = [
@@ -493,6 +522,7 @@ def _provenance(cache: ActivationCache, backbone: Backbone, sae: SAE, sae_fpath:
         "label_map": ({"path": str(config.label_map), "sha256": sha256_file(config.label_map)}
                       if config.label_map is not None else None),
         "seed": config.seed,
+        "statistics": dataclasses.asdict(config.statistics),
     }
 
 

@@ -90,11 +90,32 @@ class Finding:
     metadata_auc: dict[str, float] = field(default_factory=dict)
     """ROC AUC of the component's activation against each binary metadata column."""
     ablation: AblationEffect | None = None
+    share_ci: list[float] | None = None
+    """[low, high]: bootstrap interval of ``share`` over the class's instances (None: not
+    computed, as in audits made before intervals existed)."""
+    concept_share_ci: list[float] | None = None
+    """[low, high]: bootstrap interval of ``concept_share``."""
+    chance_share: float | None = None
+    """The concept share the same components carry of the class's evidence over the data
+    at large (a random sample of it): what a random set of instances gives on average."""
+    p_value: float | None = None
+    """Chance of the class's mean attribution of these components in a random set of the
+    class's size (a Chernoff bound; None: not computed)."""
+    backed: bool = True
+    """The data back the finding: it survives the Benjamini-Hochberg procedure over the
+    audit's findings (``clipaudit.findings.statistics``). Unbacked findings are reported
+    but fail and warn nothing. True where no statistics were computed."""
 
     @property
     def concept_split(self) -> bool:
         """Whether other findings of this class share its concept label (and share)."""
         return self.concept_share - self.share >= 5e-4
+
+    @property
+    def gate_share(self) -> float:
+        """What the gate judges: the lower end of the concept share's interval (the concept
+        share itself where no interval was computed)."""
+        return self.concept_share_ci[0] if self.concept_share_ci else self.concept_share
 
 
 @dataclass(frozen=True)
@@ -142,6 +163,40 @@ class HeadAudit:
     classes: list[ClassAudit] = field(default_factory=list)
     findings: list[Finding] = field(default_factory=list)
     faithfulness: list[FaithfulnessCurve] = field(default_factory=list)
+    relied_on: list[ComponentReliance] = field(default_factory=list)
+    """Components carrying a large share of several classes' evidence, most classes first."""
+
+
+@dataclass(frozen=True)
+class ComponentReliance:
+    """A component that carries a large share of the evidence of several classes."""
+
+    component: int
+    concept: str
+    n_classes: int
+    """Classes whose evidence it carries at least ``share_min`` of."""
+    n_findings: int
+    """Classes for which it is a finding."""
+    classes: list[str] = field(default_factory=list)
+    """The classes it carries the largest shares of (a few)."""
+    max_share: float = 0.0
+
+
+@dataclass(frozen=True)
+class PermutationControl:
+    """The audit again with each head's labels shuffled within the data (same model, same
+    SAE, same descriptions): the findings and failures chance alone produces."""
+
+    seed: int
+    n_findings: int
+    n_backed: int
+    """Findings backed by the data (those the gate judges)."""
+    n_failing: int
+    """Failing verdicts that name a finding (rules about the SAE or the unexplained share
+    do not depend on what the labels mean and are left out)."""
+    n_warnings: int
+    failing: list[str] = field(default_factory=list)
+    """``head / class`` of the failing verdicts (at most 20)."""
 
 
 @dataclass(frozen=True)
@@ -227,6 +282,8 @@ class AuditResult:
     rules_file: str | None = None
     heatmaps: HeatmapsInfo | None = None
     """How the findings' heatmaps were made; None for audits without them."""
+    permutation: PermutationControl | None = None
+    """What the same audit finds with shuffled labels (None: not run)."""
 
     @property
     def verdict(self) -> Status:

@@ -46,6 +46,15 @@ def images_for(backbone: Backbone, n: int = 4, seed: int = 0) -> torch.Tensor:
     return torch.randn(n, 3, h, w, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _private_cache_home(tmp_path_factory):
+    """Tests never write to the user's ~/.cache (the text-embedding cache lives there)."""
+    patch = pytest.MonkeyPatch()
+    patch.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("xdg-cache")))
+    yield
+    patch.undo()
+
+
 @pytest.fixture(params=TINY_CONFIGS)
 def any_tiny_backbone(request) -> Backbone:
     return tiny_backbone(request.param)

@@ -2,6 +2,7 @@
 
 from pathlib import Path
 
+import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
@@ -41,22 +42,28 @@ def test_audit_writes_a_complete_folder_and_exits_by_the_rules(pipeline):
     res = runner.invoke(app, ["audit", str(pipeline["cache"]), "--sae", str(pipeline["sae"]),
                               "--probe", str(pipeline["probe"]), "--prompts", str(pipeline["prompts"]),
                               "--rules", "dermatology", "--vocab", "dermatology", "--no-pdf",
-                              "--top-m", "50", "--out", str(out), "--json"])
+                              "--top-m", "50", "--out", str(out), "--json", "--attributions"])
     assert res.exit_code in (0, 1), res.output
     result = load_audit(out)
     assert [h.name for h in result.heads] == ["probe", "zero-shot"]
     assert {c.class_name for c in result.head("probe").classes} == {"benign", "malignant"}
-    for name in ("audit.json", "junit.xml", "summary.md", "report.html",
-                 "attributions-probe.parquet", "attributions-zero-shot.parquet"):
+    for name in ("audit.json", "junit.xml", "summary.md", "report.html"):
         assert (out / name).is_file(), name
+    assert not [p.name for p in out.iterdir() if p.name.startswith(".")]  # the scratch codes are gone
+    for head in ("probe", "zero-shot"):  # per-instance tables on request: label and prediction
+        table = pd.read_parquet(out / f"attributions-{head}")
+        assert set(table["instance_id"]) <= set(range(160)) and table["is_pred"].any()
+        assert (table.groupby("instance_id")["class"].nunique() <= 2).all()
     assert res.exit_code == (1 if result.verdict == "fail" else 0)
     probe = result.head("probe")
     assert probe.faithfulness and {c.method for c in probe.faithfulness} >= {"act_x_grad", "random"}
     for cls in probe.classes:
         assert 0.0 <= cls.unexplained_share <= 1.0 and cls.components
-    for f in probe.findings:  # every finding carries its evidence
+    for f in probe.findings:  # every finding carries its evidence and its statistics
         assert f.ablation is not None and "has_ruler" in f.metadata_auc
         assert f.share >= 0.05 and f.top_instances
+        assert f.share_ci[0] <= f.share <= f.share_ci[1] and f.chance_share is not None
+    assert result.permutation is not None and result.permutation.n_failing >= 0
     assert result.provenance["sae"]["sha256"] and result.provenance["data_sha256"]
     assert result.provenance["top_m"] == 50
 

@@ -44,7 +44,7 @@ def test_each_layer_overrides_the_ones_below(tmp_path, config, monkeypatch):
 
 @pytest.mark.parametrize("text, message", [
     ("[audti]\n", "no command [audti] (commands: audit,"),
-    ("[audit]\ntopm = 3\n", "[audit] has no option 'topm' (options: baseline, descriptions, gradient,"),
+    ("[audit]\ntopm = 3\n", "[audit] has no option 'topm' (options: attribution-classes, attributions,"),
     ("[rules.aply]\n", "no command [rules.aply] (commands: apply,"),
     ("[audit]\nvocab =\n", "not a readable TOML file"),
     ("audit = 3\n", "[audit] must be a table of options"),

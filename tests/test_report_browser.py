@@ -206,9 +206,15 @@ def test_report_loads_offline_without_errors(browser, report_url):
     assert browser.problems() == []
     bad = [u for u in browser.requested_urls() if u != report_url and not u.startswith("data:")]
     assert bad == [], f"the report requested {bad}"
-    n_imgs, n_broken = browser.js("""[document.images.length,
-        Array.from(document.images).filter(i => !i.complete || i.naturalWidth === 0).length]""")
-    assert n_imgs > 0 and n_broken == 0
+    # thumbnails are CSS backgrounds (each image inlined once): every one decodes and shows
+    n_thumbs, n_broken, n_unsized = browser.js(r"""(async () => {
+        const els = Array.from(document.querySelectorAll(".thumb-img"));
+        const urls = els.map(e => getComputedStyle(e).backgroundImage.replace(/^url\("?|"?\)$/g, ""));
+        const ok = await Promise.all(urls.map(u => { const i = new Image(); i.src = u;
+            return i.decode().then(() => i.naturalWidth > 0, () => false); }));
+        return [els.length, ok.filter(x => !x).length,
+                els.filter(e => e.offsetWidth < 60 || e.offsetHeight < 60).length]; })()""")
+    assert n_thumbs > 0 and n_broken == 0 and n_unsized == 0
     shot = browser.screenshot().convert("L")
     assert ImageStat.Stat(shot).stddev[0] > 10, "the screenshot is blank"
     assert sum(1 for count in shot.histogram() if count) > 20

@@ -28,6 +28,15 @@ from clipaudit.describe.config import DescribeConfig
 _STYLE = {"pass": "green", "warn": "yellow", "fail": "bold red"}
 
 
+_LISTED = 30
+"""Rows of the findings and rules tables printed with --verbose (the rest are in the
+audit folder)."""
+
+
+def _ci(ci) -> str:
+    return f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+
+
 def _print_outcome(outcome, as_json: bool, quiet: bool = False, verbose: bool = False) -> None:
     from clipaudit.gate import not_evaluated_classes
     from clipaudit.results import to_dict
@@ -39,16 +48,22 @@ def _print_outcome(outcome, as_json: bool, quiet: bool = False, verbose: bool = 
                     "files": {k: str(v) for k, v in outcome.files.items()},
                     "verdicts": to_dict(result.verdicts),
                     "not_evaluated": to_dict(not_evaluated_classes(result.verdicts)),
-                    "findings": [to_dict(f) for h in result.heads for f in h.findings]})
+                    "findings": [to_dict(f) for h in result.heads for f in h.findings],
+                    "permutation": to_dict(result.permutation)})
         return
     if verbose:
         _print_tables(result)
     elif not quiet:
         n_findings = {h.name: len(h.findings) for h in result.heads}
+        n_backed = sum(f.backed for h in result.heads for f in h.findings)
         out.print(f"findings: {sum(n_findings.values())} ("
-                  + ", ".join(f"{name} {n}" for name, n in n_findings.items()) + ")",
-                  markup=False)
+                  + ", ".join(f"{name} {n}" for name, n in n_findings.items())
+                  + f"), {n_backed} backed by the data", markup=False)
         print_verdicts(result.verdicts)
+    control = result.permutation
+    if control is not None and not quiet:
+        out.print(f"permutation control (labels shuffled): {control.n_findings} findings, "
+                  f"{control.n_backed} backed, {control.n_failing} failing verdicts", markup=False)
     print_verdict_line(result.verdict, outcome.audit_dpath, verbose, result.verdicts)
 
 
@@ -75,20 +90,29 @@ def print_verdict_line(verdict: str, audit_dpath, verbose: bool, verdicts=()) ->
 
 
 def _print_tables(result) -> None:
-    findings = Table("head", "class", "component", "concept", "share", "alignment", "clarity", "kind",
-                     title="findings")
-    for head in result.heads:
-        for f in head.findings:
-            findings.add_row(*(Text(x) for x in (
-                head.name, f.class_name, str(f.component), f"{f.concept} ({f.concept_score:.2f})",
-                f"{f.share:.3f}", f"{f.alignment:+.3f}", f"{f.clarity:.2f}", f.kind)))
+    every = sorted((f for h in result.heads for f in h.findings),
+                   key=lambda f: (not f.backed, -f.gate_share))
+    findings = Table("head", "class", "component", "concept", "share [95% interval]", "chance",
+                     "alignment", "clarity", "kind", title=f"findings ({len(every)})")
+    for f in every[:_LISTED]:
+        findings.add_row(*(Text(x) for x in (
+            f.head, f.class_name, str(f.component), f"{f.concept} ({f.concept_score:.2f})",
+            f"{f.share:.3f}{_ci(f.share_ci)}",
+            "" if f.chance_share is None else f"{f.chance_share:.3f}" + ("" if f.backed else " (not backed)"),
+            f"{f.alignment:+.3f}", f"{f.clarity:.2f}", f.kind)))
     out.print(findings)
-    rules = Table("rule", "head", "class", "status", "why", title="rules")
-    for v in result.verdicts:
+    if len(every) > _LISTED:
+        out.print(f"... and {len(every) - _LISTED} more findings in audit.json and the report")
+    shown = [v for v in result.verdicts if v.status != "pass" or v.waived]
+    rules = Table("rule", "head", "class", "status", "why",
+                  title=f"rules ({len(result.verdicts) - len(shown)} passing not listed)")
+    for v in shown[:_LISTED]:
         status = Text(v.status + (" (waived)" if v.waived else ""), style=_STYLE[v.status])
         rules.add_row(Text(v.rule), Text(v.head or ""), Text(v.class_name or ""), status,
                       Text(v.message))
     out.print(rules)
+    if len(shown) > _LISTED:
+        out.print(f"... and {len(shown) - _LISTED} more in summary.md and junit.xml")
 
 
 @app.command("audit")
@@ -120,25 +144,40 @@ def audit_cmd(
                                      "recomputing them."),
     gradient: str = option(AuditConfig, "gradient", "--gradient",
                            help="frozen (norm scales and the head's normalisation held fixed: "
-                                "attributions add up to the score) or exact (plain autograd, as "
-                                "the paper's code)."),
+                                "attributions add up to the score, in closed form). exact is "
+                                "refused here: use explain --gradient exact."),
+    text_cache: str = option(AuditConfig, "describe.text_cache", "--text-cache"),
     pdf: bool = option(OutputConfig, "pdf", "--pdf/--no-pdf", help="Also write report.pdf."),
+    attributions: bool = option(OutputConfig, "attributions.write", "--attributions/--no-attributions",
+                                help="Write the per-instance attribution tables "
+                                     "(attributions-<head>/, Parquet; off by default: large)."),
+    attribution_classes: str = option(OutputConfig, "attributions.classes", "--attribution-classes"),
+    resamples: int = option(AuditConfig, "statistics.resamples", "--resamples", min=10),
+    permutation: bool = option(AuditConfig, "statistics.permutation",
+                               "--permutation-control/--no-permutation-control",
+                               help="Also audit with labels shuffled within the data and report "
+                                    "the findings and failures chance alone produces."),
+    seed: int = option(AuditConfig, "seed", "--seed"),
     as_json: bool = json_option("the verdict, every rule result and the findings"),
     quiet: bool = quiet_option(),
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print every finding and rule "
-                                 "result as tables (summary.md always has them)."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print the findings and the rule "
+                                 "results that did not pass as tables (summary.md has them all)."),
 ) -> None:
     """Audit a probe and/or prompt set for shortcuts. The audit folder is replaced whole
     when the audit is complete (a killed audit leaves the earlier one as it was).
 
     Exit codes: 0 every rule passed, 1 a rule failed, 2 usage or input error,
     3 internal error."""
+    from clipaudit.attribution.table import AttributionTableConfig
     from clipaudit.audit import run_audit
+    from clipaudit.findings.statistics import StatisticsConfig
 
     config = AuditConfig(
-        rules=rules, label_map=label_map, outputs=OutputConfig(pdf=pdf), gradient=gradient,
+        rules=rules, label_map=label_map, gradient=gradient, seed=seed,
+        outputs=OutputConfig(pdf=pdf, attributions=AttributionTableConfig(attributions, attribution_classes)),
+        statistics=StatisticsConfig(resamples=resamples, permutation=permutation),
         describe=DescribeConfig(vocabularies=tuple(vocab), reference_cache=reference_data, top_m=top_m,
-                                label_floor=label_floor, reuse=descriptions))
+                                label_floor=label_floor, reuse=descriptions, text_cache=text_cache))
     with RichReporter(quiet=as_json or quiet) as reporter:
         outcome = run_audit(cache, sae, out_dpath, probe=probe, prompts=prompts, config=config,
                             baseline_dpath=baseline, reporter=reporter)

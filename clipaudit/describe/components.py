@@ -232,8 +232,7 @@ def describe_components(top: TopActivations, ref_image_embeds: Tensor,
     empty = _encode(text_encoder, [""], dim)[0]
 
     concept_embeds = concept_embeddings(vocabulary, text_encoder, templates, dim)
-    concept_align = _alignment(semantic, concept_embeds, empty)
-    score, best = concept_align.max(dim=1)
+    score, best = _best_alignment(semantic, concept_embeds, empty)
     dead = semantic.norm(dim=1) == 0
     concept = ["" if d else vocabulary.concepts[i] for i, d in zip(best.tolist(), dead.tolist())]
     concept = _floored(concept, score, semantic, empty, text_encoder, vocabulary, templates, dim,
@@ -286,10 +285,33 @@ def _class_alignment(semantic: Tensor, empty: Tensor, text_encoder: TextEncoder,
     if not class_names:
         return torch.empty(semantic.shape[0], 0)
     flat = [t for name in class_names for t in class_texts[name]]
-    class_align = _alignment(semantic, _encode(text_encoder, flat, dim), empty)
-    bounds = torch.tensor([0, *(len(class_texts[n]) for n in class_names)]).cumsum(0)
-    return torch.stack([class_align[:, a:b].max(dim=1).values
-                        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())], dim=1)
+    embeds = _encode(text_encoder, flat, dim)
+    owner = torch.repeat_interleave(torch.arange(len(class_names)),
+                                    torch.tensor([len(class_texts[n]) for n in class_names]))
+    alpha = torch.full((semantic.shape[0], len(class_names)), -math.inf)
+    step = max(1, _CHUNK_FLOATS // max(1, semantic.shape[0]))  # [n_latents, step] at a time
+    for start in range(0, len(flat), step):
+        part = _alignment(semantic, embeds[start:start + step], empty)
+        cls = owner[start:start + step]
+        alpha.scatter_reduce_(1, cls.expand_as(part).contiguous(), part, reduce="amax")
+    alpha[semantic.norm(dim=1) == 0] = math.nan
+    return alpha
+
+
+def _best_alignment(semantic: Tensor, texts_unit: Tensor, empty: Tensor) -> tuple[Tensor, Tensor]:
+    """(max alignment, its text's index) per component, texts in chunks: a vocabulary of
+    tens of thousands of concepts never makes an [n_latents, V] matrix."""
+    score = torch.full((semantic.shape[0],), -math.inf)
+    best = torch.zeros(semantic.shape[0], dtype=torch.long)
+    step = max(1, _CHUNK_FLOATS // max(1, semantic.shape[0]))
+    for start in range(0, texts_unit.shape[0], step):
+        part_score, part_best = _alignment(semantic, texts_unit[start:start + step], empty).max(dim=1)
+        better = part_score > score
+        score = torch.where(better, part_score, score)
+        best = torch.where(better, part_best + start, best)
+    dead = semantic.norm(dim=1) == 0
+    score[dead] = math.nan
+    return score, best
 
 
 def semantic_embeddings(top: TopActivations, ref_image_embeds: Tensor) -> tuple[Tensor, Tensor]:
@@ -359,13 +381,22 @@ _TENSOR_FIELDS = ("semantic", "clarity", "concept_score", "class_alignment", "em
 
 
 def save_descriptions(fpath: Path | str, descriptions: ComponentDescriptions,
-                      provenance: dict[str, Any] | None = None) -> Path:
-    """Write descriptions and their top activations to one versioned safetensors file."""
+                      provenance: dict[str, Any] | None = None, *, top_kept: int | None = None,
+                      class_alignment: bool = True) -> Path:
+    """Write descriptions and their top activations to one versioned safetensors file.
+
+    ``top_kept``: keep only each component's first top instances (the semantic embeddings
+    were computed from all m; what is reused later is which images to show).
+    ``class_alignment=False`` leaves it out (a reuse recomputes it for its own classes):
+    an SAE of 32,768 components and 1,000 classes then saves 131 MB."""
     d = descriptions
-    tensors = {name: getattr(d, name) for name in _TENSOR_FIELDS}
-    tensors |= {"top_ids": d.top.ids, "top_values": d.top.values, "top_counts": d.top.counts}
-    meta = {"concept": d.concept, "class_names": d.class_names, "vocabulary": d.vocabulary,
-            "description_provenance": d.provenance}
+    names = [n for n in _TENSOR_FIELDS if class_alignment or n != "class_alignment"]
+    tensors = {name: getattr(d, name) for name in names}
+    keep = slice(None) if top_kept is None else slice(0, top_kept)
+    tensors |= {"top_ids": d.top.ids[:, keep].contiguous(), "top_values": d.top.values[:, keep].contiguous(),
+                "top_counts": d.top.counts}
+    meta = {"concept": d.concept, "class_names": d.class_names if class_alignment else [],
+            "vocabulary": d.vocabulary, "description_provenance": d.provenance}
     return save_tensors(fpath, "component-descriptions", tensors, meta,
                         provenance or d.provenance)
 
@@ -375,6 +406,8 @@ def load_descriptions(fpath: Path | str) -> ComponentDescriptions:
     f = load_tensors(fpath, "component-descriptions")
     t, meta = f.tensors, f.meta
     top = TopActivations(t["top_ids"], t["top_values"], t["top_counts"])
+    if "class_alignment" not in t:  # saved without: a reuse recomputes it
+        t["class_alignment"] = torch.empty(t["semantic"].shape[0], 0)
     return ComponentDescriptions(
         **{name: t[name] for name in _TENSOR_FIELDS}, concept=list(meta["concept"]),
         class_names=list(meta["class_names"]), vocabulary=meta["vocabulary"], top=top,

@@ -37,3 +37,6 @@ class DescribeConfig:
     """Descriptions of an earlier audit (its folder or descriptions.safetensors) to reuse
     instead of recomputing; refused unless made from the same SAE, reference model,
     reference set, vocabularies and top-m. Class alignments are recomputed."""
+    text_cache: str = "auto"
+    """Where text embeddings (vocabulary, class texts) are cached per reference model:
+    auto ($XDG_CACHE_HOME/clipaudit/text-embeddings), off, or a folder."""

@@ -52,8 +52,17 @@ def _map_safetensors(fpath: Path) -> tuple[dict[str, np.ndarray], dict[str, Any]
     return arrays, meta
 
 
-def open_cache(dpath: Path | str) -> ActivationCache:
-    """Open a finished activation cache (``clipaudit extract`` output)."""
+LEAN_SKIPPED_COLUMNS = ("path", "sha256", "reason", "caption")
+"""Index columns a lean cache leaves on disk: per-item strings that only a few items'
+reports need (``index_rows`` reads them for those items)."""
+
+
+def open_cache(dpath: Path | str, *, lean: bool = False) -> ActivationCache:
+    """Open a finished activation cache (``clipaudit extract`` output).
+
+    ``lean``: read only the index columns an audit uses (``LEAN_SKIPPED_COLUMNS`` stay
+    on disk) and string columns as categoricals, so the index of a million items costs
+    tens of MB, not hundreds."""
     dpath = Path(dpath)
     manifest = read_json(dpath / "manifest.json", "activation-cache")
     if not manifest.get("complete"):
@@ -61,8 +70,24 @@ def open_cache(dpath: Path | str) -> ActivationCache:
         raise ArtifactError(f"{dpath}: the cache is incomplete ({present} of "
                             f"{manifest['n_shards']} shards written); rerun clipaudit extract "
                             "with the same options to finish it")
-    index, _ = read_parquet(dpath / "index.parquet", "cache-index")
+    if lean:
+        index, _ = read_parquet(dpath / "index.parquet", "cache-index",
+                                skip_columns=LEAN_SKIPPED_COLUMNS, strings_as_categories=True)
+    else:
+        index, _ = read_parquet(dpath / "index.parquet", "cache-index")
     return ActivationCache(dpath, manifest, index)
+
+
+def index_rows(dpath: Path | str, ids: Sequence[int], columns: Sequence[str]) -> pd.DataFrame:
+    """The index rows of items ``ids`` (columns ``id`` and those of ``columns`` present),
+    read without loading the other rows."""
+    import pyarrow.dataset as ds
+
+    fpath = Path(dpath) / "index.parquet"
+    dataset = ds.dataset(str(fpath), format="parquet")
+    wanted = ["id", *(c for c in columns if c in dataset.schema.names and c != "id")]
+    table = dataset.to_table(columns=wanted, filter=ds.field("id").isin(list(map(int, ids))))
+    return table.to_pandas()
 
 
 class ActivationCache:
@@ -151,6 +176,34 @@ class ActivationCache:
     def load_embeds(self) -> torch.Tensor:
         """All image embeddings [n_ok, embed_dim], float32, exactly ``encode_image``."""
         return self._load("embeds", (self.embed_dim,), torch.float32)
+
+    def take(self, name: str, rows: np.ndarray) -> torch.Tensor:
+        """Values of ``name`` (``acts``, ``embeds``, ``ids``) at global rows ``rows`` (any
+        order, cls caches), float32 (ids int64). Only the shards holding them are mapped,
+        and they are unmapped again, so resident memory stays what was asked for."""
+        rows = np.asarray(rows, dtype=np.int64)
+        order = np.argsort(rows, kind="stable")
+        out = torch.empty((len(rows), *self._field_tail(name)),
+                          dtype=torch.int64 if name == "ids" else torch.float32)
+        if len(rows):
+            mapped = set(self._maps)
+            out[torch.from_numpy(order)] = self._tensor(name, rows[order])
+            for k in set(self._maps) - mapped:
+                del self._maps[k]
+        return out
+
+    def iter_shards(self, fields: Sequence[str] = ("acts",)) -> Iterator[dict[str, torch.Tensor]]:
+        """Every row, shard by shard in row order (cls caches): float32 ``acts`` [n_k, d],
+        ``embeds`` [n_k, D], int64 ``ids`` [n_k]. Each shard is unmapped once read, so
+        resident memory stays about one shard however large the cache is."""
+        if self.token != "cls":
+            raise ValueError("iter_shards reads cls caches; use iter_batches for spatial ones")
+        for k in np.flatnonzero(self._shard_n_ok):
+            arrays = self._shard(int(k))
+            yield {f: torch.from_numpy(np.array(arrays[f])).to(
+                torch.int64 if f == "ids" else torch.float32) for f in fields}
+            del arrays
+            self._maps.pop(int(k), None)
 
     def load_ids(self) -> torch.Tensor:
         """Item ids [n_ok] of the rows of ``load_acts`` (= ``ok_index.id``)."""

@@ -22,7 +22,16 @@ def _label(f: Finding) -> str:
 def _together(f: Finding) -> str:
     if not f.concept_split:
         return ""
-    return f", {f.concept_share:.3f} with the class's other {f.concept!r} findings"
+    return (f", {f.concept_share:.3f}{_interval(f.concept_share_ci)} with the class's other "
+            f"{f.concept!r} findings")
+
+
+def _interval(ci: list[float] | None) -> str:
+    return f" [{ci[0]:.3f}, {ci[1]:.3f}]" if ci else ""
+
+
+def _chance(f: Finding) -> str:
+    return f"; {f.chance_share:.3f} over all data" if f.chance_share is not None else ""
 
 
 # ------------------------------------------------------------------ shortcut-share
@@ -30,7 +39,8 @@ def _together(f: Finding) -> str:
 
 class ShortcutShareParams(CheckSpec):
     """Fails when a finding, together with the class's other findings of its concept
-    label, carries more than ``max_share`` of a class's evidence."""
+    label, carries more than ``max_share`` of a class's evidence: the lower end of the
+    concept share's bootstrap interval is what is compared (``Finding.gate_share``)."""
 
     max_share: Share
     """Largest relevance share one concept's findings may carry (equal passes)."""
@@ -46,12 +56,13 @@ def shortcut_share(spec: ShortcutShareParams, scope: Scope) -> CheckOutcome:
     findings = [f for f in scope.findings()
                 if spec.alignment_max is None or f.alignment < spec.alignment_max]
     violations = [
-        Violation(f"{_label(f)} carries {f.share:.3f} of the evidence"
-                  f"{_together(f)} (alignment {f.alignment:.3f}; limit {spec.max_share:g})",
-                  f, f.concept_share, spec.max_share)
-        for f in findings if f.concept_share > spec.max_share
+        Violation(f"{_label(f)} carries {f.share:.3f}{_interval(f.share_ci)} of the evidence"
+                  f"{_together(f)} (alignment {f.alignment:.3f}{_chance(f)}; limit {spec.max_share:g}"
+                  f"{' on the lower bound' if f.concept_share_ci else ''})",
+                  f, f.gate_share, spec.max_share)
+        for f in findings if f.gate_share > spec.max_share
     ]
-    largest = max((f.concept_share for f in findings), default=0.0)
+    largest = max((f.gate_share for f in findings), default=0.0)
     return CheckOutcome(
         violations,
         f"{len(findings)} finding(s); largest share {largest:.3f} (limit {spec.max_share:g})",
@@ -76,7 +87,7 @@ def forbidden_concept(spec: ForbiddenConceptParams, scope: Scope) -> CheckOutcom
     violations = []
     for f in scope.findings():
         term = scope.ruleset.forbidden_match(scope.class_name, f.concept)
-        if term is not None and f.share >= spec.min_share:
+        if term is not None and f.gate_share >= spec.min_share:
             violations.append(Violation(
                 f"{_label(f)} is forbidden ({term!r}) and carries {f.share:.3f} of the evidence",
                 f, f.share, spec.min_share))
@@ -222,7 +233,7 @@ def baseline_regression(spec: BaselineRegressionParams, scope: Scope) -> CheckOu
     for f in scope.findings():
         match = scope.baseline.match(f)
         matches.append({"finding": f.id, **match.to_dict()})
-        if not match.matched and f.share >= spec.min_share:
+        if not match.matched and f.gate_share >= spec.min_share:
             violations.append(Violation(
                 f"new: {_label(f)} carries {f.share:.3f} and is not in baseline "
                 f"{scope.baseline.baseline_id}", f, f.share, spec.min_share))
@@ -233,6 +244,38 @@ def baseline_regression(spec: BaselineRegressionParams, scope: Scope) -> CheckOu
         {"baseline": scope.baseline.baseline_id, "method": scope.baseline.method,
          "matches": matches, "min_share": spec.min_share},
     )
+
+
+# ------------------------------------------------------------------ permutation-control
+
+
+class PermutationControlParams(CheckSpec):
+    """Fails when the rules fail because of findings even with labels shuffled within the
+    data: then chance alone fails classes with this model and data, and the audit's own
+    failures are not evidence of a shortcut."""
+
+    max_failing: Annotated[int, Field(ge=0)] = 0
+    """Failing verdicts (about findings) the shuffled-label audit may have."""
+
+
+@register_check("permutation-control", params=PermutationControlParams, scope="audit")
+def permutation_control(spec: PermutationControlParams, scope: Scope) -> CheckOutcome:
+    """With labels shuffled within the data, the rules would still fail on findings."""
+    control = scope.result.permutation
+    if control is None:
+        return CheckOutcome([], "no permutation control was run", skipped=True)
+    summary = (f"with shuffled labels: {control.n_findings} finding(s), {control.n_backed} backed "
+               f"by the data, {control.n_failing} failing verdict(s) (limit {spec.max_failing})")
+    violations = [] if control.n_failing <= spec.max_failing else [Violation(
+        f"with labels shuffled within the data the rules still fail {control.n_failing} time(s) "
+        f"({', '.join(control.failing[:3])}{', ...' if len(control.failing) > 3 else ''}): "
+        "chance alone produces failures with this model and data", None,
+        float(control.n_failing), float(spec.max_failing))]
+    return CheckOutcome(violations, summary, {"n_findings": control.n_findings,
+                                              "n_backed": control.n_backed,
+                                              "n_failing": control.n_failing,
+                                              "n_warnings": control.n_warnings,
+                                              "max_failing": spec.max_failing})
 
 
 from clipaudit.gate import check_vocabulary as _check_vocabulary  # noqa: E402,F401  (registers vocabulary-fit)

@@ -84,9 +84,11 @@ class Scope:
         return self.class_audit.class_name if self.class_audit is not None else None
 
     def findings(self) -> list[Finding]:
-        """This head's and class's findings that the rule set's thresholds keep and whose
-        concept is not expected for the class (``rules apply`` may use other thresholds
-        than the audit did; it can drop findings, never add them)."""
+        """This head's and class's findings that the rule set's thresholds keep, whose
+        concept is not expected for the class, and that the data back (``Finding.backed``:
+        the share's interval lies above what random sets of the class's size give, so a
+        class too small for its interval to exclude chance fails nothing). ``rules apply``
+        may use other thresholds than the audit did; it can drop findings, never add them."""
         if self.head is None or self.class_audit is None:
             return []
         t, cls = self.ruleset.thresholds, self.class_audit.class_name
@@ -95,7 +97,8 @@ class Scope:
                 and (f.share >= t.share_min
                      or (f.concept_share >= t.share_min and f.share >= t.member_share_min))
                 and f.alignment < t.alignment_max and f.clarity >= t.clarity_min
-                and self.ruleset.concept_status(cls, f.concept) != "expected"]
+                and self.ruleset.concept_status(cls, f.concept) != "expected"
+                and f.backed]
 
 
 CheckFn = Callable[[Any, Scope], CheckOutcome]

@@ -127,10 +127,15 @@ def _is_str_list(x: Any) -> bool:
 
 @torch.no_grad()
 def make_zero_shot_head(prompt_set: PromptSet, encode_text) -> ZeroShotHead:
-    """Encode every prompt with ``encode_text`` (texts -> [n, D]) and ensemble per class."""
-    dirs = []
-    for name in prompt_set.class_names:
-        emb = encode_text(prompt_set.texts[name]).float()
+    """Encode every prompt with ``encode_text`` (texts -> [n, D]; one call for all classes,
+    which the encoder batches) and ensemble per class."""
+    names = list(prompt_set.class_names)
+    texts = [t for name in names for t in prompt_set.texts[name]]
+    every = encode_text(texts).float()
+    dirs, start = [], 0
+    for name in names:
+        emb = every[start:start + len(prompt_set.texts[name])]
+        start += len(prompt_set.texts[name])
         emb = emb / emb.norm(dim=1, keepdim=True).clamp_min(1e-12)
         mean = emb.mean(0)
         dirs.append(mean / mean.norm().clamp_min(1e-12))

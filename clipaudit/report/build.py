@@ -9,11 +9,15 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from markupsafe import Markup
+
 from clipaudit._version import __version__
+from clipaudit.report import rollup
 from clipaudit.report.images import thumbnail_data_uri
 from clipaudit.report.model import (
     AblationView,
@@ -45,10 +49,13 @@ from clipaudit.results import (
     Status,
 )
 
-_STATUS_ORDER: dict[str, int] = {"fail": 0, "warn": 1, "pass": 2}
+_STATUS_ORDER = rollup.STATUS_ORDER
+RELIED_ROWS = 20
+"""Components listed in each head's "relied on by many classes" table."""
 STRONG_AUC = 0.8
 """An AUC this far from chance (>= 0.8 or <= 0.2) is highlighted as confirming metadata."""
 # Provenance keys shown first, in this order; the rest follow alphabetically.
+_SAFE_URI = re.compile(r"data:image/(png|jpeg);base64,[A-Za-z0-9+/=]+")
 _PROVENANCE_ORDER = ("backbone", "hook", "sae", "heads", "probe", "prompt_set", "data_sha256",
                      "data_hash", "cache", "reference", "vocabularies", "rules", "seed", "date",
                      "clipaudit_version")
@@ -113,9 +120,7 @@ def _not_evaluated_rows(result: AuditResult) -> tuple[NotEvaluatedRow, ...]:
 
 
 def _class_status(rows: Iterable[VerdictRow], head: str, class_name: str) -> Status:
-    statuses = [r.status for r in rows
-                if r.waived is None and r.head in ("", head) and r.class_name == class_name]
-    return min(statuses, key=_STATUS_ORDER.__getitem__, default="pass")
+    return rollup.class_status(list(rows), head, class_name)
 
 
 # ------------------------------------------------------------------ findings
@@ -132,7 +137,7 @@ def _best_auc(finding: Finding) -> tuple[str, Num]:
     return column, num(auc, ".2f")
 
 
-def _finding_row(finding: Finding, anchor: str) -> FindingRow:
+def _finding_row(finding: Finding, anchor: str | None) -> FindingRow:
     column, auc = _best_auc(finding)
     return FindingRow(
         anchor=anchor, head=finding.head, class_name=finding.class_name, rank=finding.rank,
@@ -141,7 +146,19 @@ def _finding_row(finding: Finding, anchor: str) -> FindingRow:
         alignment=num(finding.alignment, "+.3f"), clarity=num(finding.clarity, ".2f"),
         best_auc_column=column, best_auc=auc,
         score_delta=num(finding.ablation.score_delta if finding.ablation else None, "+.3f"),
+        interval=_interval_text(finding), chance=pct(finding.chance_share), backed=finding.backed,
     )
+
+
+def _interval_text(finding: Finding) -> str:
+    """The share's interval (and the concept share's, when split), in percent."""
+    def text(ci: list[float] | None) -> str:
+        return f"[{100 * ci[0]:.1f}, {100 * ci[1]:.1f}]%" if ci else ""
+
+    share = text(finding.share_ci)
+    if finding.concept_split and finding.concept_share_ci:
+        return f"{share} (together {text(finding.concept_share_ci)})".strip()
+    return share
 
 
 def _ablation_view(effect: AblationEffect | None) -> AblationView | None:
@@ -170,12 +187,13 @@ class _Thumbnails:
     def __call__(self, instance_id: int, component: int | None = None) -> Thumbnail:
         if instance_id not in self._cache:
             info = self._instances.get(instance_id)
+            key = f"th-{len(self._cache)}"
             if info is None:
-                thumb = Thumbnail(src=None, caption=f"#{instance_id}", title="unknown instance")
+                thumb = Thumbnail(src=None, key=key, caption=f"#{instance_id}", title="unknown instance")
             else:
                 src = (thumbnail_data_uri(self._audit_dpath, info.thumbnail, self._px)
                        if info.thumbnail else None)
-                thumb = Thumbnail(src=src, caption=info.label or f"#{info.id}", title=info.path)
+                thumb = Thumbnail(src=src, key=key, caption=info.label or f"#{info.id}", title=info.path)
             self._cache[instance_id] = thumb
         thumb = self._cache[instance_id]
         overlay = self._overlays.get((component, instance_id)) if component is not None else None
@@ -183,6 +201,13 @@ class _Thumbnails:
             return thumb
         return dataclasses.replace(thumb, overlay=thumbnail_data_uri(self._audit_dpath, overlay,
                                                                      self._px))
+
+    def css(self) -> Markup:
+        """One rule per image shown: ``.th-N{background-image:url(data:...)}``. The URIs are
+        built here from base64 (``[A-Za-z0-9+/=]``), so they cannot close the rule."""
+        rules = [f".{t.key}{{background-image:url({t.src})}}" for t in self._cache.values()
+                 if t.src is not None and _SAFE_URI.fullmatch(t.src)]
+        return Markup("\n".join(rules))
 
 
 def _finding_card(finding: Finding, anchor: str, thumbs: _Thumbnails,
@@ -197,6 +222,8 @@ def _finding_card(finding: Finding, anchor: str, thumbs: _Thumbnails,
         share=pct(finding.share),
         concept_share=pct(finding.concept_share) if finding.concept_split else None,
         alignment=num(finding.alignment, "+.3f"), clarity=num(finding.clarity, ".2f"),
+        interval=_interval_text(finding), chance=pct(finding.chance_share),
+        p_value="n/a" if finding.p_value is None else f"{finding.p_value:.2g}", backed=finding.backed,
         thumbnails=shown, has_heatmaps=any(t.overlay for t in shown),
         metadata_aucs=tuple(AucRow(column=c, auc=num(a, ".2f"),
                                    strong=a >= STRONG_AUC or a <= 1 - STRONG_AUC)
@@ -225,12 +252,13 @@ def _scatter_points(cls: ClassAudit, findings: list[Finding],
 
 
 def _class_section(head: HeadAudit, cls: ClassAudit, verdicts: tuple[VerdictRow, ...],
-                   thumbs: _Thumbnails, config: ReportConfig) -> ClassSection:
+                   thumbs: _Thumbnails, config: ReportConfig, max_points: int) -> ClassSection:
     findings = sorted((f for f in head.findings if f.class_name == cls.class_name),
                       key=lambda f: f.rank)
-    points, total = _scatter_points(cls, findings, config.max_scatter_points)
+    points, total = _scatter_points(cls, findings, max_points)
     return ClassSection(
-        class_name=cls.class_name, status=_class_status(verdicts, head.name, cls.class_name),
+        anchor=rollup.class_anchor(head.name, cls.class_name), class_name=cls.class_name,
+        status=_class_status(verdicts, head.name, cls.class_name),
         n_instances=cls.n_instances, accuracy=_accuracy(cls.accuracy),
         spurious_share=pct(cls.spurious_share), unexplained_share=pct(cls.unexplained_share),
         n_components=total, n_points_shown=len(points),
@@ -240,7 +268,7 @@ def _class_section(head: HeadAudit, cls: ClassAudit, verdicts: tuple[VerdictRow,
 
 
 def _head_section(head: HeadAudit, head_index: int, verdicts: tuple[VerdictRow, ...],
-                  thumbs: _Thumbnails, config: ReportConfig) -> HeadSection:
+                  thumbs: _Thumbnails, config: ReportConfig, print_mode: bool) -> HeadSection:
     curves = head.faithfulness
     svg = None
     if curves:
@@ -248,15 +276,28 @@ def _head_section(head: HeadAudit, head_index: int, verdicts: tuple[VerdictRow, 
             [Series(c.method, [float(s) for s in c.steps], c.scores) for c in curves],
             x_label="components removed", y_label="mean class score",
             title=f"Faithfulness deletion curves for head {head.name}")
+    statuses = rollup.class_statuses(verdicts, head.name)
+    detailed, left_out = rollup.detail_classes(head, statuses, config, print_mode)
+    max_points = max(40, min(config.max_scatter_points,
+                             config.scatter_points_total // max(1, len(detailed))))
+    rows = rollup.class_rows(head, statuses, {c.class_name for c in detailed}, pct, _accuracy_num)
     return HeadSection(
         anchor=f"head-{head_index}", name=head.name, kind=head.kind,
         accuracy=_accuracy(head.accuracy), n_findings=len(head.findings),
-        classes=tuple(_class_section(head, c, verdicts, thumbs, config) for c in head.classes),
+        n_backed=sum(f.backed for f in head.findings),
+        classes=tuple(_class_section(head, c, verdicts, thumbs, config, max_points) for c in detailed),
+        class_rows=rows[:config.pdf_max_rows] if print_mode else rows, n_classes=len(head.classes),
+        n_details_left_out=left_out,
+        relied_rows=rollup.relied_rows(head, pct, RELIED_ROWS),
         faithfulness_svg=svg,
         faithfulness_rows=tuple(CurveRow(method=c.method, auc=num(c.auc),
                                          final_score=num(c.scores[-1] if c.scores else None))
                                 for c in curves),
     )
+
+
+def _accuracy_num(value: float | None) -> Num:
+    return pct(value)
 
 
 def _comparison(result: AuditResult) -> tuple[tuple[str, ...], tuple[ComparisonRow, ...]]:
@@ -307,24 +348,43 @@ def _heatmap_note(result: AuditResult) -> str:
 
 
 def build_report_data(result: AuditResult, audit_dpath: Path | str,
-                      config: ReportConfig | None = None) -> ReportData:
-    """Everything the report shows, computed from a finished audit and its thumbnails."""
+                      config: ReportConfig | None = None, *, print_mode: bool = False) -> ReportData:
+    """Everything the report shows, computed from a finished audit and its thumbnails.
+    ``print_mode``: for the PDF, long tables cut to ``config.pdf_max_rows`` and fewer
+    detail sections (the HTML report and audit.json keep everything)."""
     config = config or ReportConfig()
     thumbs = _Thumbnails(result, Path(audit_dpath), config.thumbnail_px)
     verdicts = _verdict_rows(result)
-    finding_rows = tuple(_finding_row(f, card_anchor(f))
-                         for head in result.heads
-                         for f in sorted(head.findings, key=lambda f: (f.class_name, f.rank)))
+    heads = tuple(_head_section(h, i, verdicts, thumbs, config, print_mode)
+                  for i, h in enumerate(result.heads))
+    carded = {c.anchor for h in heads for cls in h.classes for c in cls.cards}
+    findings = sorted((f for head in result.heads for f in head.findings),
+                      key=lambda f: (not f.backed, -f.gate_share, f.class_name, f.rank))
+    if not print_mode and len(findings) <= config.all_details_up_to * 4:
+        findings.sort(key=lambda f: (result.heads.index(result.head(f.head)), f.class_name, f.rank))
+    finding_rows = tuple(_finding_row(f, card_anchor(f) if card_anchor(f) in carded else None)
+                         for f in findings)
+    reasons = tuple(r for r in verdicts if r.waived is None and r.status != "pass" and not r.not_evaluated)
+    listed = verdicts if len(verdicts) <= config.max_verdict_rows else tuple(
+        r for r in verdicts if r.status != "pass" or r.waived is not None)
     comparison_heads, comparison_rows = _comparison(result)
-    heads = tuple(_head_section(h, i, verdicts, thumbs, config) for i, h in enumerate(result.heads))
+    cut = config.pdf_max_rows if print_mode else None
+    finding_cut = config.pdf_max_rows if print_mode else config.max_finding_rows
+    if print_mode:
+        comparison_rows = tuple(sorted(comparison_rows, key=lambda r: -max(
+            (c.spurious_share.value or 0.0) for c in r.cells if c is not None)
+            if any(c is not None for c in r.cells) else 0.0))
     return ReportData(
         audit_id=result.audit_id, verdict=result.verdict,
-        reasons=tuple(r for r in verdicts
-                      if r.waived is None and r.status != "pass" and not r.not_evaluated),
+        reasons=reasons[:config.max_reasons], n_reasons=len(reasons),
         not_evaluated=_not_evaluated_rows(result),
-        verdict_rows=verdicts, finding_rows=finding_rows, class_names=_class_names(result),
+        verdict_rows=listed[:cut], n_verdicts=len(verdicts),
+        rule_summary=rollup.rule_summary(result), statistics=rollup.statistics_view(result),
+        finding_rows=finding_rows[:finding_cut], n_findings=len(findings),
+        class_names=_class_names(result) if len(_class_names(result)) <= 300 else (),
         heads=heads,
-        comparison_heads=comparison_heads, comparison_rows=comparison_rows,
+        comparison_heads=comparison_heads, comparison_rows=comparison_rows[:cut],
+        n_comparison_rows=len(comparison_rows), thumbnail_css=thumbs.css(), print_mode=print_mode,
         sae_metrics=tuple(KeyValue(k, _plain(v)) for k, v in sorted(result.sae_metrics.items())),
         provenance=provenance_rows(result.provenance),
         rules_file=result.rules_file, heatmap_note=_heatmap_note(result),

@@ -24,6 +24,25 @@ class ReportConfig:
     """Top images shown on each finding card."""
     max_scatter_points: int = 400
     """Components drawn per class scatter: every finding plus the largest |share| ones."""
+    scatter_points_total: int = 8000
+    """Scatter points shared by all class sections (each draws at least 40)."""
+    all_details_up_to: int = 12
+    """A head with at most this many classes gets a detail section for every class; one
+    with more, only for the classes with failing or warning verdicts."""
+    max_detail_classes: int = 100
+    """Detail sections per head in the HTML report (worst verdicts first)."""
+    pdf_max_detail_classes: int = 15
+    """Detail sections per head in the PDF (the HTML report and audit.json hold the rest)."""
+    pdf_max_rows: int = 40
+    """Rows of each long table (classes, findings, verdicts, comparison) in the PDF."""
+    max_reasons: int = 20
+    """Failing and warning verdicts listed under the verdict."""
+    max_finding_rows: int = 1000
+    """Findings listed in the HTML report: backed ones first, then by the lower bound of
+    their share (audit.json holds every one)."""
+    max_verdict_rows: int = 300
+    """Up to this many verdicts the HTML lists every one; beyond, only the failing,
+    warning and waived ones (each class's status is in the class table)."""
 
 
 @dataclass(frozen=True)
@@ -68,10 +87,66 @@ class NotEvaluatedRow:
 
 
 @dataclass(frozen=True)
+class RuleSummaryRow:
+    """How one rule fared over every head and class it judged."""
+
+    rule: str
+    check: str
+    n_fail: int
+    n_warn: int
+    n_pass: int
+    n_waived: int
+
+
+@dataclass(frozen=True)
+class ClassRow:
+    """One class in a head's roll-up table."""
+
+    class_name: str
+    status: Status
+    n_instances: int
+    accuracy: Num
+    spurious_share: Num
+    unexplained_share: Num
+    n_findings: int
+    n_backed: int
+    """Findings backed by the data (``Finding.backed``)."""
+    anchor: str | None
+    """HTML id of the class's detail section (None: no detail section)."""
+
+
+@dataclass(frozen=True)
+class ReliedRow:
+    """A component that carries a large share of several classes' evidence."""
+
+    component: int
+    concept: str
+    n_classes: int
+    n_findings: int
+    classes: str
+    """The classes it carries most of, comma-separated (user text)."""
+    max_share: Num
+
+
+@dataclass(frozen=True)
+class StatisticsView:
+    """The statistics behind the verdict: intervals and the permutation control."""
+
+    n_findings: int
+    n_backed: int
+    resamples: str
+    level: str
+    fdr: str
+    permutation: str | None
+    """One sentence on the shuffled-label control (None: not run)."""
+    permutation_failing: int | None
+
+
+@dataclass(frozen=True)
 class FindingRow:
     """One line of the findings summary table."""
 
-    anchor: str
+    anchor: str | None
     """HTML id of the finding's card."""
     head: str
     class_name: str
@@ -86,12 +161,19 @@ class FindingRow:
     best_auc_column: str
     best_auc: Num
     score_delta: Num
+    interval: str
+    """``[low, high]`` of the share (concept share for split concepts), or empty."""
+    chance: Num
+    backed: bool
 
 
 @dataclass(frozen=True)
 class Thumbnail:
     src: str | None
     """A ``data:`` URI, or None when the image file is missing or unreadable."""
+    key: str
+    """CSS class that shows this image (``ReportData.thumbnail_css``): each image is
+    inlined once however many cards show it."""
     caption: str
     """The instance's label (or its id when unlabelled)."""
     title: str
@@ -143,6 +225,12 @@ class FindingCard:
     finding is the only one."""
     alignment: Num
     clarity: Num
+    interval: str
+    """Bootstrap interval of the share (and of the concept share when split), or empty."""
+    chance: Num
+    """The concept share over all data (a random sample of it)."""
+    p_value: str
+    backed: bool
     thumbnails: tuple[Thumbnail, ...]
     has_heatmaps: bool
     """At least one thumbnail carries a heatmap overlay."""
@@ -152,6 +240,7 @@ class FindingCard:
 
 @dataclass(frozen=True)
 class ClassSection:
+    anchor: str
     class_name: str
     status: Status
     """Worst unwaived verdict about this head and class (pass when none)."""
@@ -179,7 +268,15 @@ class HeadSection:
     kind: str
     accuracy: str
     n_findings: int
+    n_backed: int
     classes: tuple[ClassSection, ...]
+    """Detail sections: every class of a small head, else the classes that fail or warn."""
+    class_rows: tuple[ClassRow, ...]
+    """Every class (the PDF: the first ``pdf_max_rows``), by spurious share."""
+    n_classes: int
+    n_details_left_out: int
+    """Classes that fail or warn without a detail section here (see the HTML, audit.json)."""
+    relied_rows: tuple[ReliedRow, ...]
     faithfulness_svg: Markup | None
     faithfulness_rows: tuple[CurveRow, ...]
 
@@ -204,16 +301,29 @@ class ReportData:
     audit_id: str
     verdict: Status
     reasons: tuple[VerdictRow, ...]
-    """The unwaived fail and warn rows: why the verdict is what it is (classes not
-    evaluated are listed in ``not_evaluated`` instead, once per class)."""
+    """The unwaived fail and warn rows: why the verdict is what it is (the first few;
+    classes not evaluated are listed in ``not_evaluated`` instead, once per class)."""
+    n_reasons: int
+    """All unwaived fail and warn rows."""
     verdict_rows: tuple[VerdictRow, ...]
+    """The verdicts listed: all of them in a small audit, else the ones not passing."""
+    n_verdicts: int
+    rule_summary: tuple[RuleSummaryRow, ...]
+    statistics: StatisticsView
     finding_rows: tuple[FindingRow, ...]
+    n_findings: int
+    """Findings in the audit (``finding_rows`` may list fewer in the PDF)."""
     class_names: tuple[str, ...]
     """Every class of every head, in first-seen order (the filter's options)."""
     heads: tuple[HeadSection, ...]
     comparison_heads: tuple[str, ...]
     """Empty unless at least two heads were audited."""
     comparison_rows: tuple[ComparisonRow, ...]
+    n_comparison_rows: int
+    thumbnail_css: Markup
+    """One CSS rule per inlined image (``Thumbnail.key``); base64 only, no user text."""
+    print_mode: bool
+    """Built for the PDF: long tables cut to ``pdf_max_rows``."""
     sae_metrics: tuple[KeyValue, ...]
     provenance: tuple[KeyValue, ...]
     rules_file: str | None

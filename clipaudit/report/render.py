@@ -118,15 +118,16 @@ def write_report(audit_dpath: Path | str, *, html: bool = True, pdf: bool = True
         audit_dpath = audit_dpath.parent
     if not audit_dpath.is_dir():
         raise InputError(f"{audit_dpath}: not an audit folder (expected a folder with audit.json)")
-    data = build_report_data(load_audit(audit_dpath), audit_dpath, config)
+    result = load_audit(audit_dpath)
     html_fpath = pdf_fpath = None
     if html:
         html_fpath = audit_dpath / HTML_FNAME
         with atomic_path(html_fpath) as tmp:
-            tmp.write_text(render_html(data), encoding="utf-8")
+            tmp.write_text(render_html(build_report_data(result, audit_dpath, config)), encoding="utf-8")
         log.info("wrote %s", html_fpath)
     if pdf:
         pdf_fpath = audit_dpath / PDF_FNAME
+        data = build_report_data(result, audit_dpath, config, print_mode=True)
         with atomic_path(pdf_fpath) as tmp:
             tmp.write_bytes(render_pdf(data))
         log.info("wrote %s", pdf_fpath)
