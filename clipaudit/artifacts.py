@@ -37,10 +37,10 @@ SCHEMA_VERSIONS: dict[str, int] = {
     "probe": 1,
     "prompt-set": 1,
     "attributions": 1,
-    "audit": 2,
+    "audit": 3,
     "synthetic-dataset": 1,
     "tiny-clip": 1,
-    "component-descriptions": 1,
+    "component-descriptions": 2,
 }
 
 _META_KEY = "clipaudit"

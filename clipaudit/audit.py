@@ -36,6 +36,7 @@ from clipaudit.extraction.backbone import Backbone, load_backbone_for
 from clipaudit.extraction.cache_reader import ActivationCache
 from clipaudit.extraction.hooks import VisionTower
 from clipaudit.findings import make_finding, metadata_aucs, scatter_points, select_candidates
+from clipaudit.findings.audit_concepts import AuditConcepts, audit_concepts
 from clipaudit.heads import Head, LinearProbe, PromptSet, load_head, make_zero_shot_head
 from clipaudit.progress import NULL_REPORTER, Reporter
 from clipaudit.report.model import ReportConfig
@@ -96,6 +97,9 @@ class AuditConfig:
     """Instances per batch when encoding and attributing from the cache."""
     seed: int = 0
     """Seeds the sampling of the faithfulness instances."""
+    column_roles: tuple[str, ...] = ()
+    """Metadata column roles, ``COLUMN=ROLE`` (artifact, protected or ignore), over the rule
+    file's and the data set's (``clipaudit.columns``)."""
 
 
 @dataclass(frozen=True)
@@ -112,6 +116,8 @@ class _Data:
 
     acts: torch.Tensor
     """[n, d] float32 activations at the hook point."""
+    embeds: torch.Tensor
+    """[n, D] float32 image embeddings (what heads read)."""
     ids: torch.Tensor
     """[n] instance ids."""
     labels: list[str | None]
@@ -130,6 +136,7 @@ class _Stage:
     finding_config: FindingConfig
     config: AuditConfig
     reporter: Reporter
+    concepts: AuditConcepts
 
 
 def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | str, *,
@@ -140,12 +147,14 @@ def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | 
               reporter: Reporter = NULL_REPORTER) -> AuditOutcome:
     """Audit heads (a probe, a prompt set, and/or ready ``heads``) on a cache with an SAE,
     and write the audit folder. Returns the result and the gate's exit code (0 or 1)."""
+    from clipaudit.columns import parse_role_overrides
     from clipaudit.extraction.cache_reader import open_cache
     from clipaudit.gate import evaluate, exit_code, load_ruleset
     from clipaudit.results import load_audit
     from clipaudit.sae import load_sae
 
-    ruleset = load_ruleset(config.rules)  # fail fast on a bad rule file
+    # fail fast on a bad rule file or role
+    ruleset = load_ruleset(config.rules).with_column_roles(parse_role_overrides(config.column_roles))
     cache = open_cache(cache_dpath)
     hook = cache.provenance["hook"]
     backbone = backbone or load_backbone_for(cache.provenance["backbone"])
@@ -161,10 +170,12 @@ def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | 
     data = _load_data(cache, sae, config.batch_size)
     out_dpath = Path(out_dpath)
     out_dpath.mkdir(parents=True, exist_ok=True)
-    descriptions, ref_cache = describe_for_audit(cache, data.codes, sae, sae_fpath, backbone, audited,
-                                                 config.describe, config.batch_size, reporter)
+    described = describe_for_audit(cache, data.codes, sae, sae_fpath, backbone, audited,
+                                   config.describe, config.batch_size, reporter)
+    descriptions, ref_cache = described.descriptions, described.cache
     files = {"descriptions": save_descriptions_for_audit(descriptions, out_dpath)}
-    stage = _Stage(sae, tower, descriptions, ruleset.finding_config(), config, reporter)
+    concepts = audit_concepts(cache, data, described, sae, ruleset, reporter)
+    stage = _Stage(sae, tower, descriptions, ruleset.finding_config(), config, reporter, concepts)
     head_audits = []
     for head in audited:
         attr = attribute_cls(data.acts, data.ids, sae, head, tower, batch_size=config.batch_size,
@@ -182,7 +193,8 @@ def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | 
         sae_metrics={k: float(v) for k, v in (sae.meta.get("metrics") or {}).items()
                      if isinstance(v, (int, float)) and v is not None},
         heads=head_audits, components=components, instances=instances,
-        rules_file=ruleset.name,
+        rules_file=ruleset.name, columns=concepts.columns, coverage=concepts.coverage,
+        calibration=list(descriptions.calibration.classes) if descriptions.calibration else [],
     )
     verdicts = evaluate(result, ruleset, baseline=baseline)
     result = dataclasses.replace(result, verdicts=verdicts)
@@ -260,8 +272,9 @@ def _load_data(cache: ActivationCache, sae: SAE, batch_size: int) -> _Data:
     ids = torch.tensor(index["id"].to_numpy(), dtype=torch.long)
     labels = ([None if pd.isna(x) else str(x) for x in index["label"]] if "label" in index
               else [None] * len(ids))
-    metadata = index[[c for c in index.columns if c not in _INDEX_COLUMNS]]
-    return _Data(acts, ids, labels, metadata, _encode_all(sae, acts, batch_size))
+    metadata = index[[c for c in index.columns if c not in _INDEX_COLUMNS]].reset_index(drop=True)
+    return _Data(acts, cache.load_embeds().float(), ids, labels, metadata,
+                 _encode_all(sae, acts, batch_size))
 
 
 def class_texts(heads: Sequence[Head]) -> dict[str, list[str]]:
@@ -274,15 +287,29 @@ def class_texts(heads: Sequence[Head]) -> dict[str, list[str]]:
     return texts
 
 
+@dataclass(frozen=True)
+class Described:
+    """Component descriptions and the reference set they were computed on."""
+
+    descriptions: ComponentDescriptions
+    cache: ActivationCache
+    codes: _Codes
+    """The reference set's SAE codes, rows in index order."""
+    semantic_embeds: torch.Tensor
+    """Image embeddings of the reference set by instance id, from the reference model (or,
+    for reused descriptions of another reference model, from the audited CLIP)."""
+    text_encoder: Any
+    """The text encoder of the model ``semantic_embeds`` come from."""
+
+
 def describe_for_audit(cache: ActivationCache, codes: _Codes, sae: SAE, sae_fpath: Path | str,
                        backbone: Backbone, heads: Sequence[Head], config: DescribeConfig,
-                       batch_size: int, reporter: Reporter) -> tuple[ComponentDescriptions,
-                                                                     ActivationCache]:
+                       batch_size: int, reporter: Reporter) -> Described:
     """What each component means, on the reference set (default: the audited data).
 
     Reuses ``config.reuse`` (an earlier audit's descriptions) when it was computed from
     the same SAE, reference model, reference set, vocabulary and top-m; only the class
-    alignment is then recomputed for these heads' classes (text encoding only).
+    alignment (raw and calibrated) is then recomputed for these heads' classes.
     """
     from clipaudit.describe.components import (
         describe_components,
@@ -300,26 +327,47 @@ def describe_for_audit(cache: ActivationCache, codes: _Codes, sae: SAE, sae_fpat
         check_same_model(ref_cache, cache, config.reference_cache)
     ref_backbone = backbone if config.reference is None else load_backbone(config.reference)
     key = _descriptions_key(sae_fpath, ref_cache, ref_backbone, config)
-    if config.reuse is not None:
-        reused = _reuse_descriptions(config.reuse, key)
-        return realign_classes(reused, ref_backbone.encode_text, class_texts(heads)), ref_cache
-
     index = ref_cache.ok_index.reset_index(drop=True)
     ids = torch.tensor(index["id"].to_numpy(), dtype=torch.long)
     if ref_cache is not cache:  # another reference set: encode it (the audited data is encoded once)
         codes = _encode_all(sae, ref_cache.load_acts().float(), batch_size)
+    labels = _labels_by_id(index, ids)
+    if config.reuse is not None:
+        reused = _reuse_descriptions(config.reuse, key)
+        audited_ref = _by_id(ref_cache.load_embeds().float(), ids)
+        ref = audited_ref if config.reference is None else None  # no re-encoding on reuse
+        realigned = realign_classes(reused, ref_backbone.encode_text, class_texts(heads), ref, labels)
+        if ref is None:  # text-defined concepts: read by the audited CLIP instead
+            return Described(realigned, ref_cache, codes, audited_ref, backbone.encode_text)
+        return Described(realigned, ref_cache, codes, ref, ref_backbone.encode_text)
+
     batches = ((ids[s:s + batch_size], codes.rows(s, s + batch_size))
                for s in range(0, len(ids), batch_size))
     top = top_activations(batches, sae.n_latents, m=config.top_m)
     if config.reference is None:
-        embeds = ref_cache.load_embeds().float()
-        ref = torch.zeros(int(ids.max()) + 1 if len(ids) else 0, embeds.shape[1])
-        ref[ids] = embeds
+        ref = _by_id(ref_cache.load_embeds().float(), ids)
     else:
         ref = encode_reference_images(ref_backbone, index, reporter=reporter)
     vocabulary = load_vocabularies(list(config.vocabularies))
-    return describe_components(top, ref, ref_backbone.encode_text, vocabulary, class_texts(heads),
-                               templates=config.concept_templates, provenance=key), ref_cache
+    descriptions = describe_components(top, ref, ref_backbone.encode_text, vocabulary,
+                                       class_texts(heads), templates=config.concept_templates,
+                                       provenance=key, reference_labels=labels)
+    return Described(descriptions, ref_cache, codes, ref, ref_backbone.encode_text)
+
+
+def _by_id(embeds: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
+    """Rows in index order -> rows indexed by instance id (zero rows for missing ids)."""
+    out = torch.zeros(int(ids.max()) + 1 if len(ids) else 0, embeds.shape[1])
+    out[ids] = embeds
+    return out
+
+
+def _labels_by_id(index: pd.DataFrame, ids: torch.Tensor) -> list[str | None]:
+    labels: list[str | None] = [None] * (int(ids.max()) + 1 if len(ids) else 0)
+    if "label" in index:
+        for i, label in zip(ids.tolist(), index["label"].tolist()):
+            labels[i] = None if pd.isna(label) else str(label)
+    return labels
 
 
 def _descriptions_key(sae_fpath: Path | str, ref_cache: ActivationCache, ref_backbone: Backbone,
@@ -361,10 +409,14 @@ def check_same_model(ref_cache: ActivationCache, cache: ActivationCache, ref_dpa
 def _audit_head(head: Head, attr: Attributions, data: _Data, stage: _Stage) -> HeadAudit:
     rel = class_relevance(attr, data.labels)
     descriptions = stage.descriptions
-    alignment = descriptions.class_alignment[:, [descriptions.class_names.index(c)
-                                                 for c in head.class_names]]
+    columns = [descriptions.class_names.index(c) for c in head.class_names]
+    alignment = descriptions.class_alignment[:, columns]
+    reliance = stage.concepts.reliance_of(head)
     candidates = select_candidates(rel.share, alignment, descriptions.clarity, descriptions.concept,
-                                   descriptions.concept_score, head.class_names, stage.finding_config)
+                                   descriptions.concept_score, head.class_names, stage.finding_config,
+                                   calibrated_jc=descriptions.calibrated_alignment[:, columns],
+                                   forbidden_reliance=stage.concepts.forbidden_reliance(
+                                       head, reliance, descriptions.concept))
     findings = _findings(head, candidates, data, stage)
     truth = torch.tensor([head.class_names.index(x) if x in head.class_names else -1
                           for x in data.labels], dtype=torch.long)
@@ -385,7 +437,8 @@ def _audit_head(head: Head, attr: Attributions, data: _Data, stage: _Stage) -> H
                                       [f.component for f in of_class])))
     curves = _faithfulness(head, data, torch.where(known, truth, pred), stage)
     return HeadAudit(name=head.name, kind=head.kind, class_names=list(head.class_names),
-                     accuracy=accuracy, classes=classes, findings=findings, faithfulness=curves)
+                     accuracy=accuracy, classes=classes, findings=findings, faithfulness=curves,
+                     concept_reliance=reliance)
 
 
 def _findings(head: Head, candidates: Sequence[Any], data: _Data, stage: _Stage) -> list[Any]:

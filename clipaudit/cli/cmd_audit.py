@@ -66,6 +66,10 @@ def audit_cmd(
                                 help="Reuse the component descriptions of an earlier audit (its "
                                      "folder): a new rule file or head re-audits without "
                                      "recomputing them."),
+    column_roles: list[str] = option(AuditConfig, "column_roles", "--column-role",
+                                     help="COLUMN=ROLE (artifact, protected or ignore): a metadata "
+                                          "column's role, over the rule file's and the data set's "
+                                          "(repeat for several columns)."),
     pdf: bool = option(OutputConfig, "pdf", "--pdf/--no-pdf", help="Also write report.pdf."),
     as_json: bool = typer.Option(False, "--json", help="Print the verdict as JSON."),
 ) -> None:
@@ -73,7 +77,7 @@ def audit_cmd(
     from clipaudit.audit import run_audit
 
     config = AuditConfig(
-        rules=rules, outputs=OutputConfig(pdf=pdf),
+        rules=rules, outputs=OutputConfig(pdf=pdf), column_roles=tuple(column_roles),
         describe=DescribeConfig(vocabularies=tuple(vocab), reference_cache=reference_data, top_m=top_m,
                                 reuse=descriptions))
     with RichReporter(quiet=as_json) as reporter:

@@ -96,13 +96,17 @@ def apply_cmd(
     junit: Path = typer.Option(None, "--junit", help="JUnit XML path [AUDIT_DIR/junit.xml]."),
     summary: Path = typer.Option(None, "--summary", help="Markdown summary path "
                                  "[AUDIT_DIR/summary.md]."),
+    column_roles: list[str] = typer.Option([], "--column-role",
+                                           help="COLUMN=ROLE (artifact, protected or ignore): a "
+                                                "metadata column's role, over the rule file's and "
+                                                "the data set's (repeat for several columns)."),
     json_out: bool = typer.Option(False, "--json", help="Print the verdicts as JSON."),
 ) -> None:
     """Judge a finished audit with a rule set; exit code 0 pass, 1 a failing rule, 2 error."""
     from clipaudit.gate import apply_rules
 
     run = apply_rules(audit_dir, rules, baseline=baseline, junit_fpath=junit,
-                      summary_fpath=summary)
+                      summary_fpath=summary, column_roles=column_roles)
     result = run.result
     if json_out:
         print_json({"audit_id": result.audit_id, "rules": result.rules_file,

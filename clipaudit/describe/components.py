@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from clipaudit.artifacts import atomic_path, load_tensors, save_tensors
+from clipaudit.describe.calibration import Calibration, LabelCentroids, calibrate, label_centroids
 from clipaudit.describe.concepts import ConceptVocabulary
 from clipaudit.errors import InputError, MismatchError
 from clipaudit.progress import NULL_REPORTER, Reporter
@@ -196,6 +197,19 @@ class ComponentDescriptions:
     """The top instances the descriptions were computed from."""
     provenance: dict[str, Any] = field(default_factory=dict)
     """Reference model and anything else the caller wants recorded."""
+    labels: LabelCentroids | None = None
+    """Per label of the reference set, the unit mean of its reference embeddings: the
+    anchors of the calibrated alignment."""
+    calibration: Calibration | None = None
+    """Calibrated class alignment [n_latents, C] (``clipaudit.describe.calibration``)."""
+
+    @property
+    def calibrated_alignment(self) -> Tensor:
+        """float [n_latents, C]: the class alignment on the model's own scale (NaN where a
+        class could not be calibrated or a component is dead)."""
+        if self.calibration is None:
+            return torch.full_like(self.class_alignment, math.nan)
+        return self.calibration.calibrated
 
     def alignment(self, text_embeds: Tensor) -> Tensor:
         """alignment(j, t) [n_latents, T] for reference-model text embeddings [T, D]
@@ -207,11 +221,15 @@ def describe_components(top: TopActivations, ref_image_embeds: Tensor,
                         text_encoder: TextEncoder, vocabulary: ConceptVocabulary,
                         class_texts: dict[str, list[str]], *,
                         templates: Sequence[str] = ("{}",),
-                        provenance: dict[str, Any] | None = None) -> ComponentDescriptions:
-    """Semantic embedding, clarity, concept label and class alignment per component.
+                        provenance: dict[str, Any] | None = None,
+                        reference_labels: Sequence[str | None] | None = None
+                        ) -> ComponentDescriptions:
+    """Semantic embedding, clarity, concept label, class alignment and calibrated class
+    alignment per component.
 
     ``ref_image_embeds`` [N, D] holds the reference model's image embeddings indexed
-    by instance id (zero rows: no embedding; such instances are left out).
+    by instance id (zero rows: no embedding; such instances are left out);
+    ``reference_labels`` (one per row, or None) anchor the calibration.
     ``templates`` render each concept phrasing (``"a photo of {}"``); class texts are
     used verbatim. ``provenance`` (e.g. the reference model's) is kept, with the
     vocabulary, templates and m added.
@@ -234,40 +252,58 @@ def describe_components(top: TopActivations, ref_image_embeds: Tensor,
     concept = ["" if d else vocabulary.concepts[i] for i, d in zip(best.tolist(), dead.tolist())]
 
     class_names = list(class_texts)
-    alpha = _class_alignment(semantic, empty, text_encoder, class_texts, dim)
+    class_alpha = _class_aligner(empty, text_encoder, class_texts, dim)
+    labels = label_centroids(ref_image_embeds, reference_labels)
+    alpha = class_alpha(semantic)
     return ComponentDescriptions(
         semantic=semantic, clarity=clarity, concept=concept, concept_score=score,
         class_alignment=alpha, class_names=class_names, vocabulary=vocabulary.name,
         empty_text=empty, top=top,
         provenance={**(provenance or {}), "vocabulary": vocabulary.name,
                     "templates": list(templates), "m": int(top.ids.shape[1])},
+        labels=labels,
+        calibration=calibrate(alpha, class_names, class_alpha, labels, ref_image_embeds,
+                              reference_labels),
     )
 
 
 def realign_classes(descriptions: ComponentDescriptions, text_encoder: TextEncoder,
-                    class_texts: dict[str, list[str]]) -> ComponentDescriptions:
-    """The same descriptions with the class alignment recomputed for ``class_texts``
-    (what a new head needs; the semantic embeddings and labels stay)."""
+                    class_texts: dict[str, list[str]], ref_image_embeds: Tensor | None = None,
+                    reference_labels: Sequence[str | None] | None = None) -> ComponentDescriptions:
+    """The same descriptions with the class alignment (raw and calibrated) recomputed for
+    ``class_texts`` (what a new head needs; the semantic embeddings and labels stay).
+    ``ref_image_embeds`` lets classes without labelled reference images be calibrated
+    zero-shot."""
     dim = descriptions.semantic.shape[1]
-    alpha = _class_alignment(descriptions.semantic, descriptions.empty_text, text_encoder,
-                             class_texts, dim)
-    return dataclasses.replace(descriptions, class_alignment=alpha, class_names=list(class_texts))
+    class_alpha = _class_aligner(descriptions.empty_text, text_encoder, class_texts, dim)
+    alpha = class_alpha(descriptions.semantic)
+    labels = descriptions.labels or label_centroids(torch.zeros(0, dim), None)
+    calibration = calibrate(alpha, list(class_texts), class_alpha, labels, ref_image_embeds,
+                            reference_labels)
+    return dataclasses.replace(descriptions, class_alignment=alpha, class_names=list(class_texts),
+                               labels=labels, calibration=calibration)
 
 
-def _class_alignment(semantic: Tensor, empty: Tensor, text_encoder: TextEncoder,
-                     class_texts: dict[str, list[str]], dim: int) -> Tensor:
-    """alpha [n_latents, C]: per class, the max alignment over its texts."""
+def _class_aligner(empty: Tensor, text_encoder: TextEncoder, class_texts: dict[str, list[str]],
+                   dim: int) -> Callable[[Tensor], Tensor]:
+    """A function from unit image-space vectors [n, D] to alpha [n, C]: per class, the max
+    alignment over its texts (texts encoded once)."""
     class_names = list(class_texts)
     for name in class_names:
         if not class_texts[name]:
             raise InputError(f"class {name!r} has no texts to align components with")
-    if not class_names:
-        return torch.empty(semantic.shape[0], 0)
     flat = [t for name in class_names for t in class_texts[name]]
-    class_align = _alignment(semantic, _encode(text_encoder, flat, dim), empty)
-    bounds = torch.tensor([0, *(len(class_texts[n]) for n in class_names)]).cumsum(0)
-    return torch.stack([class_align[:, a:b].max(dim=1).values
-                        for a, b in zip(bounds[:-1].tolist(), bounds[1:].tolist())], dim=1)
+    text_embeds = _encode(text_encoder, flat, dim) if flat else torch.zeros(0, dim)
+    bounds = torch.tensor([0, *(len(class_texts[n]) for n in class_names)]).cumsum(0).tolist()
+
+    def class_alpha(vectors: Tensor) -> Tensor:
+        if not class_names:
+            return torch.empty(vectors.shape[0], 0)
+        align = _alignment(vectors, text_embeds, empty)
+        return torch.stack([align[:, a:b].max(dim=1).values
+                            for a, b in zip(bounds[:-1], bounds[1:])], dim=1)
+
+    return class_alpha
 
 
 def semantic_embeddings(top: TopActivations, ref_image_embeds: Tensor) -> tuple[Tensor, Tensor]:
@@ -338,25 +374,41 @@ _TENSOR_FIELDS = ("semantic", "clarity", "concept_score", "class_alignment", "em
 
 def save_descriptions(fpath: Path | str, descriptions: ComponentDescriptions,
                       provenance: dict[str, Any] | None = None) -> Path:
-    """Write descriptions and their top activations to one versioned safetensors file."""
+    """Write descriptions, their top activations and the reference set's label anchors
+    to one versioned safetensors file."""
+    from clipaudit.results import to_dict
+
     d = descriptions
+    dim = d.semantic.shape[1]
+    labels = d.labels or label_centroids(torch.zeros(0, dim), None)
     tensors = {name: getattr(d, name) for name in _TENSOR_FIELDS}
-    tensors |= {"top_ids": d.top.ids, "top_values": d.top.values, "top_counts": d.top.counts}
+    tensors |= {"top_ids": d.top.ids, "top_values": d.top.values, "top_counts": d.top.counts,
+                "label_centroids": labels.centroids, "label_overall": labels.overall,
+                "calibrated_alignment": d.calibrated_alignment}
     meta = {"concept": d.concept, "class_names": d.class_names, "vocabulary": d.vocabulary,
-            "description_provenance": d.provenance}
+            "description_provenance": d.provenance, "label_names": labels.names,
+            "label_counts": labels.counts,
+            "calibration": to_dict(d.calibration.classes) if d.calibration else []}
     return save_tensors(fpath, "component-descriptions", tensors, meta,
                         provenance or d.provenance)
 
 
 def load_descriptions(fpath: Path | str) -> ComponentDescriptions:
     """Read a file written by ``save_descriptions``."""
+    from clipaudit.results import ClassCalibration, from_dict
+
     f = load_tensors(fpath, "component-descriptions")
     t, meta = f.tensors, f.meta
     top = TopActivations(t["top_ids"], t["top_values"], t["top_counts"])
+    labels = LabelCentroids(list(meta["label_names"]), t["label_centroids"],
+                            [int(n) for n in meta["label_counts"]], t["label_overall"])
+    calibration = Calibration(t["calibrated_alignment"],
+                              [from_dict(ClassCalibration, c) for c in meta["calibration"]])
     return ComponentDescriptions(
         **{name: t[name] for name in _TENSOR_FIELDS}, concept=list(meta["concept"]),
         class_names=list(meta["class_names"]), vocabulary=meta["vocabulary"], top=top,
-        provenance=dict(meta.get("description_provenance") or {}),
+        provenance=dict(meta.get("description_provenance") or {}), labels=labels,
+        calibration=calibration,
     )
 
 

@@ -8,7 +8,9 @@ one. Every other artifact occurs independently of the class at ``base_rate``, so
 clean controls (``artifact=None``) contain artifacts too.
 
 Layout of ``out_dpath``: ``images/NNNNNN.png``, ``manifest.csv`` (path, label,
-caption, lesion and skin attributes, one ``has_*`` column per artifact) and
+caption, lesion and skin attributes, one ``has_*`` column per artifact),
+``columns.yaml`` (the columns' roles: ``has_*`` artifacts, skin tone protected, the
+lesion attributes, which decide the label, ignored; see ``clipaudit.columns``) and
 ``ground_truth.json`` (a versioned clipaudit file).
 """
 
@@ -25,6 +27,7 @@ import numpy as np
 from PIL import Image
 
 from clipaudit.artifacts import atomic_path, read_json, sha256_file, write_json
+from clipaudit.columns import write_declared_roles
 from clipaudit.errors import InputError
 from clipaudit.progress import NULL_REPORTER, Reporter
 from clipaudit.synthetic.captions import caption_scene
@@ -121,6 +124,8 @@ def make_planted_dataset(out_dpath: Path | str, *, artifact: str | None,
             if i % 100 == 99 or i == n - 1:
                 task.advance(i % 100 + 1)
     _write_manifest(manifest_fpath, rows)
+    write_declared_roles(dpath, artifact=[f"has_{a}" for a in ARTIFACTS], protected=["skin_tone"],
+                         ignore=["lesion_colour", "lesion_border", "lesion_size"])
     truth = _ground_truth(rows, artifact=artifact, target_class=target_class, rate=rate,
                           n=n, seed=seed, base_rate=base_rate)
     truth["manifest_sha256"] = sha256_file(manifest_fpath)
