@@ -9,18 +9,18 @@ declared once, and resolved per column with this precedence:
 1. the command line: ``--column-role has_tag=artifact`` (exact column names);
 2. the rule file: ``metadata.artifact_columns`` / ``protected_columns`` /
    ``ignored_columns`` (globs, case-insensitive);
-3. the data set: ``columns.yaml`` beside its manifest (``DATASET_ROLES_FNAME``), which
-   ``clipaudit synthetic make-dataset`` writes and a user may write for their own data.
+3. the data set: ``columns.yaml`` beside its manifest (``DATASET_ROLES_FNAME``:
+   ``{artifact: [...], protected: [...], ignore: [...]}``, a clipaudit header optional),
+   which ``clipaudit synthetic make-dataset`` writes and a user may write for their data.
 
 Within one source protected wins over artifact, and artifact over ignore. A column no
 source names has no role; when it is binary the gate warns that no rule reads it.
 
 Checks work on column **keys**: a binary column is one key (``has_ruler``, its positive
 value ``True``/``1``/``yes``); a categorical column with at most ``MAX_CATEGORIES``
-values is one key per value (``skin_tone=dark``). Each key marks a concept, declared
-(``concepts:`` in columns.yaml or ``metadata.column_concepts`` in the rule file) or
-derived from the name: ``has_band_aid`` -> ``band aid``, ``skin_tone=dark`` ->
-``dark skin tone``.
+values is one key per value (``skin_tone=dark``). Each key marks a concept, named in the
+rule file (``metadata.column_concepts``) or derived from the name: ``has_band_aid`` ->
+``band aid``, ``skin_tone=dark`` -> ``dark skin tone``.
 """
 
 from __future__ import annotations
@@ -43,6 +43,7 @@ DATASET_ROLES_FNAME = "columns.yaml"
 MAX_CATEGORIES = 12
 """A categorical column with more values than this is not split into keys."""
 _POSITIVE = (True, 1, "True", "true", "yes", "1")
+_HEADER_KEYS = ("kind", "schema_version", "clipaudit_version", "created", "provenance")
 _PREFIXES = ("has_", "is_", "with_", "contains_")
 
 
@@ -138,15 +139,13 @@ class DeclaredRoles:
 
     roles: dict[str, str] = field(default_factory=dict)
     """Column -> ``artifact`` | ``protected`` | ``ignore``."""
-    concepts: dict[str, str] = field(default_factory=dict)
-    """Column (or key) -> the concept it marks."""
     source: str | None = None
     """The file they were read from."""
 
 
 def load_declared_roles(fpath: Path | str) -> DeclaredRoles:
-    """Read a ``columns.yaml``: ``{artifact: [...], protected: [...], ignore: [...],
-    concepts: {column: concept}}`` (every key optional)."""
+    """Read a ``columns.yaml``: ``{artifact: [...], protected: [...], ignore: [...]}``
+    (every key optional; a clipaudit file header is allowed)."""
     import yaml
 
     fpath = Path(fpath)
@@ -157,23 +156,19 @@ def load_declared_roles(fpath: Path | str) -> DeclaredRoles:
     if data is None:
         return DeclaredRoles(source=str(fpath))
     if not isinstance(data, dict):
-        raise InputError(f"{fpath}: expected a mapping with artifact, protected, ignore and "
-                         f"concepts, got {type(data).__name__}")
-    unknown = set(data) - {*ROLES, "concepts"}
+        raise InputError(f"{fpath}: expected a mapping of roles ({', '.join(ROLES)}) to "
+                         f"lists of column names, got {type(data).__name__}")
+    unknown = set(data) - {*ROLES, *_HEADER_KEYS}
     if unknown:
         raise InputError(f"{fpath}: unknown key(s) {', '.join(sorted(map(str, unknown)))} "
-                         f"(expected: {', '.join(ROLES)}, concepts)")
+                         f"(expected: {', '.join(ROLES)})")
     roles: dict[str, str] = {}
-    for role in reversed(ROLES):  # protected is read last, so it wins
+    for role in ("ignore", "artifact", "protected"):  # protected is read last, so it wins
         columns = data.get(role) or []
         if not isinstance(columns, list) or not all(isinstance(c, str) and c for c in columns):
             raise InputError(f"{fpath}: {role}: expected a list of column names")
         roles |= {c: role for c in columns}
-    concepts = data.get("concepts") or {}
-    if not isinstance(concepts, dict) or not all(isinstance(k, str) and isinstance(v, str) and v
-                                                 for k, v in concepts.items()):
-        raise InputError(f"{fpath}: concepts: expected a mapping of column -> concept")
-    return DeclaredRoles(roles, dict(concepts), str(fpath))
+    return DeclaredRoles(roles, str(fpath))
 
 
 def find_declared_roles(dpath: Path | str | None) -> DeclaredRoles:
@@ -185,17 +180,15 @@ def find_declared_roles(dpath: Path | str | None) -> DeclaredRoles:
 
 
 def write_declared_roles(dpath: Path | str, *, artifact: Sequence[str] = (),
-                         protected: Sequence[str] = (), ignore: Sequence[str] = (),
-                         concepts: Mapping[str, str] | None = None) -> Path:
+                         protected: Sequence[str] = (), ignore: Sequence[str] = ()) -> Path:
     """Write ``<dpath>/columns.yaml`` (what a data set generator calls)."""
     import yaml
 
     from clipaudit.artifacts import atomic_path
 
-    doc = {"artifact": list(artifact), "protected": list(protected), "ignore": list(ignore),
-           "concepts": dict(concepts or {})}
+    doc = {"artifact": list(artifact), "protected": list(protected), "ignore": list(ignore)}
     header = ("# Roles of this data set's metadata columns, read by clipaudit audit\n"
-              "# (artifact | protected | ignore; concepts: the concept a column marks).\n")
+              "# (artifact | protected | ignore; see clipaudit.columns).\n")
     fpath = Path(dpath) / DATASET_ROLES_FNAME
     with atomic_path(fpath) as tmp:
         tmp.write_text(header + yaml.safe_dump(doc, sort_keys=False))

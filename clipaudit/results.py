@@ -34,7 +34,7 @@ class FindingConfig:
     class's own images) is at least this is not a shortcut."""
     reliance_min: float = 0.05
     """A forbidden concept is relied on when putting it on the other classes' images costs the
-    class at least this accuracy (``clipaudit.findings.reliance``)."""
+    head at least this accuracy on them (``clipaudit.findings.reliance``)."""
     clarity_min: float = 0.30
     """A component less coherent than this is not described well enough to be a finding."""
     forbidden: dict[str, list[str]] = field(default_factory=dict)
@@ -102,8 +102,9 @@ class Finding:
     other classes; 1: as aligned as the class's own images); what findings are decided on.
     None where the class could not be calibrated."""
     reliance: float | None = None
-    """For a forbidden-concept finding: the class's accuracy drop when the concept is put on
-    the other classes' images (``ConceptReliance.reliance``); None where not measurable."""
+    """For a forbidden-concept finding: the accuracy the head loses on the other classes'
+    images when the concept is put on them (``ConceptReliance.reliance``); None where not
+    measurable."""
     reliance_source: str | None = None
     """Where the concept's direction came from: ``column has_ruler``, ``components 3, 17``."""
 
@@ -162,9 +163,9 @@ class ConceptReliance:
     one class (its direction cannot be told from the class's); ``too-few`` instances;
     ``absent``: a text-defined concept the reference set does not show."""
     reliance: float | None = None
-    """Accuracy drop when the concept is put on every image of the other classes (and
-    removed elsewhere), the concept acting as its mean shift in the head's input space:
-    the embedding-space twin of the benchmark's causal test."""
+    """The head's accuracy on the other classes' images without the concept minus its
+    accuracy on the same images with it, the concept acting as its mean shift in the
+    head's input space: the embedding-space twin of the benchmark's causal test."""
     flip_rate: float | None = None
     """Share of the other classes' images (without the concept) that the head would call
     this class once the concept is added."""
@@ -221,8 +222,8 @@ class ColumnInfo:
     declared_role: str | None = None
     """``artifact``, ``protected`` or ``ignore`` as the data set declares it (columns.yaml)."""
     concepts: dict[str, str] = field(default_factory=dict)
-    """Key (``has_ruler``, ``skin_tone=dark``) -> the concept it marks (declared by the data
-    set, else derived from the names)."""
+    """Key (``has_ruler``, ``skin_tone=dark``) -> the concept its name says it marks (the
+    rule file's ``metadata.column_concepts`` can name another)."""
 
 
 @dataclass(frozen=True)

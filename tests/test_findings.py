@@ -67,6 +67,7 @@ def test_components_of_one_concept_are_candidates_together():
     assert [round(c.concept_share, 3) for c in cands] == [0.12, 0.12, 0.12, 0.11]
     # 7 (ink, 0.09) + 8 (ink, 0.015 < member_share_min) stay below share_min
     alone = select_candidates(share, alignment, clarity, concepts, torch.ones(9), ["benign"],
-                              FindingConfig(share_min=0.10, member_share_min=0.01, calibrated_alignment_max=0.02,
-                                            clarity_min=0.3, expected={"*": ["lesion"]}))
+                              FindingConfig(share_min=0.10, member_share_min=0.01,
+                                            calibrated_alignment_max=0.02, clarity_min=0.3,
+                                            expected={"*": ["lesion"]}))
     assert {c.component for c in alone} == {0, 1, 2, 3, 4, 7, 8}

@@ -81,12 +81,12 @@ class ConceptInputs:
 
 
 def columns_of(metadata: pd.DataFrame, declared: DeclaredRoles) -> list[ColumnInfo]:
-    """The audited data's metadata columns, with the data set's declared roles and concepts."""
+    """The audited data's metadata columns, with the data set's declared roles."""
     out = []
     for column in metadata.columns:
         name = str(column)
         kind, values = column_kind(metadata[column])
-        keys = column_keys(metadata[[column]], declared.concepts) if kind != "other" else []
+        keys = column_keys(metadata[[column]]) if kind != "other" else []
         out.append(ColumnInfo(name=name, kind=kind, values=[str(v) for v in values],  # type: ignore[arg-type]
                               declared_role=declared.roles.get(name),
                               concepts={k.key: k.concept for k in keys}))

@@ -12,16 +12,17 @@ and one classifier head:
    that co-occurs with a class from borrowing that class's direction; a concept that
    never occurs both with and without in one class is ``confounded`` and not measured.
 2. **Effect** on each class c (exact for linear heads): adding the concept moves the
-   class scores by W v. The reliance of class c on the concept is the accuracy lost when
-   the concept is put on every image of the other classes (and taken off the images that
-   carry it): the embedding-space twin of the causal test that the detection benchmark
-   runs on re-rendered images (``benchmarks/detection.py``). Reported beside it: the flip
-   rate (share of the other classes' images the head would then call c), the shift of
-   c's margin, that shift over the distance between the classes' mean margins, and the
-   accuracy per slice (class x presence).
+   class scores by W v. The reliance of class c on the concept is the accuracy the head
+   loses on the other classes' images when the concept is put on them (against the same
+   images without it: the concept is taken off those that carry it): the embedding-space
+   twin of the causal test that the detection benchmark runs on re-rendered counterfactual
+   images (``benchmarks/detection.py``). Reported beside it: the flip rate (share of those
+   images the head would then call c), the shift of c's margin, that shift over the
+   distance between the classes' mean margins, and the accuracy per slice (class x
+   presence).
 
-The unit is a fraction of the audited instances, the same on any CLIP, so one
-threshold (``thresholds.reliance_min``) serves every model.
+The unit is a fraction of images, the same on any CLIP, so one threshold
+(``thresholds.reliance_min``) serves every model.
 
 Why a mean shift in the head's input space and not in embedding space followed by the
 head's own normalisation: artifacts replace image content as much as they add to it,
@@ -150,8 +151,8 @@ def measure_reliance(direction: Direction, concept: str, source: RelianceSource,
     for c, name in enumerate(class_names):
         others = known & (truth != c)
         swapped = clean + others[:, None].float() * shift
-        acc_clean = _accuracy(clean, truth, known)
-        acc_swapped = _accuracy(swapped, truth, known)
+        acc_clean = _accuracy(clean, truth, others)
+        acc_swapped = _accuracy(swapped, truth, others)
         flips = None
         if bool(others.any()):
             flips = float((swapped[others].argmax(1) == c).float().mean()

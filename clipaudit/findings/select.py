@@ -8,7 +8,7 @@ Component j is eligible for class c in one of two ways:
   expected to rely on;
 - **forbidden concept**: its concept label is forbidden for the class, it is coherent,
   and the head relies on that concept: putting the concept on the other classes'
-  images costs the class at least ``reliance_min`` accuracy
+  images costs the head at least ``reliance_min`` accuracy on them
   (``clipaudit.findings.reliance``), whatever the component's alignment. A label alone
   is not reliance: when the reliance is measured below ``reliance_min`` the component
   is no finding, however poorly aligned (an artifact independent of the label still

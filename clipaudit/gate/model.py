@@ -83,7 +83,7 @@ class Thresholds(StrictModel):
     reliance_min: Share = 0.05
     """A forbidden concept is relied on (and its components are findings, whatever their
     alignment; the concept-reliance check fails) when putting it on the other classes'
-    images costs the class at least this accuracy."""
+    images costs the head at least this accuracy on them."""
     clarity_min: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.30
     """A component less coherent than this is not described well enough to be a finding."""
 
