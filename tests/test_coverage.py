@@ -87,3 +87,25 @@ def test_too_few_positives_and_categorical_keys():
 def _codes(sae, acts):
     codes = sae.encode(acts)
     return codes.indices, codes.values.detach()
+
+
+def test_the_continuous_auc_averages_ties_as_sklearn_does():
+    from clipaudit.findings.coverage import roc_auc
+
+    g = torch.Generator().manual_seed(2)
+    scores = torch.randint(0, 5, (200,), generator=g).double()  # many ties
+    y = torch.rand(200, generator=g) < 0.4
+    assert roc_auc(scores, y) == pytest.approx(roc_auc_score(y.numpy(), scores.numpy()))
+
+
+def test_a_key_with_missing_values_is_measured_on_its_known_rows():
+    g = torch.Generator().manual_seed(3)
+    n = 300
+    flag = torch.rand(n, generator=g) < 0.5
+    acts = torch.randn(n, 4, generator=g)
+    acts[:, 0] += 3.0 * flag
+    values = pd.Series(flag.numpy(), dtype=object)
+    values[:40] = None
+    meta = pd.DataFrame({"has_flag": values})
+    (cov,) = measure_coverage(acts, *_codes(_sae(4, torch.eye(4), k=1), acts), 4, meta)
+    assert cov.n == n - 40 and cov.decodable_auc > 0.95 and cov.best_component == 0

@@ -21,8 +21,10 @@ from clipaudit.describe.components import concept_embeddings
 from clipaudit.describe.concepts import load_vocabularies
 from clipaudit.findings.evidence import (
     ConceptInputs,
+    ConceptPresence,
     InstanceSet,
     columns_of,
+    concept_presences,
     coverage_for_audit,
     forbidden_reliance,
     head_reliance,
@@ -48,16 +50,18 @@ class AuditConcepts:
     views: list[KeyView]
     clarity_min: float
     _reliance: dict[str, list[ConceptReliance]] = field(default_factory=dict)
+    _presences: list[ConceptPresence] | None = None
 
     def reliance_of(self, head: Head) -> list[ConceptReliance]:
         """The head's reliance on every column key (of a column not ignored), text-defined
         forbidden term and component-defined forbidden term."""
-        if head.name not in self._reliance:
+        if self._presences is None:
             keys = [(v.key, v.concept) for v in self.views if v.role != "ignore"]
             texts = [(t, sorted(self.ruleset.matcher.spellings([t])), self._is(t))
                      for t in text_terms(self.views, self.ruleset, None)]
-            self._reliance[head.name] = head_reliance(head, self.inputs, keys, texts,
-                                                      self.component_terms())
+            self._presences = concept_presences(self.inputs, keys, texts, self.component_terms())
+        if head.name not in self._reliance:
+            self._reliance[head.name] = head_reliance(head, self.inputs, self._presences)
         return self._reliance[head.name]
 
     def _is(self, term: str) -> Callable[[str], bool]:

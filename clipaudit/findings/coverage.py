@@ -5,8 +5,9 @@ call an artifact or a protected attribute (or that marks a forbidden concept), t
 module measures on a set of activations (the audit's reference set; ``train-sae`` calls
 the same function on its training cache):
 
-- **decodability**: ROC AUC of a cross-validated linear probe (shrinkage LDA, 3 folds)
-  that predicts the key from the activations: whether the CLIP encodes it at all;
+- **decodability**: ROC AUC of the out-of-fold predictions of a linear probe (ridge
+  regression on standardised activations, 3-fold cross-validation) that predicts the key
+  from the activations: whether the CLIP encodes it at all;
 - **isolation**: ROC AUC of the best single SAE component's activation, and of the
   summed activations of the components that share one concept label (SAEs often split a
   concept over a few components, and findings count such a split whole).
@@ -17,6 +18,7 @@ name it, so the ``sae-coverage`` check fails the gate and says what to change.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Sequence
 from typing import Any
@@ -36,6 +38,8 @@ MIN_POSITIVES = 10
 MAX_ROWS = 20_000
 """Rows the linear probe is cross-validated on (a seeded sample beyond that)."""
 FOLDS = 3
+RIDGE = 1e-2
+"""Ridge penalty of the decoding probe, per training row, on standardised activations."""
 
 
 def sae_coverage(acts_nd: Tensor, sae: Any, metadata: pd.DataFrame,
@@ -62,55 +66,78 @@ def measure_coverage(acts_nd: Tensor, codes_indices: Tensor, codes_values: Tenso
                      metadata: pd.DataFrame, keys: Sequence[ColumnKey] | None = None, *,
                      concepts: Sequence[str] | None = None, max_rows: int = MAX_ROWS,
                      seed: int = 0) -> list[ColumnCoverage]:
-    """Coverage from ready sparse codes (``codes_indices``/``codes_values`` [n, k])."""
+    """Coverage from ready sparse codes (``codes_indices``/``codes_values`` [n, k]).
+
+    The sparse entries are sorted once for every key, and one cross-validated ridge fit
+    decodes every key whose values are all known."""
     if keys is None:
         keys = column_keys(metadata)
     if len(metadata) != len(acts_nd) or len(codes_indices) != len(acts_nd):
         raise ValueError(f"coverage needs one metadata row and one code row per activation "
                          f"(got {len(metadata)}, {len(codes_indices)} and {len(acts_nd)})")
+    n = len(acts_nd)
     fired = codes_values > 0
-    rows = torch.arange(len(codes_indices))[:, None].expand_as(codes_indices)[fired]
-    comps, vals = codes_indices[fired], codes_values[fired].float()
+    rows = torch.arange(n)[:, None].expand_as(codes_indices)[fired]
+    entries = (rows, codes_indices[fired], codes_values[fired].float())
     groups = _concept_groups(concepts, n_latents)
+    presences = [key_presence(metadata, key) for key in keys]
+    complete = [i for i, p in enumerate(presences) if (p >= 0).all() and _enough(p == 1)]
+    columns = _SortedColumns(*entries, n, n_latents)
+    grouped = _grouped(entries, groups, n)
+    decodable = _decodable_aucs(acts_nd, [presences[i] == 1 for i in complete], max_rows, seed)
     out = []
-    for key in keys:
-        presence = key_presence(metadata, key)
+    for i, (key, presence) in enumerate(zip(keys, presences)):
         known = presence >= 0
         y = presence[known] == 1
-        n_pos = int(y.sum())
-        n_neg = int((~y).sum())
-        if n_pos < MIN_POSITIVES or n_neg < MIN_POSITIVES:
-            out.append(ColumnCoverage(key.key, int(known.sum()), n_pos, "too-few"))
+        if not _enough(y):
+            out.append(ColumnCoverage(key.key, int(known.sum()), int(y.sum()), "too-few"))
             continue
-        keep = torch.from_numpy(known)
-        row_map = torch.full((len(acts_nd),), -1, dtype=torch.long)
-        row_map[keep] = torch.arange(int(keep.sum()))
-        sel = row_map[rows] >= 0
-        y_t = torch.from_numpy(y)
-        auc_j = sparse_aucs(row_map[rows][sel], comps[sel], vals[sel], y_t, n_latents)
+        if i in complete:
+            auc_j, auc_g, dec = columns.aucs(y), grouped.aucs(y) if grouped else None, \
+                decodable[complete.index(i)]
+        else:  # missing values: this key on its known rows only
+            sub = _subset(entries, known)
+            auc_j = _SortedColumns(*sub, int(known.sum()), n_latents).aucs(y)
+            g = _grouped(sub, groups, int(known.sum()))
+            auc_g = g.aucs(y) if g else None
+            dec = _decodable_aucs(acts_nd[torch.from_numpy(known)], [y], max_rows, seed)[0]
         best = int(auc_j.argmax())
-        coverage = ColumnCoverage(
-            column=key.key, n=int(known.sum()), n_positive=n_pos, status="measured",
-            decodable_auc=_decodable_auc(acts_nd[keep].float().numpy(), y, max_rows, seed),
-            best_component=best, best_component_auc=float(auc_j[best]))
-        if groups is not None:
+        coverage = ColumnCoverage(column=key.key, n=int(known.sum()), n_positive=int(y.sum()),
+                                  status="measured", decodable_auc=dec, best_component=best,
+                                  best_component_auc=float(auc_j[best]))
+        if auc_g is not None and groups is not None:
             names, group_of = groups
-            group_rows = group_of[comps[sel]]
-            ok = group_rows >= 0
-            auc_g = sparse_aucs(row_map[rows][sel][ok], group_rows[ok], vals[sel][ok], y_t,
-                                len(names), sum_duplicates=True)
-            g = int(auc_g.argmax())
-            members = torch.nonzero(group_of == g).flatten().tolist()
-            coverage = _with_group(coverage, names[g], float(auc_g[g]), members)
+            g_best = int(auc_g.argmax())
+            coverage = dataclasses.replace(
+                coverage, best_concept=names[g_best], best_concept_auc=float(auc_g[g_best]),
+                best_concept_components=torch.nonzero(group_of == g_best).flatten().tolist())
         out.append(coverage)
     return out
 
 
-def _with_group(coverage: ColumnCoverage, name: str, auc: float, members: list[int]) -> ColumnCoverage:
-    import dataclasses
+def _enough(y: np.ndarray) -> bool:
+    return int(y.sum()) >= MIN_POSITIVES and int((~y).sum()) >= MIN_POSITIVES
 
-    return dataclasses.replace(coverage, best_concept=name, best_concept_auc=auc,
-                               best_concept_components=members)
+
+def _subset(entries: tuple[Tensor, Tensor, Tensor], known: np.ndarray) -> tuple[Tensor, Tensor, Tensor]:
+    rows, cols, values = entries
+    row_map = torch.full((len(known),), -1, dtype=torch.long)
+    keep = torch.from_numpy(known)
+    row_map[keep] = torch.arange(int(keep.sum()))
+    sel = row_map[rows] >= 0
+    return row_map[rows][sel], cols[sel], values[sel]
+
+
+def _grouped(entries: tuple[Tensor, Tensor, Tensor], groups: tuple[list[str], Tensor] | None,
+             n: int) -> _SortedColumns | None:
+    """The entries summed per concept label (one column per label)."""
+    if groups is None:
+        return None
+    names, group_of = groups
+    rows, cols, values = entries
+    g = group_of[cols]
+    ok = g >= 0
+    return _SortedColumns(rows[ok], g[ok], values[ok], n, len(names), sum_duplicates=True)
 
 
 def _concept_groups(concepts: Sequence[str] | None, n_latents: int) -> tuple[list[str], Tensor] | None:
@@ -123,55 +150,95 @@ def _concept_groups(concepts: Sequence[str] | None, n_latents: int) -> tuple[lis
     return (names, group_of) if names else None
 
 
+class _SortedColumns:
+    """A sparse non-negative matrix [n, n_cols], its entries sorted once by (column, value),
+    so the ROC AUC of every column against any labels costs two scatter-adds.
+
+    Mann-Whitney on ranks: the zeros of a column tie at their mean rank, its non-zero
+    entries rank above them in order (ties among non-zero values broken by order, which
+    moves an AUC by at most the share of tied pairs). A column never non-zero gets 0.5."""
+
+    def __init__(self, rows: Tensor, cols: Tensor, values: Tensor, n: int, n_cols: int, *,
+                 sum_duplicates: bool = False):
+        if sum_duplicates and len(rows):
+            flat = rows * n_cols + cols
+            uniq, inverse = torch.unique(flat, return_inverse=True)
+            values = torch.zeros(len(uniq)).index_add_(0, inverse, values.float())
+            rows, cols = uniq // n_cols, uniq % n_cols
+        order = torch.sort(values.float(), stable=True).indices
+        order = order[torch.sort(cols[order], stable=True).indices]
+        self.cols, self.rows = cols[order], rows[order]
+        rank = torch.arange(len(self.cols)) - torch.searchsorted(self.cols, self.cols) + 1
+        nnz = torch.bincount(self.cols, minlength=n_cols).double()
+        self.zeros = n - nnz
+        self.entry_rank = self.zeros[self.cols] + rank.double()  # rank among all n rows
+        self.n, self.n_cols = n, n_cols
+
+    def aucs(self, y: np.ndarray | Tensor) -> Tensor:
+        y_t = torch.as_tensor(y, dtype=torch.bool)
+        n_pos = int(y_t.sum())
+        n_neg = self.n - n_pos
+        if n_pos == 0 or n_neg == 0:
+            return torch.full((self.n_cols,), float("nan"))
+        pos = y_t[self.rows].double()
+        pos_nz = torch.zeros(self.n_cols, dtype=torch.float64).index_add_(0, self.cols, pos)
+        rank_pos_nz = torch.zeros(self.n_cols, dtype=torch.float64).index_add_(
+            0, self.cols, pos * self.entry_rank)
+        rank_sum = (n_pos - pos_nz) * (self.zeros + 1) / 2 + rank_pos_nz
+        return ((rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)).float()
+
+
 def sparse_aucs(rows: Tensor, cols: Tensor, values: Tensor, y: Tensor, n_cols: int, *,
                 sum_duplicates: bool = False) -> Tensor:
     """ROC AUC of every column of a sparse non-negative matrix (entries ``rows``,
-    ``cols``, ``values``; every other entry 0) against the labels ``y`` bool [n].
-
-    Mann-Whitney on ranks: the zeros of a column tie at their mean rank, its non-zero
-    entries rank above them in order (ties among non-zero values broken by order,
-    which moves an AUC by at most the share of tied pairs). A column that is never
-    non-zero gets 0.5."""
-    n = len(y)
-    n_pos = int(y.sum())
-    n_neg = n - n_pos
-    if n_pos == 0 or n_neg == 0:
-        return torch.full((n_cols,), float("nan"))
-    if sum_duplicates and len(rows):
-        flat = rows * n_cols + cols
-        uniq, inverse = torch.unique(flat, return_inverse=True)
-        values = torch.zeros(len(uniq)).index_add_(0, inverse, values.float())
-        rows, cols = uniq // n_cols, uniq % n_cols
-    order = torch.sort(values.float(), stable=True).indices
-    order = order[torch.sort(cols[order], stable=True).indices]
-    cols_s, rows_s = cols[order], rows[order]
-    rank = torch.arange(len(cols_s)) - torch.searchsorted(cols_s, cols_s) + 1  # 1-based in column
-    nnz = torch.bincount(cols_s, minlength=n_cols).double()
-    zeros = n - nnz
-    pos = y[rows_s].double()
-    pos_nz = torch.zeros(n_cols, dtype=torch.float64).index_add_(0, cols_s, pos)
-    rank_pos_nz = torch.zeros(n_cols, dtype=torch.float64).index_add_(
-        0, cols_s, pos * (zeros[cols_s] + rank.double()))
-    rank_sum = (n_pos - pos_nz) * (zeros + 1) / 2 + rank_pos_nz
-    auc = (rank_sum - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg)
-    return auc.float()
+    ``cols``, ``values``; every other entry 0) against the labels ``y`` bool [n]."""
+    return _SortedColumns(rows, cols, values, len(y), n_cols,
+                          sum_duplicates=sum_duplicates).aucs(y)
 
 
-def _decodable_auc(x: np.ndarray, y: np.ndarray, max_rows: int, seed: int) -> float | None:
-    """Cross-validated ROC AUC of a linear probe (shrinkage LDA) from ``x`` to ``y``."""
-    from sklearn.discriminant_analysis import LinearDiscriminantAnalysis
-    from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedKFold, cross_val_predict
-
-    if len(y) > max_rows:
-        pick = np.sort(np.random.default_rng(seed).choice(len(y), max_rows, replace=False))
+def _decodable_aucs(acts_nd: Tensor, targets: Sequence[np.ndarray], max_rows: int,
+                    seed: int) -> list[float]:
+    """Per target, the ROC AUC of a linear probe's out-of-fold predictions (ridge
+    regression on standardised activations, ``FOLDS``-fold cross-validation; one solve per
+    fold serves every target)."""
+    if not targets:
+        return []
+    x = acts_nd.double()
+    y = torch.from_numpy(np.stack(targets, axis=1)).double()  # [n, K]
+    if len(x) > max_rows:
+        pick = torch.from_numpy(np.sort(np.random.default_rng(seed).choice(len(x), max_rows,
+                                                                           replace=False)))
         x, y = x[pick], y[pick]
-    if min(int(y.sum()), int((~y).sum())) < FOLDS:
-        return None
-    probe = LinearDiscriminantAnalysis(solver="lsqr", shrinkage="auto")
-    folds = StratifiedKFold(FOLDS, shuffle=True, random_state=seed)
-    scores = cross_val_predict(probe, x, y, cv=folds, method="decision_function")
-    return float(roc_auc_score(y, scores))
+    x = (x - x.mean(0)) / x.std(0).clamp(min=1e-12)
+    fold = torch.from_numpy(np.random.default_rng(seed).permutation(len(x)) % FOLDS)
+    predictions = torch.zeros_like(y)
+    eye = torch.eye(x.shape[1], dtype=torch.float64)
+    for f in range(FOLDS):
+        train, test = fold != f, fold == f
+        x_tr, y_tr = x[train], y[train]
+        mean_x, mean_y = x_tr.mean(0), y_tr.mean(0)
+        xc = x_tr - mean_x
+        ridge = RIDGE * len(x_tr)
+        w = torch.linalg.solve(xc.T @ xc + ridge * eye, xc.T @ (y_tr - mean_y))
+        predictions[test] = (x[test] - mean_x) @ w + mean_y
+    return [roc_auc(predictions[:, k], y[:, k] > 0.5) for k in range(y.shape[1])]
+
+
+def roc_auc(scores: Tensor, y: Tensor) -> float:
+    """ROC AUC of ``scores`` against the bool labels ``y`` (ties averaged, as
+    ``sklearn.metrics.roc_auc_score``)."""
+    order = torch.argsort(scores, stable=True)
+    ranks = torch.empty(len(scores), dtype=torch.float64)
+    sorted_scores = scores[order]
+    # average the ranks of tied scores
+    uniq, inverse, counts = torch.unique_consecutive(sorted_scores, return_inverse=True,
+                                                     return_counts=True)
+    ends = torch.cumsum(counts, 0).double()
+    mean_rank = ends - (counts.double() - 1) / 2
+    ranks[order] = mean_rank[inverse]
+    n_pos = int(y.sum())
+    n_neg = len(y) - n_pos
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def coverage_status(coverage: ColumnCoverage, decodable_min: float, isolated_min: float) -> str:

@@ -118,56 +118,79 @@ def _has_key(instances: InstanceSet, key: str, concept: str) -> ColumnKey | None
 def coverage_for_audit(inputs: ConceptInputs, keys: Sequence[tuple[str, str]], n_latents: int,
                        seed: int = 0) -> list[ColumnCoverage]:
     """Coverage of each (key, concept) on the reference set (the audited data when the
-    reference set lacks the column)."""
-    out = []
+    reference set lacks the column), every key of one set measured in one pass."""
+    on: dict[str, list[ColumnKey]] = {"reference": [], "audited": []}
+    order = []
     for key, concept in keys:
-        for instances in (inputs.reference, inputs.audited):
-            column_key = _has_key(instances, key, concept)
-            if column_key is not None:
-                out += measure_coverage(instances.acts, instances.codes_indices,
-                                        instances.codes_values, n_latents, instances.metadata,
-                                        [column_key], concepts=inputs.descriptions.concept,
-                                        seed=seed)
-                break
-    return out
+        ref_key = _has_key(inputs.reference, key, concept)
+        aud_key = None if ref_key else _has_key(inputs.audited, key, concept)
+        if ref_key or aud_key:
+            on["reference" if ref_key else "audited"].append(ref_key or aud_key)  # type: ignore[arg-type]
+            order.append(key)
+    found: dict[str, ColumnCoverage] = {}
+    for name, instances in (("reference", inputs.reference), ("audited", inputs.audited)):
+        if on[name]:
+            for c in measure_coverage(instances.acts, instances.codes_indices,
+                                      instances.codes_values, n_latents, instances.metadata,
+                                      on[name], concepts=inputs.descriptions.concept, seed=seed):
+                found[c.column] = c
+    return [found[key] for key in order]
 
 
 # ------------------------------------------------------------------ reliance
 
 
-def head_reliance(head: Head, inputs: ConceptInputs, keys: Sequence[tuple[str, str]],
-                  text_terms: Sequence[tuple[str, list[str], Callable[[str], bool]]],
-                  component_terms: Sequence[tuple[str, list[int]]]) -> list[ConceptReliance]:
-    """The head's reliance, per class, on every column key, text-defined term (with its
-    phrasings and a test of whether a concept label is the term) and component-defined
-    term (with its components)."""
+@dataclass(frozen=True)
+class ConceptPresence:
+    """Where a concept is, on the set its direction is measured on and on the audited data."""
+
+    presence: Presence
+    on_reference: bool
+    """Measured on the reference set (else on the audited data)."""
+    audited: np.ndarray | None
+    """int8 per audited instance (1, 0, -1 unknown), or None when unknown."""
+
+
+def concept_presences(inputs: ConceptInputs, keys: Sequence[tuple[str, str]],
+                      text_terms: Sequence[tuple[str, list[str], Callable[[str], bool]]],
+                      component_terms: Sequence[tuple[str, list[int]]]) -> list[ConceptPresence]:
+    """The presence of every column key, text-defined term (its phrasings and a test of
+    whether a concept label is the term) and component-defined term (its components):
+    what every head's reliance is then measured on."""
     ref, aud = inputs.reference, inputs.audited
-    x_ref, weight, bias = head_inputs(head, ref.embeds)
-    x_aud, _, _ = head_inputs(head, aud.embeds)
-    classes = list(head.class_names)
-
-    def measure(presence: Presence, on: InstanceSet, x_on: Tensor,
-                audited_presence: np.ndarray | None) -> list[ConceptReliance]:
-        direction = concept_direction(x_on, presence.values, on.labels)
-        return measure_reliance(direction, presence.concept, presence.source, x_aud, weight, bias,
-                                classes, aud.labels, audited_presence, presence.detail)
-
-    out: list[ConceptReliance] = []
+    out = []
     for key, concept in keys:
         audited_key = key_of(aud.metadata, key, concept)
         audited_presence = key_presence(aud.metadata, audited_key) if audited_key else None
         ref_key = _has_key(ref, key, concept)
-        on, x_on, column_key = (ref, x_ref, ref_key) if ref_key else (aud, x_aud, audited_key)
+        column_key = ref_key or audited_key
         if column_key is None:
             continue
+        on = ref if ref_key else aud
         presence = Presence(key, "column", key_presence(on.metadata, column_key),
-                            f"column {key}" + ("" if on is ref else " (on the audited data)"))
-        out += measure(presence, on, x_on, audited_presence)
+                            f"column {key}" + ("" if ref_key else " (on the audited data)"))
+        out.append(ConceptPresence(presence, ref_key is not None, audited_presence))
     for term, phrases, is_term in text_terms:
-        out += measure(_text_presence(inputs, term, phrases, is_term), ref, x_ref, None)
+        out.append(ConceptPresence(_text_presence(inputs, term, phrases, is_term), True, None))
     for term, components in component_terms:
         presence, audited_presence = _component_presence(inputs, term, components)
-        out += measure(presence, ref, x_ref, audited_presence)
+        out.append(ConceptPresence(presence, True, audited_presence))
+    return out
+
+
+def head_reliance(head: Head, inputs: ConceptInputs,
+                  presences: Sequence[ConceptPresence]) -> list[ConceptReliance]:
+    """The head's reliance, per class, on every concept of ``presences``."""
+    ref, aud = inputs.reference, inputs.audited
+    x_ref, weight, bias = head_inputs(head, ref.embeds)
+    x_aud, _, _ = head_inputs(head, aud.embeds)
+    out: list[ConceptReliance] = []
+    for cp in presences:
+        on, x_on = (ref, x_ref) if cp.on_reference else (aud, x_aud)
+        direction = concept_direction(x_on, cp.presence.values, on.labels)
+        out += measure_reliance(direction, cp.presence.concept, cp.presence.source, x_aud, weight,
+                                bias, list(head.class_names), aud.labels, cp.audited,
+                                cp.presence.detail)
     return out
 
 

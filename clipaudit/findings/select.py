@@ -122,18 +122,18 @@ def _finite_or_none(x: torch.Tensor) -> float | None:
 def metadata_aucs(activation_n: np.ndarray, metadata: pd.DataFrame) -> dict[str, float]:
     """ROC AUC of a component's activation against each column key: every binary column
     (``has_ruler``) and every value of a categorical one (``skin_tone=dark``)."""
-    from sklearn.metrics import roc_auc_score
-
     from clipaudit.columns import column_keys, key_presence
+    from clipaudit.findings.coverage import roc_auc
 
     out = {}
+    scores = torch.as_tensor(np.asarray(activation_n, dtype=np.float64))
     for key in column_keys(metadata):
         presence = key_presence(metadata, key)
         known = presence >= 0
         target = presence[known] == 1
         if target.all() or not target.any():  # a single class after dropping missing values
             continue
-        out[key.key] = float(roc_auc_score(target, activation_n[known]))
+        out[key.key] = roc_auc(scores[torch.from_numpy(known)], torch.from_numpy(target))
     return out
 
 
