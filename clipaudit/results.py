@@ -105,6 +105,8 @@ class Finding:
     """For a forbidden-concept finding: the accuracy the head loses on the other classes'
     images when the concept is put on them (``ConceptReliance.reliance``); None where not
     measurable."""
+    reliance_low: float | None = None
+    """Its one-sided 95% lower bound, which decides."""
     reliance_source: str | None = None
     """Where the concept's direction came from: ``column has_ruler``, ``components 3, 17``."""
 
@@ -166,6 +168,9 @@ class ConceptReliance:
     """The head's accuracy on the other classes' images without the concept minus its
     accuracy on the same images with it, the concept acting as its mean shift in the
     head's input space: the embedding-space twin of the benchmark's causal test."""
+    reliance_low: float | None = None
+    """One-sided 95% lower bound of ``reliance`` (bootstrap over the instances that gave the
+    direction and the audited ones): what the gate judges."""
     flip_rate: float | None = None
     """Share of the other classes' images (without the concept) that the head would call
     this class once the concept is added."""

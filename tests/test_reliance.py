@@ -17,21 +17,21 @@ D = 8
 CLASS_AXIS, TAG_AXIS = 0, 1
 
 
-def _data(n: int, tag_rate_by_class: dict[str, float], seed: int = 0):
+def _data(n: int, tag_rate_by_class: dict[str, float], seed: int = 0, tag: float = 2.0):
     """Embeddings with the class along axis 0 (+-1) and a tag along axis 1 (+2 when
     present), noise elsewhere; the tag's rate may differ per class."""
     g = torch.Generator().manual_seed(seed)
     labels = ["pneumonia" if i % 2 else "normal" for i in range(n)]
     e = 0.3 * torch.randn(n, D, generator=g)
     e[:, 7] += 4.0  # a common offset keeps norms away from zero
-    tag = np.zeros(n, dtype=np.int8)
+    present = np.zeros(n, dtype=np.int8)
     u = torch.rand(n, generator=g)
     for i, label in enumerate(labels):
         e[i, CLASS_AXIS] += 1.0 if label == "pneumonia" else -1.0
         if float(u[i]) < tag_rate_by_class[label]:
-            tag[i] = 1
-            e[i, TAG_AXIS] += 2.0
-    return e, labels, tag
+            present[i] = 1
+            e[i, TAG_AXIS] += tag
+    return e, labels, present
 
 
 def _probe(weight_class: float, weight_tag: float, normalisation: str = "none") -> LinearProbe:
@@ -65,10 +65,11 @@ def test_a_head_that_uses_the_tag_relies_on_it_and_one_that_does_not_does_not():
     e_aud, l_aud, t_aud = _data(600, {"normal": 0.0, "pneumonia": 1.0}, seed=2)
     shortcut = _reliance(_probe(0.2, 1.0), e_ref, l_ref, t_ref, e_aud, l_aud, t_aud)
     assert shortcut["pneumonia"].reliance > 0.5 and shortcut["pneumonia"].flip_rate > 0.5
+    assert 0.5 < shortcut["pneumonia"].reliance_low <= shortcut["pneumonia"].reliance
     assert shortcut["normal"].reliance < 0  # the tag pushes away from normal
     e_aud, l_aud, t_aud = _data(600, {"normal": 0.5, "pneumonia": 0.5}, seed=3)
     control = _reliance(_probe(1.0, 0.0), e_ref, l_ref, t_ref, e_aud, l_aud, t_aud)
-    assert all(abs(r.reliance) < 0.02 for r in control.values())
+    assert all(abs(r.reliance) < 0.02 and r.reliance_low < 0.02 for r in control.values())
     assert control["pneumonia"].status == "measured" and control["pneumonia"].slices
 
 
@@ -114,3 +115,18 @@ def test_otsu_splits_a_bimodal_activation_and_presence_follows_it():
     assert threshold == t and int(presence.values.sum()) == 300
     again, _ = presence_from_activation(act[:600], "tag", "components 3", threshold)
     assert int(again.values.sum()) == 0
+
+
+def test_the_lower_bound_separates_a_weak_reliance_from_noise():
+    """A faint tag (0.3 against noise of 0.3 per axis) that a probe leans on: the fewer
+    reference images estimate its direction, the wider the bootstrap interval, so the
+    further the lower bound sits below the estimate."""
+    e_aud, l_aud, t_aud = _data(600, {"normal": 0.0, "pneumonia": 1.0}, seed=8, tag=0.3)
+    probe = _probe(0.3, 1.0)
+    bounds = {}
+    for n_ref in (4000, 60):
+        e_ref, l_ref, t_ref = _data(n_ref, {"normal": 0.3, "pneumonia": 0.3}, seed=9, tag=0.3)
+        got = _reliance(probe, e_ref, l_ref, t_ref, e_aud, l_aud, t_aud)["pneumonia"]
+        assert got.reliance_low <= got.reliance
+        bounds[n_ref] = got.reliance - got.reliance_low
+    assert bounds[60] > 2 * bounds[4000]

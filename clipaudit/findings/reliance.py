@@ -46,6 +46,13 @@ from clipaudit.results import ConceptReliance, RelianceSource, SliceAccuracy
 
 MIN_INSTANCES = 10
 """Fewest instances with, and without, the concept within a class to estimate a direction."""
+BOOTSTRAP = 100
+"""Bootstrap replicates (reference and audited instances resampled) behind the lower bound."""
+LOWER_QUANTILE = 0.05
+"""The gate judges the 5th percentile of the replicates: one-sided 95% confidence that the
+reliance is at least that large. A small reliance that chance gives a probe trained on a few
+hundred images (a protected attribute independent of the label) is not failed on noise."""
+_CHUNK_FLOATS = 1 << 24
 
 
 @dataclass(frozen=True)
@@ -65,10 +72,12 @@ class Direction:
 
     vector: Tensor | None
     """float [D]; None when not measurable."""
-    status: str
+    replicates: Tensor | None = None
+    """float [B, D]: the direction on bootstrap resamples of the instances it came from."""
+    status: str = "measured"
     """``measured``, ``confounded``, ``too-few``, ``absent`` (``ConceptReliance.status``)."""
-    n_present: int
-    n_absent: int
+    n_present: int = 0
+    n_absent: int = 0
     note: str = ""
 
 
@@ -86,50 +95,66 @@ def head_inputs(head: Head, e_nD: Tensor, batch_size: int = 8192) -> tuple[Tenso
     return torch.cat(parts).detach() if parts else torch.zeros(0, e_nD.shape[1]), weight, bias
 
 
-def concept_direction(x_nD: Tensor, presence: np.ndarray,
-                      labels: Sequence[str | None] | None) -> Direction:
+def concept_direction(x_nD: Tensor, presence: np.ndarray, labels: Sequence[str | None] | None,
+                      *, bootstrap: int = BOOTSTRAP, seed: int = 0) -> Direction:
     """The concept's mean shift: within-class differences of mean x, averaged over the
-    classes where at least ``MIN_INSTANCES`` carry it and as many do not. Without labels,
-    the plain difference of means (noted)."""
+    classes where at least ``MIN_INSTANCES`` carry it and as many do not (weighted by the
+    smaller count). Without labels, the plain difference of means (noted). ``bootstrap``
+    replicates (Poisson-weighted resamples) come with it."""
     present, absent = presence == 1, presence == 0
     n_present, n_absent = int(present.sum()), int(absent.sum())
     if n_present == 0 and n_absent == 0:
-        return Direction(None, "absent", 0, 0)
+        return Direction(None, status="absent")
     if n_present < MIN_INSTANCES or n_absent < MIN_INSTANCES:
-        return Direction(None, "too-few", n_present, n_absent,
-                         f"{n_present} instance(s) with the concept and {n_absent} without "
+        return Direction(None, status="too-few", n_present=n_present, n_absent=n_absent,
+                         note=f"{n_present} instance(s) with the concept and {n_absent} without "
                          f"(at least {MIN_INSTANCES} of each are needed)")
+    note = ""
+    cells: list[tuple[np.ndarray, np.ndarray, float]] = []
     if labels is None or all(x is None for x in labels):
-        v = x_nD[torch.from_numpy(present)].mean(0) - x_nD[torch.from_numpy(absent)].mean(0)
-        return Direction(v, "measured", n_present, n_absent,
-                         "the reference set has no labels: the direction is not class-conditional")
-    label_arr = np.array([x if x is not None else "\0none" for x in labels], dtype=object)
-    diffs, weights = [], []
-    for name in sorted(set(label_arr.tolist()) - {"\0none"}):
-        with_ = present & (label_arr == name)
-        without = absent & (label_arr == name)
-        n = min(int(with_.sum()), int(without.sum()))
-        if n >= MIN_INSTANCES:
-            diffs.append(x_nD[torch.from_numpy(with_)].mean(0) - x_nD[torch.from_numpy(without)].mean(0))
-            weights.append(float(n))
-    if not diffs:
-        return Direction(None, "confounded", n_present, n_absent,
-                         "no class has both instances with and without the concept "
+        cells.append((present, absent, 1.0))
+        note = "the reference set has no labels: the direction is not class-conditional"
+    else:
+        label_arr = np.array([x if x is not None else "\0none" for x in labels], dtype=object)
+        for name in sorted(set(label_arr.tolist()) - {"\0none"}):
+            with_, without = present & (label_arr == name), absent & (label_arr == name)
+            n = min(int(with_.sum()), int(without.sum()))
+            if n >= MIN_INSTANCES:
+                cells.append((with_, without, float(n)))
+    if not cells:
+        return Direction(None, status="confounded", n_present=n_present, n_absent=n_absent,
+                         note="no class has both instances with and without the concept "
                          f"(>= {MIN_INSTANCES} each): its direction cannot be told from the "
                          "classes'; describe on a reference set where it occurs in every class")
-    w = torch.tensor(weights)
-    return Direction((torch.stack(diffs) * w[:, None]).sum(0) / w.sum(), "measured",
-                     n_present, n_absent)
+    x = x_nD.float()
+    weights = torch.poisson(torch.ones(bootstrap, len(x)),
+                            generator=torch.Generator().manual_seed(seed)) if bootstrap else None
+    total = sum(w for _, _, w in cells)
+    vector = torch.zeros(x.shape[1])
+    replicates = torch.zeros(bootstrap, x.shape[1]) if weights is not None else None
+    for with_, without, w in cells:
+        m1, m0 = torch.from_numpy(with_), torch.from_numpy(without)
+        vector += (w / total) * (x[m1].mean(0) - x[m0].mean(0))
+        if weights is not None and replicates is not None:
+            replicates += (w / total) * (_weighted_means(weights[:, m1], x[m1])
+                                         - _weighted_means(weights[:, m0], x[m0]))
+    return Direction(vector, replicates, "measured", n_present, n_absent, note)
+
+
+def _weighted_means(weights_Bn: Tensor, x_nD: Tensor) -> Tensor:
+    return (weights_Bn @ x_nD) / weights_Bn.sum(1, keepdim=True).clamp(min=1.0)
 
 
 def measure_reliance(direction: Direction, concept: str, source: RelianceSource,
                      x_nD: Tensor, weight_CD: Tensor, bias_C: Tensor, class_names: Sequence[str],
                      labels: Sequence[str | None], presence: np.ndarray | None = None,
-                     detail: str = "") -> list[ConceptReliance]:
+                     detail: str = "", seed: int = 0) -> list[ConceptReliance]:
     """Per class of the head, its reliance on the concept over the audited instances
     (``x_nD`` from ``head_inputs``; ``labels`` the audited labels, predictions standing in
     where none match the head's classes; ``presence`` the audited instances' observed
-    presence, or None when unknown)."""
+    presence, or None when unknown), with the lower bound of its bootstrap replicates
+    (the direction's replicates, each on a Poisson-weighted resample of the audited
+    instances)."""
     if direction.vector is None:
         return [ConceptReliance(concept, source, name, direction.status,  # type: ignore[arg-type]
                                 n_present=direction.n_present, n_absent=direction.n_absent,
@@ -147,6 +172,7 @@ def measure_reliance(direction: Direction, concept: str, source: RelianceSource,
     has = torch.zeros(len(x_nD), dtype=torch.bool) if presence is None \
         else torch.from_numpy(presence == 1)
     clean = scores - has[:, None].float() * shift
+    lost_Bn, weights_Bn = _lost_replicates(direction, weight_CD, scores, truth, has, known, seed)
     out = []
     for c, name in enumerate(class_names):
         others = known & (truth != c)
@@ -162,14 +188,47 @@ def measure_reliance(direction: Direction, concept: str, source: RelianceSource,
         mine, theirs = known & (truth == c), others
         separation = float(margins[mine].mean() - margins[theirs].mean()) \
             if bool(mine.any()) and bool(theirs.any()) else None
+        low = None
+        if lost_Bn is not None and bool(others.any()):
+            w = weights_Bn[:, others].float()
+            values = (w * lost_Bn[:, others]).sum(1) / w.sum(1).clamp(min=1.0)
+            low = float(torch.quantile(values, LOWER_QUANTILE))
         out.append(ConceptReliance(
             concept=concept, source=source, class_name=name, status="measured",
             reliance=None if acc_clean is None or acc_swapped is None else acc_clean - acc_swapped,
+            reliance_low=low,
             flip_rate=flips, score_shift=margin_shift,
             separation_ratio=margin_shift / separation if separation else None,
             n_present=direction.n_present, n_absent=direction.n_absent, detail=_join(detail, note),
             slices=_slices(scores, truth, presence, class_names) if presence is not None else []))
     return out
+
+
+def _lost_replicates(direction: Direction, weight_CD: Tensor, scores: Tensor, truth: Tensor,
+                     has: Tensor, known: Tensor, seed: int) -> tuple[Tensor | None, Tensor]:
+    """Per bootstrap replicate of the direction and audited instance: 1 where the instance
+    is classified correctly without the concept and wrongly with it, -1 the other way
+    round, 0 otherwise (``[B, n]``, 0 for instances without a known class), and the
+    replicates' Poisson weights of the audited instances (``[B, n]``). Whether an image
+    loses its class does not depend on which class relies on the concept, so this is
+    computed once per concept; a class's replicate is the weighted mean over the other
+    classes' images (its ``LOWER_QUANTILE`` is the lower bound)."""
+    n = len(scores)
+    if direction.replicates is None or not bool(known.any()):
+        return None, torch.zeros(0, n, dtype=torch.uint8)
+    shifts = direction.replicates @ weight_CD.T  # [B, C]
+    weights = torch.poisson(torch.ones(len(shifts), n),
+                            generator=torch.Generator().manual_seed(seed)).to(torch.uint8)
+    lost = torch.zeros(len(shifts), n, dtype=torch.int8)  # compact: B x n can be large
+    rows = torch.nonzero(known).flatten()
+    y, t, h = scores[rows], truth[rows], has[rows]
+    chunk = max(1, _CHUNK_FLOATS // max(1, y.numel()))
+    for b in range(0, len(shifts), chunk):
+        shift = shifts[b:b + chunk, None, :]  # [b, 1, C]
+        clean = y[None] - h[None, :, None].float() * shift
+        lost[b:b + chunk, rows] = ((clean.argmax(2) == t).to(torch.int8)
+                                   - ((clean + shift).argmax(2) == t).to(torch.int8))
+    return lost, weights
 
 
 def _margin(scores: Tensor, c: int) -> Tensor:
