@@ -40,9 +40,10 @@ def rules(*checks: dict, forbidden=("ruler",), **extra):
 
 
 def reliance(concept: str, value: float | None, *, source: str = "column",
-             class_name: str = "malignant", status: str = "measured", detail: str = ""):
+             class_name: str = "malignant", status: str = "measured", detail: str = "",
+             low: float | None = None):
     return ConceptReliance(concept, source, class_name, status, reliance=value,  # type: ignore[arg-type]
-                           flip_rate=value, detail=detail)
+                           reliance_low=low, flip_rate=value, detail=detail)
 
 
 def result(findings=(), relied=(), coverage=(), calibration=None, columns=COLUMNS):
@@ -96,18 +97,20 @@ def test_where_reliance_was_not_measured_alignment_decides():
 
 
 def test_select_candidates_follows_the_same_rule():
-    """alignment above the limit: a forbidden ruler is a finding when relied on (0.2 >= 0.05),
-    not when measured unrelied (0.01), and by alignment alone when not measurable."""
+    """alignment above the limit: a forbidden ruler is a finding when relied on (lower bound
+    0.15 >= 0.05), not when reliance is not established (0.08, but at least only 0.01), and
+    by alignment alone when not measurable."""
     share = torch.tensor([[0.3], [0.3], [0.3]])
     calibrated = torch.tensor([[0.9], [0.9], [0.1]])
     concepts = ["ruler", "scale bar", "band-aid"]
     config = FindingConfig(share_min=0.1, calibrated_alignment_max=0.5, reliance_min=0.05,
                            forbidden={"*": ["ruler", "scale bar", "band-aid"]})
-    relied = {("c", "ruler"): (0.2, "column has_ruler"), ("c", "scale bar"): (0.01, "column x")}
+    relied = {("c", "ruler"): reliance("has_ruler", 0.2, low=0.15, detail="column has_ruler"),
+              ("c", "scale bar"): reliance("x", 0.08, low=0.01, detail="column x")}
     cands = select_candidates(share, calibrated, torch.ones(3), concepts, torch.ones(3), ["c"],
                               config, calibrated_jc=calibrated, forbidden_reliance=relied)
-    assert sorted((c.component, c.kind, c.reliance) for c in cands) == [
-        (0, "forbidden-concept", 0.2), (2, "forbidden-concept", None)]
+    assert sorted((c.component, c.kind, c.reliance_low) for c in cands) == [
+        (0, "forbidden-concept", 0.15), (2, "forbidden-concept", None)]
     assert {c.component: c.reliance_source for c in cands}[0] == "column has_ruler"
 
 
@@ -135,7 +138,8 @@ def test_concept_reliance_passes_below_the_limit_and_says_what_it_measured():
     relied = [reliance(k, 0.04, class_name=c) for k in keys for c in ("benign", "malignant")]
     got = verdicts(result(relied=relied), rules(RELIANCE))
     v = got[("reliance", "malignant")]
-    assert v.status == "pass" and "4 concept(s) measured; largest reliance 0.040" in v.message
+    assert v.status == "pass" and "4 concept(s) measured; largest reliance (lower bound) 0.040" \
+        in v.message
 
 
 def test_confounded_and_unmeasured_concepts_are_not_passed_silently():
@@ -148,6 +152,16 @@ def test_confounded_and_unmeasured_concepts_are_not_passed_silently():
     too_few = relied[:-1] + [reliance("has_ruler", None, status="too-few")]
     v = verdicts(result(relied=too_few), rules(RELIANCE))[("reliance", "malignant")]
     assert v.status == "pass" and "1 not measurable" in v.message
+
+
+def test_the_lower_bound_decides_and_a_watch_rule_can_judge_the_estimate():
+    keys = ["has_tag", "skin_tone=dark", "skin_tone=fair", "has_ruler"]
+    relied = [reliance(k, 0.0, low=-0.01) for k in keys[1:]] + [reliance("has_tag", 0.06, low=0.03)]
+    watch = {**RELIANCE, "id": "watch", "severity": "warn", "bound": "estimate"}
+    got = verdicts(result(relied=relied), rules(RELIANCE, watch))
+    assert got[("reliance", "malignant")].status == "pass"
+    v = got[("watch", "malignant")]
+    assert v.status == "warn" and "costs 0.060 accuracy (at least 0.030)" in v.message
 
 
 def test_forbidden_concepts_without_a_column_are_judged_through_text():

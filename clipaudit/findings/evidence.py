@@ -252,7 +252,7 @@ def forbidden_reliance(reliance: Sequence[ConceptReliance], class_names: Sequenc
     components labelled with it. Labels that are not forbidden are absent; so are those
     whose reliance could not be measured."""
     index = {(r.source, r.concept, r.class_name): r for r in reliance}
-    out: dict[tuple[str, str], tuple[float | None, str]] = {}
+    out: dict[tuple[str, str], ConceptReliance] = {}
     for name in class_names:
         for label in dict.fromkeys(labels):
             term = term_of(name, label) if label else None
@@ -262,7 +262,7 @@ def forbidden_reliance(reliance: Sequence[ConceptReliance], class_names: Sequenc
             for source, concept in (("column", key), ("components", term)):
                 r = index.get((source, concept, name)) if concept else None
                 if r is not None and r.status == "measured" and r.reliance is not None:
-                    out[(name, label)] = (r.reliance, r.detail.split(";")[0])
+                    out[(name, label)] = r
                     break
     return out
 

@@ -33,7 +33,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from clipaudit.results import ComponentPoint, Finding, FindingConfig
+from clipaudit.results import ComponentPoint, ConceptReliance, Finding, FindingConfig
 
 
 @dataclass(frozen=True)
@@ -49,12 +49,13 @@ class Candidate:
     kind: str
     calibrated_alignment: float | None = None
     reliance: float | None = None
+    reliance_low: float | None = None
     reliance_source: str | None = None
 
 
-ForbiddenReliance = Mapping[tuple[str, str], tuple[float | None, str]]
-"""(class name, concept label) -> (the class's reliance on the forbidden concept, or None
-where it cannot be measured; where the concept's direction came from)."""
+ForbiddenReliance = Mapping[tuple[str, str], ConceptReliance]
+"""(class name, concept label) -> the class's measured reliance on the forbidden concept
+the label is (absent: not measurable)."""
 
 
 def _concept_listed(concept: str, listing: dict[str, list[str]], class_name: str) -> bool:
@@ -86,20 +87,21 @@ def select_candidates(share_jc: torch.Tensor, alignment_jc: torch.Tensor, clarit
                 continue
             aligned = not calibrated < config.calibrated_alignment_max  # NaN: cannot tell
             forbidden = _concept_listed(concepts[j], config.forbidden, name)
-            relied, source = reliance.get((name, concepts[j]), (None, ""))
+            measured = reliance.get((name, concepts[j])) if forbidden else None
+            decisive = _decisive(measured)
             if forbidden:
-                if relied is not None and relied < config.reliance_min:
-                    continue  # measured: the head does not rely on the concept
-                if relied is None and aligned:
+                if decisive is not None and decisive < config.reliance_min:
+                    continue  # measured: the head does not (demonstrably) rely on the concept
+                if decisive is None and aligned:
                     continue  # not measurable: alignment decides, as for a shortcut
             elif aligned or _concept_listed(concepts[j], config.expected, name):
                 continue  # forbidden wins over expected, as in the rule engine
-            eligible.append((j, float(share_jc[j, c]), forbidden, relied, source))
+            eligible.append((j, float(share_jc[j, c]), forbidden, measured))
         by_concept: dict[str, float] = defaultdict(float)
         for j, share, *_ in eligible:
             by_concept[concepts[j]] += share
         of_class = []
-        for j, share, forbidden, relied, source in eligible:
+        for j, share, forbidden, measured in eligible:
             together = by_concept[concepts[j]]
             if share < config.share_min and together < config.share_min:
                 continue
@@ -108,10 +110,19 @@ def select_candidates(share_jc: torch.Tensor, alignment_jc: torch.Tensor, clarit
                 concepts[j], float(concept_scores[j]),
                 "forbidden-concept" if forbidden else "shortcut",
                 calibrated_alignment=_finite_or_none(calibrated_jc[j, c]),
-                reliance=relied if forbidden else None, reliance_source=source or None))
+                reliance=measured.reliance if measured else None,
+                reliance_low=measured.reliance_low if measured else None,
+                reliance_source=measured.detail.split(";")[0] if measured else None))
         of_class.sort(key=lambda cand: (-cand.concept_share, cand.concept, -cand.share, cand.component))
         out += of_class
     return out
+
+
+def _decisive(measured: ConceptReliance | None) -> float | None:
+    """What decides reliance: the lower bound, else the estimate (None: not measured)."""
+    if measured is None or measured.status != "measured":
+        return None
+    return measured.reliance_low if measured.reliance_low is not None else measured.reliance
 
 
 def _finite_or_none(x: torch.Tensor) -> float | None:
@@ -145,7 +156,7 @@ def make_finding(head: str, cand: Candidate, rank: int, top_instances: list[int]
         concept_share=cand.concept_share, alignment=cand.alignment, clarity=cand.clarity, concept=cand.concept,
         concept_score=cand.concept_score, top_instances=top_instances, metadata_auc=aucs,
         ablation=ablation, calibrated_alignment=cand.calibrated_alignment,
-        reliance=cand.reliance, reliance_source=cand.reliance_source,
+        reliance=cand.reliance, reliance_low=cand.reliance_low, reliance_source=cand.reliance_source,
     )
 
 

@@ -22,8 +22,9 @@ def _label(f: Finding) -> str:
 def _relied(f: Finding) -> str:
     if f.reliance is None:
         return (f"reliance not measurable, so alignment decided ({_alignment_text(f)})")
+    low = "" if f.reliance_low is None else f", at least {f.reliance_low:.3f}"
     return (f"the head relies on it: putting it on the other classes' images costs "
-            f"{f.reliance:.3f} accuracy ({f.reliance_source or 'concept direction'})")
+            f"{f.reliance:.3f} accuracy{low} ({f.reliance_source or 'concept direction'})")
 
 
 def _together(f: Finding) -> str:

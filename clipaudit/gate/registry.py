@@ -102,8 +102,9 @@ class Scope:
             status = self.ruleset.concept_status(cls, f.concept)
             poorly_aligned = (f.calibrated_alignment is not None
                               and f.calibrated_alignment < t.calibrated_alignment_max)
-            if status == "forbidden" and f.reliance is not None:
-                relied = f.reliance >= t.reliance_min
+            decisive = f.reliance_low if f.reliance_low is not None else f.reliance
+            if status == "forbidden" and decisive is not None:
+                relied = decisive >= t.reliance_min
             else:
                 relied = poorly_aligned and status != "expected"
             if relied:

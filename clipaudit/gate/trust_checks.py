@@ -30,6 +30,9 @@ class ConceptRelianceParams(CheckSpec):
     read through the reference CLIP's ``text``."""
     reliance_min: Share | None = None
     """Accuracy drop that counts as reliance (default: ``thresholds.reliance_min``)."""
+    bound: Literal["lower", "estimate"] = "lower"
+    """Judge the one-sided 95% ``lower`` bound of the reliance (fail only on what is
+    established) or the ``estimate`` itself (e.g. for a warning on borderline cases)."""
 
 
 def _reliance_index(scope: Scope) -> dict[tuple[str, str], ConceptReliance]:
@@ -40,8 +43,9 @@ def _reliance_index(scope: Scope) -> dict[tuple[str, str], ConceptReliance]:
 
 def _reliance_message(what: str, r: ConceptReliance, limit: float) -> str:
     flips = "" if r.flip_rate is None else f", {r.flip_rate:.0%} of the other classes' images flip"
+    low = "" if r.reliance_low is None else f" (at least {r.reliance_low:.3f})"
     return (f"relies on {what}: putting it on the other classes' images costs {r.reliance:.3f} "
-            f"accuracy{flips} (limit {limit:g})")
+            f"accuracy{low}{flips} (limit {limit:g})")
 
 
 @register_check("concept-reliance", params=ConceptRelianceParams)
@@ -68,16 +72,19 @@ def concept_reliance(spec: ConceptRelianceParams, scope: Scope) -> CheckOutcome:
         elif r.status == "confounded":
             violations.append(Violation(f"{name}: {r.detail}"))
         elif r.status == "measured" and r.reliance is not None:
+            value = r.reliance_low if spec.bound == "lower" and r.reliance_low is not None \
+                else r.reliance
             measured.append({"concept": concept, "source": source, "reliance": r.reliance,
-                             "flip_rate": r.flip_rate, "separation_ratio": r.separation_ratio})
-            largest = max(largest, r.reliance)
-            if r.reliance >= limit:
-                violations.append(Violation(_reliance_message(name, r, limit), None,
-                                            r.reliance, limit))
+                             "reliance_low": r.reliance_low, "flip_rate": r.flip_rate,
+                             "separation_ratio": r.separation_ratio})
+            largest = max(largest, value)
+            if value >= limit:
+                violations.append(Violation(_reliance_message(name, r, limit), None, value, limit))
     if not targets:
         return CheckOutcome([], "no artifact, protected or forbidden concept to judge",
                             skipped=True)
-    summary = (f"{len(measured)} concept(s) measured; largest reliance {largest:.3f} "
+    judged = "lower bound" if spec.bound == "lower" else "estimate"
+    summary = (f"{len(measured)} concept(s) measured; largest reliance ({judged}) {largest:.3f} "
                f"(limit {limit:g})")
     unmeasured = len(targets) - len(measured)
     if unmeasured:
