@@ -3,9 +3,10 @@
 For every synthetic world, every artifact x class x co-occurrence rate in {0.75, 0.9,
 1.0}, a clean control (no planted artifact) and, per artifact, the issue-20 control (the
 artifact in half of each class, independent of the label): make the data set, extract
-with the world's bundled CLIP, fit a probe, and audit the probe and the world's prompt
-set with the shipped rule file (``dermatology`` for the dermatology world, ``default``
-for any other), with nothing set per world. One SAE per world, trained with the demo's
+with the world's bundled CLIP, fit a probe, and audit the probe with the shipped rule
+file (``dermatology`` for the dermatology world, ``default`` for any other), with nothing
+set per world. (Only the probe: the ground truth is the probe's reliance; the prompt set
+is the same in every scenario of a world.) One SAE per world, trained with the demo's
 settings on a clean sample of the world that also describes the components.
 
 Ground truth is causal, not the planting rate: for each artifact and class, pairs of
@@ -40,7 +41,7 @@ import torch
 from PIL import Image
 
 from clipaudit.audit import AuditConfig, FaithfulnessConfig, OutputConfig, run_audit
-from clipaudit.demo import DemoConfig, demo_prompts_fpath
+from clipaudit.demo import DemoConfig
 from clipaudit.describe.config import DescribeConfig
 from clipaudit.extraction.backbone import Backbone, BackboneSpec, load_backbone
 from clipaudit.extraction.cache import ExtractConfig, extract
@@ -64,7 +65,6 @@ class WorldSpec:
     rules: str
     """The shipped rule file the world's audits use."""
     backbone: BackboneSpec
-    prompts: Path
     vocabularies: tuple[str, ...]
     classes: tuple[str, ...]
     artifacts: tuple[str, ...]
@@ -90,8 +90,8 @@ def dermatology() -> WorldSpec:
             images.append(render_scene(scene, rng))
         return images[0], images[1]
 
-    return WorldSpec("dermatology", "dermatology", BackboneSpec(), demo_prompts_fpath(),
-                     ("dermatology",), tuple(CLASSES), tuple(ARTIFACTS), make, pair)
+    return WorldSpec("dermatology", "dermatology", BackboneSpec(), ("dermatology",),
+                     tuple(CLASSES), tuple(ARTIFACTS), make, pair)
 
 
 WORLDS: dict[str, Callable[[], WorldSpec]] = {"dermatology": dermatology}
@@ -216,7 +216,7 @@ def run_world(world: WorldSpec, args: argparse.Namespace) -> dict[str, int]:
         save_probe(fit_probe_on_cache(cache.dpath, config=ProbeConfig(seed=SEED)).probe, probe_fpath)
         probe = load_head("linear-probe", probe_fpath, backbone)
         outcome = run_audit(
-            cache.dpath, sae_fpath, dpath / "audit", probe=probe_fpath, prompts=world.prompts,
+            cache.dpath, sae_fpath, dpath / "audit", probe=probe_fpath,
             config=AuditConfig(rules=world.rules, outputs=OutputConfig(html=False, pdf=False),
                                faithfulness=FaithfulnessConfig(instances=64),
                                describe=DescribeConfig(vocabularies=world.vocabularies,
