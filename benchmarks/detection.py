@@ -1,21 +1,27 @@
-"""Detection quality on the synthetic world (issue: findings).
+"""Detection quality: does the gate fail exactly when a probe relies on a shortcut?
 
-For every artifact x class x co-occurrence rate in {0.75, 0.9, 1.0}, plus a clean
-control (rate 0.5) per artifact: make the data set, extract with the bundled tiny
-CLIP, fit a probe, audit the probe and the prompt set. One SAE, trained once on a
-clean world sample, serves every scenario (the SAE decomposes the CLIP, not the
-classifier); the same clean sample is the reference set that describes components.
+For every synthetic world, every artifact x class x co-occurrence rate in {0.75, 0.9,
+1.0}, a clean control (no planted artifact) and, per artifact, the issue-20 control (the
+artifact in half of each class, independent of the label): make the data set, extract
+with the world's bundled CLIP, fit a probe, and audit the probe with the shipped rule
+file (``dermatology`` for the dermatology world, ``default`` for any other), with nothing
+set per world. (Only the probe: the ground truth is the probe's reliance; the prompt set
+is the same in every scenario of a world.) One SAE per world, trained with the demo's
+settings on a clean sample of the world that also describes the components.
 
-A planted artifact counts as found when a finding of the target class has top
-images dominated by the artifact (>= 75% carry it) or a metadata AUC >= 0.9 for the
-artifact's column. Prints one row per scenario and the targets' tallies.
+Ground truth is causal, not the planting rate: for each artifact and class, pairs of
+scenes of the *other* class rendered without and with the artifact (same scene, same
+layout); the probe relies on the artifact for the class when its accuracy on those
+images drops by at least 0.05 once the artifact is on them.
 
-``--sweep`` then re-audits every scenario (same data, caches and probes) with SAEs of
-other widths and other numbers of top instances m, and with SAEs of the demo's
-settings from other seeds, one line of tallies each: how much the result depends on
-those choices and on chance.
+Per scenario it prints the causal drop, the gate's exit code, which routes named the
+artifact (SAE finding, concept reliance, coverage failure), the SAE finding's rank and
+share; then per world the SAE-coverage table and the tallies:
+- relied-on shortcuts on which the gate fails naming the artifact (target: all);
+- clean controls and not-relied-on scenarios on which the gate passes (target: all).
 
-Usage: python benchmarks/detection.py [--n 1000] [--out .bench/detection] [--quick] [--sweep]
+Usage: python benchmarks/detection.py [--n 1000] [--pairs 300] [--out .bench/detection]
+       [--quick] [--worlds dermatology ...]
 Seeds are fixed; the README quotes this script's output.
 """
 
@@ -25,153 +31,252 @@ import argparse
 import dataclasses
 import shutil
 import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
 
 from clipaudit.audit import AuditConfig, FaithfulnessConfig, OutputConfig, run_audit
-from clipaudit.demo import DemoConfig, demo_prompts_fpath
+from clipaudit.demo import DemoConfig
 from clipaudit.describe.config import DescribeConfig
-from clipaudit.extraction.backbone import BackboneSpec, load_backbone
+from clipaudit.extraction.backbone import Backbone, BackboneSpec, load_backbone
 from clipaudit.extraction.cache import ExtractConfig, extract
 from clipaudit.extraction.hooks import VisionTower
-from clipaudit.heads import ProbeConfig, fit_probe_on_cache, save_probe
+from clipaudit.heads import ProbeConfig, fit_probe_on_cache, load_head, save_probe
+from clipaudit.results import AuditResult, Finding
 from clipaudit.sae import save_sae, train_sae
-from clipaudit.synthetic import ARTIFACTS, CLASSES, make_planted_dataset
 
 RATES = (0.75, 0.9, 1.0)
 SEED = 0
-SWEEP_EXPANSIONS = (2, 4, 8)
-SWEEP_TOP_M = (20, 100, 400)
-SWEEP_SAE_SEEDS = (1, 2, 3, 4)
+MIN_DROP = 0.05
+"""Issue 13: a probe relies on an artifact when its accuracy drops by at least this."""
+SAE_ROUTE_CHECKS = ("forbidden-concept", "shortcut-share", "metadata-confirmed")
 
 
-def _found(result, head_name, artifact, target, index):
-    """(found, rank, share) of the planted artifact among the target class's findings.
-    Top instances are ids of the reference set, so ``index`` is the reference index."""
+@dataclass(frozen=True)
+class WorldSpec:
+    """What the benchmark needs of a synthetic world."""
+
+    name: str
+    rules: str
+    """The shipped rule file the world's audits use."""
+    backbone: BackboneSpec
+    vocabularies: tuple[str, ...]
+    classes: tuple[str, ...]
+    artifacts: tuple[str, ...]
+    make_dataset: Callable[..., Any]
+    """(out_dpath, artifact, target_class, rate, n, seed) -> object with manifest_fpath."""
+    render_pair: Callable[[Any, str, str], tuple[np.ndarray, np.ndarray]]
+    """(seed, label, artifact) -> (image without, image with) of one scene."""
+
+
+def dermatology() -> WorldSpec:
+    from clipaudit.synthetic import ARTIFACTS, CLASSES, make_planted_dataset
+    from clipaudit.synthetic.world import render_scene, sample_scene
+
+    def make(out: Path, artifact: str | None, target: str, rate: float, n: int, seed: int) -> Any:
+        return make_planted_dataset(out, artifact=artifact, target_class=target, rate=rate, n=n,
+                                    seed=seed)
+
+    def pair(rng_seed: Any, label: str, artifact: str) -> tuple[np.ndarray, np.ndarray]:
+        images = []
+        for present in (False, True):
+            rng = np.random.default_rng(rng_seed)
+            scene = sample_scene(rng, diagnosis=label, forced_artifacts={artifact: present})
+            images.append(render_scene(scene, rng))
+        return images[0], images[1]
+
+    return WorldSpec("dermatology", "dermatology", BackboneSpec(), ("dermatology",),
+                     tuple(CLASSES), tuple(ARTIFACTS), make, pair)
+
+
+WORLDS: dict[str, Callable[[], WorldSpec]] = {"dermatology": dermatology}
+
+
+# ------------------------------------------------------------------ causal ground truth
+
+
+@torch.no_grad()
+def _embed(backbone: Backbone, images: Sequence[np.ndarray], batch: int = 256) -> torch.Tensor:
+    out = []
+    for s in range(0, len(images), batch):
+        x = torch.stack([backbone.preprocess(Image.fromarray(a)) for a in images[s:s + batch]])
+        out.append(backbone.model.encode_image(x.to(backbone.device)).float().cpu())
+    return torch.cat(out)
+
+
+def counterfactual_pairs(world: WorldSpec, backbone: Backbone, n_pairs: int
+                         ) -> dict[tuple[str, str], tuple[torch.Tensor, torch.Tensor, list[str]]]:
+    """Per (artifact, class): embeddings of ``n_pairs`` scenes of the other classes without
+    and with the artifact, and their labels."""
+    out = {}
+    for a_i, artifact in enumerate(world.artifacts):
+        for c_i, target in enumerate(world.classes):
+            others = [c for c in world.classes if c != target]
+            labels = [others[i % len(others)] for i in range(n_pairs)]
+            pairs = [world.render_pair([SEED, 7919, a_i, c_i, i], label, artifact)
+                     for i, label in enumerate(labels)]
+            out[(artifact, target)] = (_embed(backbone, [p[0] for p in pairs]),
+                                       _embed(backbone, [p[1] for p in pairs]), labels)
+    return out
+
+
+def causal_drop(probe: Any, pairs: tuple[torch.Tensor, torch.Tensor, list[str]]) -> float:
+    """Accuracy on the other classes' images without the artifact minus with it."""
+    clean, with_artifact, labels = pairs
+    truth = torch.tensor([probe.class_names.index(x) for x in labels])
+
+    def accuracy(e: torch.Tensor) -> float:
+        return float((probe.scores(e).argmax(1) == truth).float().mean())
+
+    return accuracy(clean) - accuracy(with_artifact)
+
+
+# ------------------------------------------------------------------ which route named it
+
+
+def _names_artifact(f: Finding, column: str, artifact: str, flags: dict[int, bool]) -> bool:
+    top = [flags.get(i, False) for i in f.top_instances]
+    dominated = bool(top) and sum(top) / len(top) >= 0.75
+    return dominated or f.metadata_auc.get(column, 0.0) >= 0.9
+
+
+def routes(result: AuditResult, artifact: str, target: str | None,
+           flags: dict[int, bool]) -> tuple[list[str], Finding | None]:
+    """Failing routes that name the artifact (for ``target``, or any class), and the SAE
+    finding that does."""
     column = f"has_{artifact}"
-    flags = dict(zip(index["id"].astype(int), index[column].astype(bool)))
-    head = result.head(head_name)
-    for f in [f for f in head.findings if f.class_name == target]:
-        top = [flags.get(i, False) for i in f.top_instances]
-        dominated = bool(top) and sum(top) / len(top) >= 0.75
-        if dominated or f.metadata_auc.get(column, 0.0) >= 0.9:
-            return True, f.rank, f.share
-    return False, None, None
-
-
-def _artifact_findings(result, head_name):
-    words = {"ruler", "band-aid", "band aid", "plaster", "marker", "ink", "hair", "corner", "vignett"}
-    return [f for f in result.head(head_name).findings if any(w in f.concept.lower() for w in words)]
-
-
-def _train_sae(cache, expansion: int, out_fpath: Path, readout, seed: int = SEED) -> str:
-    sae_config = dataclasses.replace(DemoConfig().sae, expansion=expansion, seed=seed)
-    trained = train_sae(cache, sae_config, embed_readout=readout)
-    save_sae(trained.sae, out_fpath)
-    m = trained.metrics
-    return (f"expansion {expansion}, k {sae_config.k}, seed {seed}: FVU {m.fvu:.4f}, "
-            f"dead {m.dead_fraction:.2f}")
-
-
-def _audit_all(scenarios, sae_fpath: Path, ref_cache, backbone, out: Path, top_m: int, verbose: bool) -> dict:
-    tallies = {"planted>=0.9": 0, "found+first": 0, "controls": 0, "control_hits": 0,
-               "probe>prompts": 0, "scenarios": 0}
-    index = ref_cache.ok_index
-    for artifact, target, rate, dpath in scenarios:
-        outcome = run_audit(dpath / "cache", sae_fpath, out, probe=dpath / "probe.safetensors",
-                            prompts=demo_prompts_fpath(),
-                            config=AuditConfig(
-                                rules="dermatology", outputs=OutputConfig(html=False, pdf=False),
-                                faithfulness=FaithfulnessConfig(instances=64),
-                                describe=DescribeConfig(vocabularies=("dermatology",),
-                                                        reference_cache=ref_cache.dpath, top_m=top_m)),
-                            backbone=backbone)
-        result = outcome.result
-        spur = {h.name: max((c.spurious_share for c in h.classes
-                             if c.class_name == (target or "malignant")), default=0.0)
-                for h in result.heads}
-        if target is None:
-            hits = [f.concept for f in _artifact_findings(result, "probe")]
-            tallies["controls"] += 1
-            tallies["control_hits"] += bool(hits)
-            if verbose:
-                print(f"{artifact:<11}{'control':<10}{rate:>5} | artifact findings: {hits or 'none'}")
+    named, finding = [], None
+    by_id = {f.id: f for h in result.heads for f in h.findings}
+    for v in result.verdicts:
+        if v.status != "fail" or v.waived is not None:
             continue
-        cells = []
-        for head in ("probe", "zero-shot"):
-            found, rank, share = _found(result, head, artifact, target, index)
-            cells.append(f"{'yes' if found else 'no':<5} {rank or '-':<4} {share or 0:.3f}")
-        found, rank, _ = _found(result, "probe", artifact, target, index)
-        tallies["scenarios"] += 1
-        tallies["probe>prompts"] += spur["probe"] > spur["zero-shot"]
-        if rate >= 0.9:
-            tallies["planted>=0.9"] += 1
-            tallies["found+first"] += found and rank == 1
-        if verbose:
-            print(f"{artifact:<11}{target:<10}{rate:>5} | {cells[0]:<24}| {cells[1]:<26}| "
-                  f"{spur['probe']:.3f} / {spur['zero-shot']:.3f}")
+        if target is not None and v.class_name not in (None, target):
+            continue
+        if v.check in SAE_ROUTE_CHECKS:
+            for item in v.details.get("violations", []):
+                f = by_id.get(item.get("finding"))
+                if f is not None and _names_artifact(f, column, artifact, flags):
+                    named.append("SAE finding")
+                    if finding is None or f.rank < finding.rank:
+                        finding = f
+        elif v.check == "concept-reliance" and f"`{column}`" in v.message:
+            named.append("concept reliance")
+        elif v.check == "sae-coverage" and f"`{column}`" in v.message:
+            named.append("coverage failure")
+    return sorted(set(named)), finding
+
+
+# ------------------------------------------------------------------ one world
+
+
+def run_world(world: WorldSpec, args: argparse.Namespace) -> dict[str, int]:
+    out = args.out / world.name
+    backbone = load_backbone(world.backbone)
+    readout = VisionTower(backbone.model).readout_cls
+    start = time.perf_counter()
+    ref_data = world.make_dataset(out / "reference-data", None, world.classes[-1], 0.5, 4 * args.n,
+                                  SEED + 1)
+    ref_cache = extract(ref_data.manifest_fpath, out / "reference-cache",
+                        ExtractConfig(num_workers=1), backbone=backbone).cache
+    sae_config = dataclasses.replace(DemoConfig().sae, seed=SEED)
+    trained = train_sae(ref_cache, sae_config, embed_readout=readout)
+    sae_fpath = out / "sae.safetensors"
+    save_sae(trained.sae, sae_fpath)
+    flags_of = {a: dict(zip(ref_cache.ok_index["id"].astype(int),
+                            ref_cache.ok_index[f"has_{a}"].astype(bool))) for a in world.artifacts}
+    pairs = counterfactual_pairs(world, backbone, args.pairs)
+    print(f"\n== world {world.name} ({backbone.id}), rules {world.rules}; SAE expansion "
+          f"{sae_config.expansion}, k {sae_config.k} (FVU {trained.metrics.fvu:.4f}, dead "
+          f"{trained.metrics.dead_fraction:.2f}) on {4 * args.n} clean images, which also "
+          f"describe the components; {args.pairs} counterfactual pairs per artifact and class "
+          f"({time.perf_counter() - start:.0f} s)", flush=True)
+
+    plan: list[tuple[str | None, str | None, float]] = []
+    rates = (0.9,) if args.quick else RATES
+    plan += [(a, c, r) for a in world.artifacts for c in world.classes for r in rates]
+    plan += [(None, None, 0.5)] + [(a, None, 0.5) for a in world.artifacts]
+    print(f"{'scenario':<28}{'drop':>7}  relied  exit  {'routes naming the artifact':<38}"
+          f"{'rank':>4} {'share':>6}  ok")
+    tallies = {"relied": 0, "relied_ok": 0, "clean": 0, "clean_ok": 0}
+    coverage = None
+    for i, (artifact, target, rate) in enumerate(plan):
+        name = (f"{artifact}->{target} {rate}" if target else
+                f"{artifact or 'none'} half of each class" if artifact else "clean control")
+        dpath = out / f"s{i:02d}"
+        data = world.make_dataset(dpath / "data", artifact, target or world.classes[-1], rate,
+                                  args.n, SEED + 10 + i)
+        cache = extract(data.manifest_fpath, dpath / "cache", ExtractConfig(num_workers=1),
+                        backbone=backbone).cache
+        probe_fpath = dpath / "probe.safetensors"
+        save_probe(fit_probe_on_cache(cache.dpath, config=ProbeConfig(seed=SEED)).probe, probe_fpath)
+        probe = load_head("linear-probe", probe_fpath, backbone)
+        outcome = run_audit(
+            cache.dpath, sae_fpath, dpath / "audit", probe=probe_fpath,
+            config=AuditConfig(rules=world.rules, outputs=OutputConfig(html=False, pdf=False),
+                               faithfulness=FaithfulnessConfig(instances=64),
+                               describe=DescribeConfig(vocabularies=world.vocabularies,
+                                                       reference_cache=ref_cache.dpath)),
+            backbone=backbone)
+        result = outcome.result
+        coverage = coverage or result.coverage
+        if artifact is not None and target is not None:
+            drop = causal_drop(probe, pairs[(artifact, target)])
+            relied = drop >= MIN_DROP
+            named, finding = routes(result, artifact, target, flags_of[artifact])
+            ok = (outcome.exit_code == 1 and bool(named)) if relied else outcome.exit_code == 0
+        else:  # controls: the largest drop over every artifact and class
+            drops = {k: causal_drop(probe, v) for k, v in pairs.items()}
+            (art, cls), drop = max(drops.items(), key=lambda kv: kv[1])
+            relied = False
+            named, finding = ([], None) if artifact is None else \
+                routes(result, artifact, None, flags_of[artifact])
+            ok = outcome.exit_code == 0
+            name += f" (max drop: {art}->{cls})"
+        key = "relied" if relied else "clean"
+        tallies[key] += 1
+        tallies[key + "_ok"] += ok
+        failing = sorted({f"{v.rule}[{v.class_name or '-'}]" for v in result.verdicts
+                          if v.status == "fail" and v.waived is None})
+        print(f"{name:<28}{drop:>+7.3f}  {'yes' if relied else 'no':<6}  {outcome.exit_code:>4}  "
+              f"{', '.join(named) or '-':<38}{finding.rank if finding else '-':>4} "
+              f"{finding.share if finding else 0:>6.3f}  {'ok' if ok else 'MISS'}"
+              + ("" if ok else f"  failing: {', '.join(failing) or 'none'}"), flush=True)
+
+    print(f"\nSAE coverage on the reference set ({world.name}): column | decodable (CV linear "
+          "probe AUC) | best component AUC | best concept group AUC")
+    for c in coverage or []:
+        print(f"  {c.column:<18} {c.decodable_auc or float('nan'):.3f}  "
+              f"{c.best_component_auc or float('nan'):.3f} (#{c.best_component})  "
+              f"{c.best_concept_auc or float('nan'):.3f} ({c.best_concept})")
+    print(f"\n{world.name}: relied-on shortcuts on which the gate fails naming the artifact: "
+          f"{tallies['relied_ok']}/{tallies['relied']}; controls and not-relied-on scenarios on "
+          f"which the gate passes: {tallies['clean_ok']}/{tallies['clean']} "
+          f"({time.perf_counter() - start:.0f} s)", flush=True)
     return tallies
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1000, help="images per scenario")
+    parser.add_argument("--pairs", type=int, default=300,
+                        help="counterfactual pairs per artifact and class")
     parser.add_argument("--out", type=Path, default=Path(".bench/detection"))
     parser.add_argument("--quick", action="store_true", help="rate 0.9 and controls only")
-    parser.add_argument("--sweep", action="store_true",
-                        help="also re-audit with SAE expansions x top-m values, one line each")
+    parser.add_argument("--worlds", nargs="+", default=list(WORLDS), choices=list(WORLDS))
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
-    backbone = load_backbone(BackboneSpec.bundled())
-    readout = VisionTower(backbone.model).readout_cls
-    demo, top_m = DemoConfig(), DescribeConfig().top_m
-
-    start = time.perf_counter()
-    sae_data = make_planted_dataset(args.out / "sae-data", artifact=None, n=4 * args.n, seed=SEED + 1)
-    ref_cache = extract(sae_data.manifest_fpath, args.out / "sae-cache", ExtractConfig(num_workers=1),
-                        backbone=backbone).cache
-    sae_fpath = args.out / "sae.safetensors"
-    print(f"SAE (the demo's settings) {_train_sae(ref_cache, demo.sae.expansion, sae_fpath, readout)}; "
-          f"top_m {top_m}  ({time.perf_counter() - start:.0f} s)")
-
-    plan = [(a, c, r) for a in ARTIFACTS for c in CLASSES for r in (RATES if not args.quick else (0.9,))]
-    plan += [(a, None, 0.5) for a in ARTIFACTS]
-    scenarios = []
-    for i, (artifact, target, rate) in enumerate(plan):
-        dpath = args.out / f"{artifact}-{target or 'control'}-{rate}"
-        data = make_planted_dataset(dpath / "data", artifact=artifact if target else None,
-                                    target_class=target or "malignant", rate=rate, n=args.n,
-                                    seed=SEED + 10 + i)
-        cache = extract(data.manifest_fpath, dpath / "cache", ExtractConfig(num_workers=1),
-                        backbone=backbone).cache
-        save_probe(fit_probe_on_cache(cache.dpath, config=ProbeConfig(seed=SEED)).probe,
-                   dpath / "probe.safetensors")
-        scenarios.append((artifact, target, rate, dpath))
-
-    print(f"{'artifact':<11}{'class':<10}{'rate':>5} | {'probe: found rank share':<24}| "
-          f"{'prompts: found rank share':<26}| spurious share probe / prompts")
-    tallies = _audit_all(scenarios, sae_fpath, ref_cache, backbone, args.out / "audit", top_m, verbose=True)
-    print(f"\nplanted at rate >= 0.9 found and ranked first (probe): "
-          f"{tallies['found+first']}/{tallies['planted>=0.9']}")
-    print(f"clean controls with an artifact finding: {tallies['control_hits']}/{tallies['controls']}")
-    print(f"probe's spurious share > prompt set's: {tallies['probe>prompts']}/{tallies['scenarios']}")
-    print(f"total time {time.perf_counter() - start:.0f} s")
-
-    if args.sweep:
-        print("\nsweep: same scenarios, other SAE widths and top-m (found+first at rate >= 0.9 | "
-              "controls with an artifact finding)")
-        for expansion in SWEEP_EXPANSIONS:
-            fpath = args.out / f"sae-x{expansion}.safetensors"
-            about = _train_sae(ref_cache, expansion, fpath, readout)
-            for m in SWEEP_TOP_M:
-                t = _audit_all(scenarios, fpath, ref_cache, backbone, args.out / "audit", m, verbose=False)
-                print(f"  SAE {about}; top_m {m:>4}: {t['found+first']}/{t['planted>=0.9']} | "
-                      f"{t['control_hits']}/{t['controls']}", flush=True)
-        for seed in SWEEP_SAE_SEEDS:
-            fpath = args.out / f"sae-seed{seed}.safetensors"
-            about = _train_sae(ref_cache, demo.sae.expansion, fpath, readout, seed=seed)
-            t = _audit_all(scenarios, fpath, ref_cache, backbone, args.out / "audit", top_m, verbose=False)
-            print(f"  SAE {about}; top_m {top_m:>4}: {t['found+first']}/{t['planted>=0.9']} | "
-                  f"{t['control_hits']}/{t['controls']}", flush=True)
+    totals = {"relied": 0, "relied_ok": 0, "clean": 0, "clean_ok": 0}
+    for name in args.worlds:
+        for k, v in run_world(WORLDS[name](), args).items():
+            totals[k] += v
+    print(f"\nall worlds: relied-on shortcuts failed naming the artifact {totals['relied_ok']}/"
+          f"{totals['relied']}; controls and not-relied-on scenarios passed "
+          f"{totals['clean_ok']}/{totals['clean']}")
 
 
 if __name__ == "__main__":

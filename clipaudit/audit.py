@@ -52,6 +52,8 @@ from clipaudit.errors import InputError
 from clipaudit.extraction.backbone import Backbone, load_backbone_for
 from clipaudit.extraction.cache_reader import ActivationCache
 from clipaudit.extraction.hooks import cache_readout
+from clipaudit.findings.audit_concepts import audit_concepts
+from clipaudit.findings.concept_evidence import InstanceSet
 from clipaudit.findings.statistics import StatisticsConfig
 from clipaudit.heads import Head, LinearProbe, PromptSet, load_head, make_zero_shot_head
 from clipaudit.heads.labels import HeadLabels, check_heads_against_labels
@@ -123,7 +125,16 @@ class AuditConfig:
     --gradient exact`` or ``attribute_cls(..., gradient="exact")``; the deletion curves
     of every audit compare both rankings."""
     seed: int = 0
-    """Seeds the faithfulness sample, the bootstrap and the permutation control."""
+    """Seeds the faithfulness sample, the bootstrap, the permutation control and the
+    concept sample."""
+    column_roles: tuple[str, ...] = ()
+    """Metadata column roles, ``COLUMN=ROLE`` (artifact, protected or ignore), over the rule
+    file's and the data set's (``clipaudit.columns``)."""
+    concept_rows: int = 20_000
+    """Instances (a random sample of the audited data, and of the reference set) on which
+    column coverage, concept directions and concept reliance are measured and the class
+    alignment is calibrated: what those hold in memory is this many rows of activations
+    and embeddings, however large the data."""
 
     def validate(self) -> None:
         if self.outputs.attributions.classes not in ATTRIBUTION_CLASSES:
@@ -136,6 +147,8 @@ class AuditConfig:
                              f"(got {s.fdr})")
         if self.batch_size <= 0:
             raise InputError(f"batch size must be positive, got {self.batch_size}")
+        if self.concept_rows < 100:
+            raise InputError(f"concept rows must be at least 100, got {self.concept_rows}")
         check_gradient(self.gradient)
         if self.gradient != "frozen":
             raise InputError(
@@ -199,13 +212,15 @@ def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | 
     """Audit heads (a probe, a prompt set, and/or ready ``heads``) on a cache with an SAE,
     and write the audit folder. Returns the result and the gate's exit code (0 or 1)."""
     from clipaudit import audit_heads as stages
+    from clipaudit.columns import parse_role_overrides
     from clipaudit.extraction.cache_reader import open_cache
     from clipaudit.gate import evaluate, exit_code, load_ruleset
     from clipaudit.results import load_audit
     from clipaudit.sae import load_sae
 
     config.validate()
-    ruleset = load_ruleset(config.rules)  # fail fast on a bad rule file
+    # fail fast on a bad rule file or column role
+    ruleset = load_ruleset(config.rules).with_column_roles(parse_role_overrides(config.column_roles))
     cache = open_cache(cache_dpath, lean=True)
     hook = cache.provenance["hook"]
     backbone = backbone or load_backbone_for(cache.provenance["backbone"])
@@ -235,14 +250,25 @@ def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | 
                            top_m=config.describe.top_m if describe_here else None,
                            table=config.outputs.attributions, out_dpath=out_dpath, reporter=reporter)
         files = {f"attributions-{p.head.name}": p.table for p in first.heads if p.table is not None}
-        descriptions, ref_cache = describe_for_audit(cache, first.top, sae, sae_fpath, backbone, audited,
-                                                     config.describe, config.batch_size, reporter)
+        # the concept checks and the calibration read a bounded sample of each set
+        audited_sample = sample_instances(cache, sae, config.concept_rows, config.seed,
+                                          config.batch_size)
+        ref_cache = _reference_cache(cache, config.describe)
+        reference_sample = (audited_sample if ref_cache is cache else
+                            sample_instances(ref_cache, sae, config.concept_rows, config.seed,
+                                             config.batch_size))
+        described = describe_for_audit(cache, first.top, sae, sae_fpath, backbone, audited,
+                                       config.describe, config.batch_size, reporter,
+                                       ref_cache=ref_cache, sample=reference_sample)
+        descriptions = described.descriptions
         files["descriptions"] = save_descriptions_for_audit(descriptions, out_dpath)
+        concepts = audit_concepts(cache, audited_sample, reference_sample, described, sae, ruleset,
+                                  reporter, seed=config.seed)
         ctx = stages.AuditContext(
             sae, tower, cache, first, descriptions, instances.metadata, ruleset.finding_config(),
             config.statistics, config.seed, config.outputs.thumbnails_per_finding,
             config.outputs.scatter_points, config.faithfulness.instances, config.faithfulness.steps,
-            reporter)
+            reporter, concepts)
         selections = [stages.select(p, p.relevance, p.assign, ctx, config.seed)  # type: ignore[arg-type]
                       for p in first.heads]  # first_pass sets every relevance
         shuffled = ([stages.shuffled_selection(p, ctx) for p in first.heads]
@@ -263,7 +289,9 @@ def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | 
             sae_metrics={k: float(v) for k, v in (sae.meta.get("metrics") or {}).items()
                          if isinstance(v, (int, float)) and v is not None},
             heads=head_audits, components=components, instances=infos,
-            rules_file=ruleset.name, heatmaps=heatmaps,
+            rules_file=ruleset.name, heatmaps=heatmaps, columns=concepts.columns,
+            coverage=concepts.coverage,
+            calibration=list(descriptions.calibration.classes) if descriptions.calibration else [],
         )
         if shuffled:
             result = dataclasses.replace(result, permutation=stages.permutation_control(
@@ -340,17 +368,74 @@ def class_texts(heads: Sequence[Head]) -> dict[str, list[str]]:
     return texts
 
 
+@dataclass(frozen=True)
+class Described:
+    """Component descriptions and the reference set they were computed on."""
+
+    descriptions: ComponentDescriptions
+    cache: ActivationCache
+    semantic_embeds: Any
+    """Image embeddings of the reference set by instance id (indexable by an id tensor),
+    from the reference model (or, for reused descriptions of another reference model, from
+    the audited CLIP)."""
+    text_encoder: Any
+    """The text encoder of the model ``semantic_embeds`` come from."""
+
+
+def _reference_cache(cache: ActivationCache, config: DescribeConfig) -> ActivationCache:
+    """The set components are described on: the audited data, or ``config.reference_cache``
+    (same model and hook point)."""
+    from clipaudit.extraction.cache_reader import open_cache
+
+    if config.reference_cache is None:
+        return cache
+    ref_cache = open_cache(config.reference_cache, lean=True)
+    check_same_model(ref_cache, cache, config.reference_cache)
+    return ref_cache
+
+
+@torch.no_grad()
+def sample_instances(cache: ActivationCache, sae: SAE, max_rows: int, seed: int,
+                     batch_size: int) -> InstanceSet:
+    """At most ``max_rows`` instances of ``cache`` (a seeded random sample, in row order)
+    with their activations, embeddings, labels, metadata and SAE codes."""
+    from clipaudit.sae.model import cat_codes
+
+    index = cache.ok_index.reset_index(drop=True)
+    n = len(index)
+    rows = (np.arange(n) if n <= max_rows else
+            np.sort(np.random.default_rng(seed).choice(n, max_rows, replace=False)))
+    picked = index.iloc[rows].reset_index(drop=True)
+    acts = cache.take("acts", rows).float() if len(rows) else torch.zeros(0, cache.d)
+    embeds = cache.take("embeds", rows).float() if len(rows) else torch.zeros(0, cache.embed_dim)
+    step = encode_rows(sae, batch_size)
+    parts = [sae.encode(acts[s:s + step]) for s in range(0, len(acts), step)]
+    codes = cat_codes(parts) if parts else None
+    labels: list[str | None] = ([None if pd.isna(x) else str(x) for x in picked["label"]]
+                                if "label" in picked else [None] * len(picked))
+    metadata = picked[[c for c in picked.columns if c not in _INDEX_COLUMNS]]
+    metadata = metadata.astype({c: object for c in metadata.columns
+                                if isinstance(metadata[c].dtype, pd.CategoricalDtype)})
+    return InstanceSet(
+        torch.tensor(picked["id"].to_numpy(), dtype=torch.long), embeds, acts, labels, metadata,
+        codes.indices if codes is not None else torch.zeros(0, 1, dtype=torch.long),
+        codes.values.float() if codes is not None else torch.zeros(0, 1))
+
+
 def describe_for_audit(cache: ActivationCache, top: TopActivations | None, sae: SAE,
                        sae_fpath: Path | str, backbone: Backbone, heads: Sequence[Head],
                        config: DescribeConfig, batch_size: int,
-                       reporter: Reporter) -> tuple[ComponentDescriptions, ActivationCache]:
+                       reporter: Reporter, *, ref_cache: ActivationCache | None = None,
+                       sample: InstanceSet | None = None) -> Described:
     """What each component means, on the reference set (default: the audited data, whose
     top activations ``top`` the audit's pass already collected).
 
     Reuses ``config.reuse`` (an earlier audit's descriptions) when it was computed from
     the same SAE, reference model, reference set, vocabulary and top-m; only the class
-    alignment is then recomputed for these heads' classes (text encoding only). Text
-    embeddings go through the text cache (``config.text_cache``).
+    alignment (raw and calibrated) is then recomputed for these heads' classes (text
+    encoding only). Text embeddings go through the text cache (``config.text_cache``).
+    ``sample`` (a sample of the reference set, ``sample_instances``) anchors the
+    calibration when the reference model is the audited one.
     """
     from clipaudit.describe.components import (
         describe_components,
@@ -360,31 +445,52 @@ def describe_for_audit(cache: ActivationCache, top: TopActivations | None, sae: 
     from clipaudit.describe.concepts import load_vocabularies
     from clipaudit.describe.text_cache import cached_text_encoder, resolve_text_cache
     from clipaudit.extraction.backbone import load_backbone
-    from clipaudit.extraction.cache_reader import index_rows, open_cache
+    from clipaudit.extraction.cache_reader import index_rows
 
-    ref_cache = cache
-    if config.reference_cache is not None:
-        ref_cache = open_cache(config.reference_cache, lean=True)
-        check_same_model(ref_cache, cache, config.reference_cache)
+    ref_cache = ref_cache if ref_cache is not None else _reference_cache(cache, config)
     ref_backbone = backbone if config.reference is None else load_backbone(config.reference)
     encode_text = cached_text_encoder(ref_backbone.encode_text, ref_backbone.id,
                                       resolve_text_cache(config.text_cache))
     key = _descriptions_key(sae_fpath, ref_cache, ref_backbone, config)
+    same_model = config.reference is None
+    cal_embeds = sample.embeds if sample is not None and same_model else None
+    cal_labels = sample.labels if sample is not None and same_model else None
     if config.reuse is not None:
         reused = _reuse_descriptions(config.reuse, key)
-        return realign_classes(reused, encode_text, class_texts(heads)), ref_cache
+        realigned = realign_classes(reused, encode_text, class_texts(heads), cal_embeds, cal_labels)
+        if same_model:
+            return Described(realigned, ref_cache, EmbeddingsById(ref_cache), encode_text)
+        # no re-encoding on reuse: text-defined concepts are read by the audited CLIP instead
+        audited_text = cached_text_encoder(backbone.encode_text, backbone.id,
+                                           resolve_text_cache(config.text_cache))
+        return Described(realigned, ref_cache, EmbeddingsById(ref_cache), audited_text)
 
     if top is None or ref_cache is not cache:  # another reference set: one pass over it
         top = _top_activations(ref_cache, sae, config.top_m, batch_size, reporter)
-    if config.reference is None:
-        ref: Any = EmbeddingsById(ref_cache)
+    ref: Any
+    if same_model:
+        ref = EmbeddingsById(ref_cache)
+        labels = cal_labels
     else:
         items = index_rows(ref_cache.dpath, ref_cache.ok_index["id"].tolist(), ["path"])
         ref = encode_reference_images(ref_backbone, items, reporter=reporter)
+        labels = _labels_by_id(ref_cache.ok_index, ref.shape[0])
     vocabulary = load_vocabularies(list(config.vocabularies))
-    return describe_components(top, ref, encode_text, vocabulary, class_texts(heads),
-                               templates=config.concept_templates, provenance=key,
-                               label_floor=config.label_floor), ref_cache
+    descriptions = describe_components(top, ref, encode_text, vocabulary, class_texts(heads),
+                                       templates=config.concept_templates, provenance=key,
+                                       label_floor=config.label_floor, reference_labels=labels,
+                                       calibration_embeds=cal_embeds)
+    return Described(descriptions, ref_cache, ref, encode_text)
+
+
+def _labels_by_id(index: pd.DataFrame, n: int) -> list[str | None]:
+    """Labels indexed by instance id (None: unlabelled or no such id)."""
+    labels: list[str | None] = [None] * n
+    if "label" in index:
+        for i, label in zip(index["id"].tolist(), index["label"].tolist()):
+            if i < n:
+                labels[i] = None if pd.isna(label) else str(label)
+    return labels
 
 
 @torch.no_grad()

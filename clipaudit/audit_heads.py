@@ -78,6 +78,9 @@ class AuditContext:
     faithfulness_instances: int
     faithfulness_steps: int
     reporter: Reporter
+    concepts: Any = None
+    """``findings.audit_concepts.AuditConcepts``: calibrated alignment decides, reliance on
+    forbidden concepts is measured (None: the raw alignment decides, nothing measured)."""
 
 
 @dataclass(frozen=True)
@@ -99,9 +102,16 @@ def select(p: HeadPass, relevance: Relevance, assign: np.ndarray, ctx: AuditCont
            seed: int) -> Selection:
     """Candidates of one head and their intervals and chance levels."""
     d = ctx.descriptions
-    alignment = d.class_alignment[:, [d.class_names.index(c) for c in p.head.class_names]]
+    columns = [d.class_names.index(c) for c in p.head.class_names]
+    alignment = d.class_alignment[:, columns]
+    calibrated, forbidden = None, None
+    if ctx.concepts is not None:
+        calibrated = d.calibrated_alignment[:, columns]
+        forbidden = ctx.concepts.forbidden_reliance(p.head, ctx.concepts.reliance_of(p.head),
+                                                    d.concept)
     candidates = select_candidates(relevance.share, alignment, d.clarity, d.concept,
-                                   d.concept_score, p.head.class_names, ctx.finding_config)
+                                   d.concept_score, p.head.class_names, ctx.finding_config,
+                                   calibrated_jc=calibrated, forbidden_reliance=forbidden)
     stats: dict[tuple[str, int], Any] = {}
     if candidates:
         positions = _class_positions(assign, len(p.head.class_names))
@@ -250,7 +260,9 @@ def head_audit(s: Selection, evidence: Evidence, ctx: AuditContext,
                                       [f.component for f in of_class])))
     return HeadAudit(name=head.name, kind=head.kind, class_names=list(head.class_names),
                      accuracy=accuracy, classes=classes, findings=findings,
-                     faithfulness=_faithfulness(p, ctx), relied_on=relied_on(s, findings, ctx))
+                     faithfulness=_faithfulness(p, ctx), relied_on=relied_on(s, findings, ctx),
+                     concept_reliance=(ctx.concepts.reliance_of(head)
+                                       if ctx.concepts is not None else []))
 
 
 def relied_on(s: Selection, findings: Sequence[Any], ctx: AuditContext) -> list[ComponentReliance]:

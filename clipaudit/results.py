@@ -16,6 +16,7 @@ from typing import Any, Literal
 
 Status = Literal["pass", "warn", "fail"]
 FindingKind = Literal["shortcut", "forbidden-concept"]
+RelianceSource = Literal["column", "components", "text"]
 
 
 @dataclass(frozen=True)
@@ -27,8 +28,13 @@ class FindingConfig:
     one component or by the candidates that share its concept label together."""
     member_share_min: float = 0.02
     """Smallest share a component needs to count towards its concept's share."""
-    alignment_max: float = 0.02
-    """alpha_max: a component aligned with its class at least this much is not a shortcut."""
+    calibrated_alignment_max: float = 0.5
+    """A component whose calibrated alignment with its class (``clipaudit.describe.calibration``:
+    0 = no more aligned with the class than with the other classes, 1 = as aligned as the
+    class's own images) is at least this is not a shortcut."""
+    reliance_min: float = 0.05
+    """A forbidden concept is relied on when putting it on the other classes' images costs the
+    head at least this accuracy on them (``clipaudit.findings.reliance``)."""
     clarity_min: float = 0.30
     """A component less coherent than this is not described well enough to be a finding."""
     forbidden: dict[str, list[str]] = field(default_factory=dict)
@@ -82,6 +88,7 @@ class Finding:
     """Summed share of this class's candidates with the same concept label (this one
     included): an SAE may split one shortcut over several components."""
     alignment: float
+    """Raw alignment with the class (DESIGN.md); its scale differs from one CLIP to the next."""
     clarity: float
     concept: str
     concept_score: float
@@ -105,6 +112,18 @@ class Finding:
     """The data back the finding: it survives the Benjamini-Hochberg procedure over the
     audit's findings (``clipaudit.findings.statistics``). Unbacked findings are reported
     but fail and warn nothing. True where no statistics were computed."""
+    calibrated_alignment: float | None = None
+    """Alignment on the model's own scale (0: no more aligned with the class than with the
+    other classes; 1: as aligned as the class's own images); what findings are decided on.
+    None where the class could not be calibrated."""
+    reliance: float | None = None
+    """For a forbidden-concept finding: the accuracy the head loses on the other classes'
+    images when the concept is put on them (``ConceptReliance.reliance``); None where not
+    measurable."""
+    reliance_low: float | None = None
+    """Its one-sided 95% lower bound, which decides."""
+    reliance_source: str | None = None
+    """Where the concept's direction came from: ``column has_ruler``, ``components 3, 17``."""
 
     @property
     def concept_split(self) -> bool:
@@ -142,6 +161,113 @@ class ClassAudit:
 
 
 @dataclass(frozen=True)
+class SliceAccuracy:
+    """The head's accuracy on one slice: instances of a class with or without a concept."""
+
+    class_name: str
+    present: bool
+    n: int
+    accuracy: float | None
+
+
+@dataclass(frozen=True)
+class ConceptReliance:
+    """How much one class of a head depends on one concept's direction in embedding space
+    (``clipaudit.findings.reliance``), with the SAE out of the loop."""
+
+    concept: str
+    """A metadata column key (``has_ruler``, ``skin_tone=dark``) or a concept term."""
+    source: RelianceSource
+    """Where the concept's presence came from: a metadata ``column``, the SAE
+    ``components`` labelled with it, or the reference CLIP's ``text`` for the term."""
+    class_name: str
+    status: Literal["measured", "confounded", "too-few", "absent"]
+    """``measured``; ``confounded`` when the concept never occurs both with and without in
+    one class (its direction cannot be told from the class's); ``too-few`` instances;
+    ``absent``: a text-defined concept the reference set does not show."""
+    reliance: float | None = None
+    """The head's accuracy on the other classes' images without the concept minus its
+    accuracy on the same images with it, the concept acting as its mean shift in the
+    head's input space: the embedding-space twin of the benchmark's causal test."""
+    reliance_low: float | None = None
+    """One-sided 95% lower bound of ``reliance`` (bootstrap over the instances that gave the
+    direction and the audited ones): what the gate judges."""
+    flip_rate: float | None = None
+    """Share of the other classes' images (without the concept) that the head would call
+    this class once the concept is added."""
+    score_shift: float | None = None
+    """Change of the class's margin over the other classes when the concept is added
+    (exact for linear heads, normalisation held fixed)."""
+    separation_ratio: float | None = None
+    """``score_shift`` over the distance between the class's and the other classes' mean
+    margins: how far the concept moves an image towards the class."""
+    n_present: int = 0
+    """Instances with the concept that estimated its direction."""
+    n_absent: int = 0
+    detail: str = ""
+    """Where the presence came from (``components 3, 17``), or why it is not measured."""
+    slices: list[SliceAccuracy] = field(default_factory=list)
+    """Accuracy per class x presence on the audited data (by column: observed presence)."""
+
+
+@dataclass(frozen=True)
+class ColumnCoverage:
+    """Whether the SAE can see a metadata column: decodable from the activations, and
+    isolated by a component (``clipaudit.findings.coverage``)."""
+
+    column: str
+    """Column key: ``has_ruler`` or ``skin_tone=dark``."""
+    n: int
+    n_positive: int
+    status: Literal["measured", "too-few"]
+    decodable_auc: float | None = None
+    """ROC AUC of a cross-validated linear probe on the activations."""
+    best_component: int | None = None
+    best_component_auc: float | None = None
+    best_concept: str | None = None
+    """Concept label whose components, summed, separate the column best."""
+    best_concept_auc: float | None = None
+    best_concept_components: list[int] = field(default_factory=list)
+
+    @property
+    def isolated_auc(self) -> float | None:
+        """How well the SAE isolates the column: its best component, or the components of
+        one concept label together (an SAE may split a concept), whichever is higher."""
+        values = [v for v in (self.best_component_auc, self.best_concept_auc) if v is not None]
+        return max(values) if values else None
+
+
+@dataclass(frozen=True)
+class ColumnInfo:
+    """A metadata column of the audited data and what the data set declares about it."""
+
+    name: str
+    kind: Literal["binary", "categorical", "other"]
+    values: list[str] = field(default_factory=list)
+    """Distinct values (binary and categorical columns)."""
+    declared_role: str | None = None
+    """``artifact``, ``protected`` or ``ignore`` as the data set declares it (columns.yaml)."""
+    concepts: dict[str, str] = field(default_factory=dict)
+    """Key (``has_ruler``, ``skin_tone=dark``) -> the concept its name says it marks (the
+    rule file's ``metadata.column_concepts`` can name another)."""
+
+
+@dataclass(frozen=True)
+class ClassCalibration:
+    """The two anchors of a class's calibrated alignment (``clipaudit.describe.calibration``)."""
+
+    class_name: str
+    margin: float | None
+    """Alignment contrast of the class's own images: the value that calibrates to 1."""
+    source: str
+    """``labels`` (reference images of the class) or ``zero-shot`` (images the reference
+    CLIP assigns to it), or why the class is uncalibrated."""
+    n: int = 0
+    zero_shot_recall: float | None = None
+    """Share of those images whose contrast favours the class (chance: 1 / classes)."""
+
+
+@dataclass(frozen=True)
 class FaithfulnessCurve:
     method: str
     """``act_x_grad``, ``logit_lens``, ``act_x_logit_lens``, ``activation`` or ``random``."""
@@ -165,6 +291,8 @@ class HeadAudit:
     faithfulness: list[FaithfulnessCurve] = field(default_factory=list)
     relied_on: list[ComponentReliance] = field(default_factory=list)
     """Components carrying a large share of several classes' evidence, most classes first."""
+    concept_reliance: list[ConceptReliance] = field(default_factory=list)
+    """Per class, the head's reliance on each annotated or forbidden concept."""
 
 
 @dataclass(frozen=True)
@@ -284,6 +412,11 @@ class AuditResult:
     """How the findings' heatmaps were made; None for audits without them."""
     permutation: PermutationControl | None = None
     """What the same audit finds with shuffled labels (None: not run)."""
+    columns: list[ColumnInfo] = field(default_factory=list)
+    """The audited data's metadata columns and their declared roles."""
+    coverage: list[ColumnCoverage] = field(default_factory=list)
+    """How well the SAE sees each artifact, protected or forbidden column."""
+    calibration: list[ClassCalibration] = field(default_factory=list)
 
     @property
     def verdict(self) -> Status:

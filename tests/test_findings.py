@@ -17,7 +17,7 @@ def _inputs():
 def test_candidates_need_share_low_alignment_and_clarity():
     share, alignment, clarity, concepts, scores = _inputs()
     cands = select_candidates(share, alignment, clarity, concepts, scores, ["malignant", "benign"],
-                              FindingConfig(share_min=0.15, alignment_max=0.05, clarity_min=0.3))
+                              FindingConfig(share_min=0.15, calibrated_alignment_max=0.05, clarity_min=0.3))
     got = {(c.class_name, c.component) for c in cands}
     # 0: aligned with malignant; 3: not coherent; 2 for benign: aligned; 1: the ruler
     assert got == {("malignant", 1), ("benign", 1)}
@@ -26,11 +26,11 @@ def test_candidates_need_share_low_alignment_and_clarity():
 
 def test_forbidden_and_expected_concepts():
     share, alignment, clarity, concepts, scores = _inputs()
-    config = FindingConfig(share_min=0.15, alignment_max=0.05, clarity_min=0.3,
+    config = FindingConfig(share_min=0.15, calibrated_alignment_max=0.05, clarity_min=0.3,
                            forbidden={"malignant": ["ruler"]}, expected={"benign": ["Ruler"]})
     cands = select_candidates(share, alignment, clarity, concepts, scores, ["malignant", "benign"], config)
     assert [(c.class_name, c.kind) for c in cands] == [("malignant", "forbidden-concept")]
-    both = FindingConfig(share_min=0.15, alignment_max=0.05, clarity_min=0.3,
+    both = FindingConfig(share_min=0.15, calibrated_alignment_max=0.05, clarity_min=0.3,
                          forbidden={"*": ["ruler"]}, expected={"*": ["ruler"]})
     cands = select_candidates(share, alignment, clarity, concepts, scores, ["malignant", "benign"], both)
     assert {c.kind for c in cands} == {"forbidden-concept"} and len(cands) == 2  # forbidden wins
@@ -60,13 +60,14 @@ def test_components_of_one_concept_are_candidates_together():
     alignment = torch.tensor([[0.0]] * 5 + [[0.5]] + [[0.0]] * 3)
     clarity = torch.full((9,), 0.9)
     concepts = ["dark corners"] * 3 + ["hair", "dark corners", "dark corners", "lesion", "ink", "ink"]
-    config = FindingConfig(share_min=0.10, member_share_min=0.02, alignment_max=0.02,
+    config = FindingConfig(share_min=0.10, member_share_min=0.02, calibrated_alignment_max=0.02,
                            clarity_min=0.3, expected={"*": ["lesion"]})
     cands = select_candidates(share, alignment, clarity, concepts, torch.ones(9), ["benign"], config)
     assert [c.component for c in cands] == [0, 1, 2, 3]
     assert [round(c.concept_share, 3) for c in cands] == [0.12, 0.12, 0.12, 0.11]
     # 7 (ink, 0.09) + 8 (ink, 0.015 < member_share_min) stay below share_min
     alone = select_candidates(share, alignment, clarity, concepts, torch.ones(9), ["benign"],
-                              FindingConfig(share_min=0.10, member_share_min=0.01, alignment_max=0.02,
-                                            clarity_min=0.3, expected={"*": ["lesion"]}))
+                              FindingConfig(share_min=0.10, member_share_min=0.01,
+                                            calibrated_alignment_max=0.02, clarity_min=0.3,
+                                            expected={"*": ["lesion"]}))
     assert {c.component for c in alone} == {0, 1, 2, 3, 4, 7, 8}

@@ -34,7 +34,7 @@ runner = CliRunner()
 
 VALID = {
     "version": 1,
-    "thresholds": {"share_min": 0.1, "alignment_max": 0.02, "clarity_min": 0.3},
+    "thresholds": {"share_min": 0.1, "calibrated_alignment_max": 0.02, "clarity_min": 0.3},
     "concepts": {"forbidden": {"*": ["ruler"], "malignant": ["hair"]},
                  "synonyms": {"ruler": ["scale bar"]}},
     "metadata": {"artifact_columns": ["has_*"], "auc_min": 0.9},
@@ -98,7 +98,7 @@ def test_dermatology_extends_default_with_a_stricter_limit():
 def test_finding_config_carries_thresholds_and_expanded_concepts():
     ruleset = parse_ruleset(VALID)
     config = ruleset.finding_config()
-    assert (config.share_min, config.alignment_max, config.clarity_min) == (0.1, 0.02, 0.3)
+    assert (config.share_min, config.calibrated_alignment_max, config.clarity_min) == (0.1, 0.02, 0.3)
     assert {"ruler", "scale bar"} <= set(config.forbidden["*"])
     assert config.forbidden["malignant"] == ["hair"]
 
@@ -111,7 +111,7 @@ def test_finding_config_carries_thresholds_and_expanded_concepts():
      "checks[0].max_share: expected a number, got 'high'"),
     ({"checks": [{"id": "a", "check": "shortcut-share", "max_share": 0.1},
                  {"id": "b", "check": "nope"}]},
-     "checks[1].check: unknown check 'nope'. Available: baseline-regression"),
+     "checks[1].check: unknown check 'nope'. Available: alignment-calibration, baseline-regression"),
     ({"checks": [{"id": "a", "check": "shortcut-share", "max_share": 0.1, "max_shar": 1}]},
      "checks[0].max_shar: unknown key 'max_shar' (did you mean 'max_share'?"),
     ({"checks": [{"id": "a", "check": "forbidden-concept", "severity": "fatal"}]},

@@ -15,7 +15,7 @@ from clipaudit.errors import ArtifactError, MismatchError
 from clipaudit.gate import evaluate, exit_code, parse_ruleset
 
 TODAY = dt.date(2026, 6, 1)
-THRESHOLDS = {"share_min": 0.05, "alignment_max": 0.02, "clarity_min": 0.3}
+THRESHOLDS = {"share_min": 0.05, "calibrated_alignment_max": 0.02, "clarity_min": 0.3}
 
 
 def rules(*checks: dict, waivers=(), **extra) -> object:
@@ -71,7 +71,7 @@ def test_shortcut_share_counts_a_split_concept_whole():
 
 @pytest.mark.parametrize("field, value, counted", [
     ("share", 0.05, True), ("share", just_under(0.05), False),
-    ("alignment", just_under(0.02), True), ("alignment", 0.02, False),
+    ("calibrated_alignment", just_under(0.02), True), ("calibrated_alignment", 0.02, False),
     ("clarity", 0.3, True), ("clarity", just_under(0.3), False),
 ])
 def test_rule_set_thresholds_decide_which_findings_count(field, value, counted):

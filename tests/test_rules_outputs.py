@@ -25,7 +25,7 @@ runner = CliRunner()
 
 RULES = {
     "version": 1,
-    "thresholds": {"share_min": 0.05, "alignment_max": 0.02, "clarity_min": 0.3},
+    "thresholds": {"share_min": 0.05, "calibrated_alignment_max": 0.02, "clarity_min": 0.3},
     "concepts": {"forbidden": {"*": ["ruler"]}},
     "checks": [
         {"id": "no-shortcuts", "check": "shortcut-share", "max_share": 0.15},

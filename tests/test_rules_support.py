@@ -8,12 +8,14 @@ from clipaudit.results import AuditResult, ClassAudit, ComponentInfo, Finding, H
 def finding(component: int = 7, *, share: float = 0.2, head: str = "probe",
             class_name: str = "malignant", concept: str = "ruler", alignment: float = -0.05,
             clarity: float = 0.6, metadata_auc: dict[str, float] | None = None,
-            concept_share: float | None = None) -> Finding:
+            concept_share: float | None = None, calibrated_alignment: float | None = -0.2,
+            reliance: float | None = None, kind: str = "shortcut") -> Finding:
     return Finding(id=f"{head}:{class_name}:{component}", head=head, class_name=class_name,
-                   component=component, kind="shortcut", rank=1, share=share,
+                   component=component, kind=kind, rank=1, share=share,  # type: ignore[arg-type]
                    concept_share=share if concept_share is None else concept_share,
                    alignment=alignment, clarity=clarity, concept=concept, concept_score=0.3,
-                   metadata_auc=metadata_auc or {})
+                   metadata_auc=metadata_auc or {}, calibrated_alignment=calibrated_alignment,
+                   reliance=reliance)
 
 
 def audit(findings: list[Finding] = (), *, classes=("benign", "malignant"),

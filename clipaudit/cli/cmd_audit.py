@@ -147,6 +147,10 @@ def audit_cmd(
                                 "attributions add up to the score, in closed form). exact is "
                                 "refused here: use explain --gradient exact."),
     text_cache: str = option(AuditConfig, "describe.text_cache", "--text-cache"),
+    column_roles: list[str] = option(AuditConfig, "column_roles", "--column-role",
+                                     help="COLUMN=ROLE (artifact, protected or ignore): a metadata "
+                                          "column's role, over the rule file's and the data set's "
+                                          "(repeat for several columns)."),
     pdf: bool = option(OutputConfig, "pdf", "--pdf/--no-pdf", help="Also write report.pdf."),
     attributions: bool = option(OutputConfig, "attributions.write", "--attributions/--no-attributions",
                                 help="Write the per-instance attribution tables "
@@ -174,6 +178,7 @@ def audit_cmd(
 
     config = AuditConfig(
         rules=rules, label_map=label_map, gradient=gradient, seed=seed,
+        column_roles=tuple(column_roles),
         outputs=OutputConfig(pdf=pdf, attributions=AttributionTableConfig(attributions, attribution_classes)),
         statistics=StatisticsConfig(resamples=resamples, permutation=permutation),
         describe=DescribeConfig(vocabularies=tuple(vocab), reference_cache=reference_data, top_m=top_m,

@@ -115,6 +115,10 @@ def apply_cmd(
     junit: Path = typer.Option(None, "--junit", help="JUnit XML path [AUDIT_DIR/junit.xml]."),
     summary: Path = typer.Option(None, "--summary", help="Markdown summary path "
                                  "[AUDIT_DIR/summary.md]."),
+    column_roles: list[str] = typer.Option([], "--column-role",
+                                           help="COLUMN=ROLE (artifact, protected or ignore): a "
+                                                "metadata column's role, over the rule file's and "
+                                                "the data set's (repeat for several columns)."),
     json_out: bool = json_option("the verdicts"),
     quiet: bool = quiet_option(),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print every rule result as a "
@@ -126,7 +130,7 @@ def apply_cmd(
     from clipaudit.gate import apply_rules
 
     run = apply_rules(audit_dir, rules, baseline=baseline, junit_fpath=junit,
-                      summary_fpath=summary)
+                      summary_fpath=summary, column_roles=column_roles)
     result = run.result
     if json_out:
         print_json({"audit_id": result.audit_id, "rules": result.rules_file,

@@ -39,6 +39,7 @@ import torch
 from torch import Tensor
 
 from clipaudit.artifacts import atomic_path, load_tensors, save_tensors
+from clipaudit.describe.calibration import Calibration, LabelCentroids, calibrate, label_centroids
 from clipaudit.describe.concepts import ConceptVocabulary
 from clipaudit.errors import InputError, MismatchError
 from clipaudit.progress import NULL_REPORTER, Reporter
@@ -196,6 +197,19 @@ class ComponentDescriptions:
     """The top instances the descriptions were computed from."""
     provenance: dict[str, Any] = field(default_factory=dict)
     """Reference model and anything else the caller wants recorded."""
+    labels: LabelCentroids | None = None
+    """Per label of the reference set, the unit mean of its reference embeddings: the
+    anchors of the calibrated alignment."""
+    calibration: Calibration | None = None
+    """Calibrated class alignment [n_latents, C] (``clipaudit.describe.calibration``)."""
+
+    @property
+    def calibrated_alignment(self) -> Tensor:
+        """float [n_latents, C]: the class alignment on the model's own scale (NaN where a
+        class could not be calibrated or a component is dead)."""
+        if self.calibration is None:
+            return torch.full_like(self.class_alignment, math.nan)
+        return self.calibration.calibrated
 
     def alignment(self, text_embeds: Tensor) -> Tensor:
         """alignment(j, t) [n_latents, T] for reference-model text embeddings [T, D]
@@ -208,11 +222,18 @@ def describe_components(top: TopActivations, ref_image_embeds: Tensor,
                         class_texts: dict[str, list[str]], *,
                         templates: Sequence[str] = ("{}",),
                         provenance: dict[str, Any] | None = None,
-                        label_floor: str = "scrambled") -> ComponentDescriptions:
-    """Semantic embedding, clarity, concept label and class alignment per component.
+                        label_floor: str = "scrambled",
+                        reference_labels: Sequence[str | None] | None = None,
+                        calibration_embeds: Tensor | None = None
+                        ) -> ComponentDescriptions:
+    """Semantic embedding, clarity, concept label, class alignment and calibrated class
+    alignment per component.
 
     ``ref_image_embeds`` [N, D] holds the reference model's image embeddings indexed
-    by instance id (zero rows: no embedding; such instances are left out).
+    by instance id (zero rows: no embedding; such instances are left out);
+    ``reference_labels`` (one per row, or None) anchor the calibration; they label the
+    rows of ``calibration_embeds`` when given (a sample of the reference set as a dense
+    [S, D] matrix, when ``ref_image_embeds`` is read lazily), else of ``ref_image_embeds``.
     ``templates`` render each concept phrasing (``"a photo of {}"``); class texts are
     used verbatim. ``provenance`` (e.g. the reference model's) is kept, with the
     vocabulary, templates and m added. ``label_floor``: ``scrambled`` labels a
@@ -239,7 +260,10 @@ def describe_components(top: TopActivations, ref_image_embeds: Tensor,
                        label_floor)
 
     class_names = list(class_texts)
-    alpha = _class_alignment(semantic, empty, text_encoder, class_texts, dim)
+    class_alpha = _class_aligner(empty, text_encoder, class_texts, dim)
+    anchors = ref_image_embeds if calibration_embeds is None else calibration_embeds
+    labels = label_centroids(anchors, reference_labels)
+    alpha = class_alpha(semantic)
     return ComponentDescriptions(
         semantic=semantic, clarity=clarity, concept=concept, concept_score=score,
         class_alignment=alpha, class_names=class_names, vocabulary=vocabulary.name,
@@ -247,6 +271,9 @@ def describe_components(top: TopActivations, ref_image_embeds: Tensor,
         provenance={**(provenance or {}), "vocabulary": vocabulary.name,
                     "templates": list(templates), "m": int(top.ids.shape[1]),
                     "label_floor": label_floor},
+        labels=labels,
+        calibration=calibrate(alpha, class_names, class_alpha, labels, anchors,
+                              reference_labels),
     )
 
 
@@ -266,36 +293,47 @@ def _floored(concept: list[str], score: Tensor, semantic: Tensor, empty: Tensor,
 
 
 def realign_classes(descriptions: ComponentDescriptions, text_encoder: TextEncoder,
-                    class_texts: dict[str, list[str]]) -> ComponentDescriptions:
-    """The same descriptions with the class alignment recomputed for ``class_texts``
-    (what a new head needs; the semantic embeddings and labels stay)."""
+                    class_texts: dict[str, list[str]], ref_image_embeds: Tensor | None = None,
+                    reference_labels: Sequence[str | None] | None = None) -> ComponentDescriptions:
+    """The same descriptions with the class alignment (raw and calibrated) recomputed for
+    ``class_texts`` (what a new head needs; the semantic embeddings and labels stay).
+    ``ref_image_embeds`` lets classes without labelled reference images be calibrated
+    zero-shot."""
     dim = descriptions.semantic.shape[1]
-    alpha = _class_alignment(descriptions.semantic, descriptions.empty_text, text_encoder,
-                             class_texts, dim)
-    return dataclasses.replace(descriptions, class_alignment=alpha, class_names=list(class_texts))
+    class_alpha = _class_aligner(descriptions.empty_text, text_encoder, class_texts, dim)
+    alpha = class_alpha(descriptions.semantic)
+    labels = descriptions.labels or label_centroids(torch.zeros(0, dim), None)
+    calibration = calibrate(alpha, list(class_texts), class_alpha, labels, ref_image_embeds,
+                            reference_labels)
+    return dataclasses.replace(descriptions, class_alignment=alpha, class_names=list(class_texts),
+                               labels=labels, calibration=calibration)
 
 
-def _class_alignment(semantic: Tensor, empty: Tensor, text_encoder: TextEncoder,
-                     class_texts: dict[str, list[str]], dim: int) -> Tensor:
-    """alpha [n_latents, C]: per class, the max alignment over its texts."""
+def _class_aligner(empty: Tensor, text_encoder: TextEncoder, class_texts: dict[str, list[str]],
+                   dim: int) -> Callable[[Tensor], Tensor]:
+    """A function from unit image-space vectors [n, D] to alpha [n, C]: per class, the max
+    alignment over its texts (texts encoded once)."""
     class_names = list(class_texts)
     for name in class_names:
         if not class_texts[name]:
             raise InputError(f"class {name!r} has no texts to align components with")
-    if not class_names:
-        return torch.empty(semantic.shape[0], 0)
     flat = [t for name in class_names for t in class_texts[name]]
-    embeds = _encode(text_encoder, flat, dim)
+    embeds = _encode(text_encoder, flat, dim) if flat else torch.zeros(0, dim)
     owner = torch.repeat_interleave(torch.arange(len(class_names)),
-                                    torch.tensor([len(class_texts[n]) for n in class_names]))
-    alpha = torch.full((semantic.shape[0], len(class_names)), -math.inf)
-    step = max(1, _CHUNK_FLOATS // max(1, semantic.shape[0]))  # [n_latents, step] at a time
-    for start in range(0, len(flat), step):
-        part = _alignment(semantic, embeds[start:start + step], empty)
-        cls = owner[start:start + step]
-        alpha.scatter_reduce_(1, cls.expand_as(part).contiguous(), part, reduce="amax")
-    alpha[semantic.norm(dim=1) == 0] = math.nan
-    return alpha
+                                    torch.tensor([len(class_texts[n]) for n in class_names],
+                                                 dtype=torch.long))
+
+    def class_alpha(vectors: Tensor) -> Tensor:
+        alpha = torch.full((vectors.shape[0], len(class_names)), -math.inf)
+        step = max(1, _CHUNK_FLOATS // max(1, vectors.shape[0]))  # [n, step] at a time
+        for start in range(0, len(flat), step):
+            part = _alignment(vectors, embeds[start:start + step], empty)
+            cls = owner[start:start + step]
+            alpha.scatter_reduce_(1, cls.expand_as(part).contiguous(), part, reduce="amax")
+        alpha[vectors.norm(dim=1) == 0] = math.nan
+        return alpha
+
+    return class_alpha
 
 
 def _best_alignment(semantic: Tensor, texts_unit: Tensor, empty: Tensor) -> tuple[Tensor, Tensor]:
@@ -383,35 +421,53 @@ _TENSOR_FIELDS = ("semantic", "clarity", "concept_score", "class_alignment", "em
 def save_descriptions(fpath: Path | str, descriptions: ComponentDescriptions,
                       provenance: dict[str, Any] | None = None, *, top_kept: int | None = None,
                       class_alignment: bool = True) -> Path:
-    """Write descriptions and their top activations to one versioned safetensors file.
+    """Write descriptions, their top activations and the reference set's label anchors
+    to one versioned safetensors file.
 
     ``top_kept``: keep only each component's first top instances (the semantic embeddings
     were computed from all m; what is reused later is which images to show).
-    ``class_alignment=False`` leaves it out (a reuse recomputes it for its own classes):
-    an SAE of 32,768 components and 1,000 classes then saves 131 MB."""
+    ``class_alignment=False`` leaves the class alignments (raw and calibrated) out (a
+    reuse recomputes them for its own classes): an SAE of 32,768 components and 1,000
+    classes then saves 131 MB each."""
+    from clipaudit.results import to_dict
+
     d = descriptions
+    dim = d.semantic.shape[1]
+    labels = d.labels or label_centroids(torch.zeros(0, dim), None)
     names = [n for n in _TENSOR_FIELDS if class_alignment or n != "class_alignment"]
     tensors = {name: getattr(d, name) for name in names}
     keep = slice(None) if top_kept is None else slice(0, top_kept)
     tensors |= {"top_ids": d.top.ids[:, keep].contiguous(), "top_values": d.top.values[:, keep].contiguous(),
-                "top_counts": d.top.counts}
+                "top_counts": d.top.counts,
+                "label_centroids": labels.centroids, "label_overall": labels.overall}
+    if class_alignment:
+        tensors["calibrated_alignment"] = d.calibrated_alignment
     meta = {"concept": d.concept, "class_names": d.class_names if class_alignment else [],
-            "vocabulary": d.vocabulary, "description_provenance": d.provenance}
+            "vocabulary": d.vocabulary, "description_provenance": d.provenance,
+            "label_names": labels.names, "label_counts": labels.counts,
+            "calibration": to_dict(d.calibration.classes) if d.calibration and class_alignment else []}
     return save_tensors(fpath, "component-descriptions", tensors, meta,
                         provenance or d.provenance)
 
 
 def load_descriptions(fpath: Path | str) -> ComponentDescriptions:
     """Read a file written by ``save_descriptions``."""
+    from clipaudit.results import ClassCalibration, from_dict
+
     f = load_tensors(fpath, "component-descriptions")
     t, meta = f.tensors, f.meta
     top = TopActivations(t["top_ids"], t["top_values"], t["top_counts"])
     if "class_alignment" not in t:  # saved without: a reuse recomputes it
         t["class_alignment"] = torch.empty(t["semantic"].shape[0], 0)
+    labels = LabelCentroids(list(meta["label_names"]), t["label_centroids"],
+                            [int(n) for n in meta["label_counts"]], t["label_overall"])
+    calibration = Calibration(t.get("calibrated_alignment", torch.empty(t["semantic"].shape[0], 0)),
+                              [from_dict(ClassCalibration, c) for c in meta["calibration"]])
     return ComponentDescriptions(
         **{name: t[name] for name in _TENSOR_FIELDS}, concept=list(meta["concept"]),
         class_names=list(meta["class_names"]), vocabulary=meta["vocabulary"], top=top,
-        provenance=dict(meta.get("description_provenance") or {}),
+        provenance=dict(meta.get("description_provenance") or {}), labels=labels,
+        calibration=calibration,
     )
 
 

@@ -17,8 +17,6 @@ import numpy as np
 import pandas as pd
 import torch
 
-from clipaudit.findings.select import _positive_value
-
 _ROWS_BUDGET = 1 << 23
 """Firing entries collected per pass over the codes (64 MB of positions and values)."""
 
@@ -83,18 +81,17 @@ class BinaryColumn:
 
 
 def binary_columns(metadata: pd.DataFrame) -> list[BinaryColumn]:
-    """The columns ``metadata_aucs`` scores: exactly two distinct values (missing ones
-    left out), the positive one as ``findings.select._positive_value`` picks it."""
+    """The column keys ``metadata_aucs`` scores (``clipaudit.columns.column_keys``: every
+    binary column, and every value of a categorical one), as positive/known masks."""
+    from clipaudit.columns import column_keys, key_presence
+
     out = []
-    for column in metadata.columns:
-        values = metadata[column].dropna()
-        if values.nunique() != 2:
-            continue
-        positive = _positive_value(values)
-        known = metadata[column].notna().to_numpy()
-        target = (metadata[column] == positive).to_numpy(dtype=bool) & known
+    for key in column_keys(metadata):
+        presence = key_presence(metadata, key)
+        known = presence >= 0
+        target = presence == 1
         n_pos = int(target.sum())
-        out.append(BinaryColumn(str(column), target, known, n_pos, int(known.sum()) - n_pos))
+        out.append(BinaryColumn(key.key, target, known, n_pos, int(known.sum()) - n_pos))
     return out
 
 

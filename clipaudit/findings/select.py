@@ -1,21 +1,32 @@
 """Which relied-on components are shortcuts: findings from relevance and meaning.
 
-Component j is eligible for class c when it is poorly aligned with the class
-(alpha[j, c] < alignment_max), coherent (clarity >= clarity_min) and not labelled
-with a concept the class is expected to rely on. An eligible component is a
-candidate when it carries a large share of the class's evidence
-(rho[j, c] >= share_min), or when the eligible components with its concept label,
-each carrying at least member_share_min, together carry share_min: an SAE often
+Component j is eligible for class c in one of two ways:
+
+- **shortcut**: it is poorly aligned with the class on the model's own scale
+  (calibrated alignment < calibrated_alignment_max, ``clipaudit.describe.calibration``),
+  coherent (clarity >= clarity_min) and not labelled with a concept the class is
+  expected to rely on;
+- **forbidden concept**: its concept label is forbidden for the class, it is coherent,
+  and the head relies on that concept: putting the concept on the other classes'
+  images costs the head at least ``reliance_min`` accuracy on them
+  (``clipaudit.findings.reliance``), whatever the component's alignment. A label alone
+  is not reliance: when the reliance is measured below ``reliance_min`` the component
+  is no finding, however poorly aligned (an artifact independent of the label still
+  gets components, and they can carry a fair share of every class's evidence). Only
+  where reliance cannot be measured does alignment decide, as for a shortcut.
+
+An eligible component is a candidate when it carries a large share of the class's
+evidence (rho[j, c] >= share_min), or when the eligible components with its concept
+label, each carrying at least member_share_min, together carry share_min: an SAE often
 splits one shortcut (dark corners, hair) over several components, none of which
-carries the whole of it. A candidate whose concept label is forbidden for the class
-is a forbidden-concept finding.
+carries the whole of it.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -24,7 +35,7 @@ import torch
 
 from clipaudit.describe.labels import is_unlabelled
 from clipaudit.gate.matching import ConceptMatcher
-from clipaudit.results import ComponentPoint, Finding, FindingConfig, FindingKind
+from clipaudit.results import ComponentPoint, ConceptReliance, Finding, FindingConfig, FindingKind
 
 
 @dataclass(frozen=True)
@@ -38,9 +49,17 @@ class Candidate:
     concept: str
     concept_score: float
     kind: FindingKind
+    calibrated_alignment: float | None = None
+    reliance: float | None = None
+    reliance_low: float | None = None
+    reliance_source: str | None = None
 
 
 _MATCHER = ConceptMatcher()  # the lists of a FindingConfig already hold every synonym
+
+ForbiddenReliance = Mapping[tuple[str, str], ConceptReliance]
+"""(class name, concept label) -> the class's measured reliance on the forbidden concept
+the label is (absent: not measurable)."""
 
 
 def _concept_listed(concept: str, listing: dict[str, list[str]], class_name: str) -> bool:
@@ -52,64 +71,86 @@ def _concept_listed(concept: str, listing: dict[str, list[str]], class_name: str
 
 def select_candidates(share_jc: torch.Tensor, alignment_jc: torch.Tensor, clarity_j: torch.Tensor,
                       concepts: Sequence[str], concept_scores: torch.Tensor,
-                      class_names: Sequence[str], config: FindingConfig) -> list[Candidate]:
-    """Findings for every class, in class order; within a class by concept share, then share."""
+                      class_names: Sequence[str], config: FindingConfig, *,
+                      calibrated_jc: torch.Tensor | None = None,
+                      forbidden_reliance: ForbiddenReliance | None = None) -> list[Candidate]:
+    """Findings for every class, in class order; within a class by concept share, then share.
+
+    ``alignment_jc`` is the raw alignment (reported); ``calibrated_jc`` decides (default:
+    the raw alignment, for callers that calibrate themselves). ``forbidden_reliance``
+    holds the reliance on each forbidden concept label (absent: not measurable)."""
+    calibrated_jc = alignment_jc if calibrated_jc is None else calibrated_jc
+    reliance = forbidden_reliance or {}
     out = []
     floor = min(config.member_share_min, config.share_min)
     for c, name in enumerate(class_names):
         eligible = []
         for j in torch.nonzero(share_jc[:, c] >= floor).flatten().tolist():
-            alignment, clarity = float(alignment_jc[j, c]), float(clarity_j[j])
-            if math.isnan(alignment) or math.isnan(clarity):
+            clarity, calibrated = float(clarity_j[j]), float(calibrated_jc[j, c])
+            if math.isnan(clarity) or clarity < config.clarity_min or not concepts[j]:
                 continue
-            if alignment >= config.alignment_max or clarity < config.clarity_min:
-                continue
+            aligned = not calibrated < config.calibrated_alignment_max  # NaN: cannot tell
             forbidden = _concept_listed(concepts[j], config.forbidden, name)
-            if not forbidden and _concept_listed(concepts[j], config.expected, name):
+            measured = reliance.get((name, concepts[j])) if forbidden else None
+            decisive = _decisive(measured)
+            if forbidden:
+                if decisive is not None and decisive < config.reliance_min:
+                    continue  # measured: the head does not (demonstrably) rely on the concept
+                if decisive is None and aligned:
+                    continue  # not measurable: alignment decides, as for a shortcut
+            elif aligned or _concept_listed(concepts[j], config.expected, name):
                 continue  # forbidden wins over expected, as in the rule engine
-            eligible.append((j, float(share_jc[j, c]), alignment, clarity, forbidden))
+            eligible.append((j, float(share_jc[j, c]), forbidden, measured))
         by_concept: dict[str, float] = defaultdict(float)
         for j, share, *_ in eligible:
             if concepts[j] and not is_unlabelled(concepts[j]):  # dead or undescribed: no group
                 by_concept[concepts[j]] += share
         of_class = []
-        for j, share, alignment, clarity, forbidden in eligible:
+        for j, share, forbidden, measured in eligible:
             together = by_concept.get(concepts[j], share)
             if share < config.share_min and together < config.share_min:
                 continue
-            of_class.append(Candidate(j, name, share, together, alignment, clarity, concepts[j],
-                                      float(concept_scores[j]),
-                                      "forbidden-concept" if forbidden else "shortcut"))
+            of_class.append(Candidate(
+                j, name, share, together, float(alignment_jc[j, c]), float(clarity_j[j]),
+                concepts[j], float(concept_scores[j]),
+                "forbidden-concept" if forbidden else "shortcut",
+                calibrated_alignment=_finite_or_none(calibrated_jc[j, c]),
+                reliance=measured.reliance if measured else None,
+                reliance_low=measured.reliance_low if measured else None,
+                reliance_source=measured.detail.split(";")[0] if measured else None))
         of_class.sort(key=lambda cand: (-cand.concept_share, cand.concept, -cand.share, cand.component))
         out += of_class
     return out
 
 
+def _decisive(measured: ConceptReliance | None) -> float | None:
+    """What decides reliance: the lower bound, else the estimate (None: not measured)."""
+    if measured is None or measured.status != "measured":
+        return None
+    return measured.reliance_low if measured.reliance_low is not None else measured.reliance
+
+
+def _finite_or_none(x: torch.Tensor) -> float | None:
+    value = float(x)
+    return value if math.isfinite(value) else None
+
+
 def metadata_aucs(activation_n: np.ndarray, metadata: pd.DataFrame) -> dict[str, float]:
-    """ROC AUC of a component's activation against each binary metadata column."""
-    from sklearn.metrics import roc_auc_score
+    """ROC AUC of a component's activation against each column key: every binary column
+    (``has_ruler``) and every value of a categorical one (``skin_tone=dark``)."""
+    from clipaudit.columns import column_keys, key_presence
+    from clipaudit.findings.coverage import roc_auc
 
     out = {}
-    for column in metadata.columns:
-        values = metadata[column].dropna()
-        if values.nunique() != 2:
+    scores = torch.as_tensor(np.asarray(activation_n, dtype=np.float64))
+    for key in column_keys(metadata):
+        presence = key_presence(metadata, key)
+        known = presence >= 0
+        target = presence[known] == 1
+        if target.all() or not target.any():  # a single class after dropping missing values
             continue
-        positive = _positive_value(values)
-        target = (metadata[column] == positive).to_numpy()
-        known = metadata[column].notna().to_numpy()
-        try:
-            out[str(column)] = float(roc_auc_score(target[known], activation_n[known]))
-        except ValueError:  # a single class after dropping missing values
-            continue
+        out[key.key] = roc_auc(scores[torch.from_numpy(known)], torch.from_numpy(target))
     return out
-
-
-def _positive_value(values: pd.Series):
-    uniq = sorted(values.unique(), key=str)
-    for candidate in (True, 1, "True", "true", "yes", "1"):
-        if candidate in uniq:
-            return candidate
-    return uniq[-1]
 
 
 def make_finding(head: str, cand: Candidate, rank: int, top_instances: list[int],
@@ -119,7 +160,8 @@ def make_finding(head: str, cand: Candidate, rank: int, top_instances: list[int]
         component=cand.component, kind=cand.kind, rank=rank, share=cand.share,
         concept_share=cand.concept_share, alignment=cand.alignment, clarity=cand.clarity, concept=cand.concept,
         concept_score=cand.concept_score, top_instances=top_instances, metadata_auc=aucs,
-        ablation=ablation,
+        ablation=ablation, calibrated_alignment=cand.calibrated_alignment,
+        reliance=cand.reliance, reliance_low=cand.reliance_low, reliance_source=cand.reliance_source,
     )
 
 

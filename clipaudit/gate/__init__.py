@@ -7,6 +7,7 @@
 """
 
 from clipaudit.gate import checks as _checks  # noqa: F401  (registers the built-in checks)
+from clipaudit.gate import trust_checks as _trust_checks  # noqa: F401
 from clipaudit.gate.apply import GateRun, apply_rules
 from clipaudit.gate.baseline import BaselineIndex, BaselineMatch
 from clipaudit.gate.engine import (

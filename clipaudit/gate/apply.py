@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,16 +39,20 @@ class GateRun:
 def apply_rules(audit_dpath: Path | str, rules: str | Path | RuleSet, *,
                 baseline: Path | str | None = None, junit_fpath: Path | str | None = None,
                 summary_fpath: Path | str | None = None,
-                today: dt.date | None = None) -> GateRun:
+                today: dt.date | None = None, column_roles: Sequence[str] = ()) -> GateRun:
     """Evaluate ``rules`` on the audit in ``audit_dpath`` and rewrite its verdicts.
 
-    ``baseline`` (an audit folder) overrides the rule set's ``baseline``. Writes
-    audit.json, junit.xml and summary.md (by default into ``audit_dpath``), and
+    ``baseline`` (an audit folder) overrides the rule set's ``baseline``;
+    ``column_roles`` (``COLUMN=ROLE``) override the rule file's and the data set's roles.
+    Writes audit.json, junit.xml and summary.md (by default into ``audit_dpath``), and
     re-renders the folder's report.html and report.pdf where they exist, so no file of
     the folder shows the old verdict. The folder changes whole or not at all.
     """
+    from clipaudit.columns import parse_role_overrides
+
     audit_dpath = Path(audit_dpath)
     ruleset = rules if isinstance(rules, RuleSet) else load_ruleset(rules)
+    ruleset = ruleset.with_column_roles(parse_role_overrides(column_roles))
     result = load_audit(audit_dpath)
     baseline_dpath = Path(baseline) if baseline is not None else ruleset.baseline
     baseline_result = load_audit(baseline_dpath) if baseline_dpath is not None else None

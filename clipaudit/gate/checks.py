@@ -10,13 +10,21 @@ from typing import Annotated, Any
 
 from pydantic import Field, model_validator
 
-from clipaudit.gate.model import CheckSpec, Share, Term
+from clipaudit.gate.model import REFUSED_ALIGNMENT_MAX, CheckSpec, Share, Term
 from clipaudit.gate.registry import CheckOutcome, Scope, Violation, register_check
 from clipaudit.results import Finding
 
 
 def _label(f: Finding) -> str:
     return f"component {f.component} ({f.concept})"
+
+
+def _relied(f: Finding) -> str:
+    if f.reliance is None:
+        return (f"reliance not measurable, so alignment decided ({_alignment_text(f)})")
+    low = "" if f.reliance_low is None else f", at least {f.reliance_low:.3f}"
+    return (f"the head relies on it: putting it on the other classes' images costs "
+            f"{f.reliance:.3f} accuracy{low} ({f.reliance_source or 'concept direction'})")
 
 
 def _together(f: Finding) -> str:
@@ -44,9 +52,21 @@ class ShortcutShareParams(CheckSpec):
 
     max_share: Share
     """Largest relevance share one concept's findings may carry (equal passes)."""
-    alignment_max: Annotated[float, Field(ge=-2.0, le=2.0)] | None = None
-    """Only findings aligned with their class below this count (default: every finding;
-    ``thresholds.alignment_max`` already decided which components are findings)."""
+    calibrated_alignment_max: Annotated[float, Field(ge=-10.0, le=10.0)] | None = None
+    """Only findings whose calibrated alignment with their class is below this count
+    (default: every finding; ``thresholds`` already decided which components are findings)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_raw_alignment(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "alignment_max" in data:
+            raise ValueError(REFUSED_ALIGNMENT_MAX)
+        return data
+
+
+def _alignment_text(f: Finding) -> str:
+    calibrated = "n/a" if f.calibrated_alignment is None else f"{f.calibrated_alignment:.2f}"
+    return f"calibrated alignment {calibrated}, raw {f.alignment:+.3f}"
 
 
 @register_check("shortcut-share", params=ShortcutShareParams)
@@ -54,10 +74,12 @@ def shortcut_share(spec: ShortcutShareParams, scope: Scope) -> CheckOutcome:
     """Poorly aligned components of one concept carry too large a share of a class's
     evidence (a shortcut split over several components counts whole)."""
     findings = [f for f in scope.findings()
-                if spec.alignment_max is None or f.alignment < spec.alignment_max]
+                if spec.calibrated_alignment_max is None or f.kind == "forbidden-concept"
+                or (f.calibrated_alignment is not None
+                    and f.calibrated_alignment < spec.calibrated_alignment_max)]
     violations = [
         Violation(f"{_label(f)} carries {f.share:.3f}{_interval(f.share_ci)} of the evidence"
-                  f"{_together(f)} (alignment {f.alignment:.3f}{_chance(f)}; limit {spec.max_share:g}"
+                  f"{_together(f)} ({_alignment_text(f)}{_chance(f)}; limit {spec.max_share:g}"
                   f"{' on the lower bound' if f.concept_share_ci else ''})",
                   f, f.gate_share, spec.max_share)
         for f in findings if f.gate_share > spec.max_share
@@ -89,8 +111,8 @@ def forbidden_concept(spec: ForbiddenConceptParams, scope: Scope) -> CheckOutcom
         term = scope.ruleset.forbidden_match(scope.class_name, f.concept)
         if term is not None and f.gate_share >= spec.min_share:
             violations.append(Violation(
-                f"{_label(f)} is forbidden ({term!r}) and carries {f.share:.3f} of the evidence",
-                f, f.share, spec.min_share))
+                f"{_label(f)} is forbidden ({term!r}) and carries {f.share:.3f} of the evidence"
+                f"{_together(f)}; {_relied(f)}", f, f.share, spec.min_share))
     forbidden = scope.ruleset.concepts_for(scope.ruleset.concepts.forbidden, scope.class_name)
     return CheckOutcome(
         violations, f"no finding encodes a forbidden concept ({len(forbidden)} listed)",
@@ -169,8 +191,8 @@ class MetadataConfirmedParams(CheckSpec):
     auc_min: Annotated[float, Field(ge=0.5, le=1.0)] | None = None
     """ROC AUC at which a column counts as predicted (default: ``metadata.auc_min``)."""
     columns: list[Term] | None = None
-    """Columns (globs) to look at (default: ``metadata.artifact_columns`` and
-    ``protected_columns``)."""
+    """Columns (globs) to look at (default: the artifact and protected columns, whatever
+    declared them, and columns marking a forbidden concept)."""
     symmetric: bool = True
     """Also count an AUC of 1 - auc_min or less (the component fires on the absence)."""
 
@@ -185,10 +207,17 @@ def metadata_confirmed(spec: MetadataConfirmedParams, scope: Scope) -> CheckOutc
     """A finding's activation predicts a metadata column marked as artifact or protected."""
     rules = scope.ruleset.metadata
     auc_min = spec.auc_min if spec.auc_min is not None else rules.auc_min
-    patterns = spec.columns if spec.columns is not None else \
-        [*rules.artifact_columns, *rules.protected_columns]
+    if spec.columns is not None:
+        patterns = spec.columns
+    else:  # the resolved roles (command line > rule file > data set) and forbidden concepts
+        from clipaudit.gate.columns import judged_keys, key_views
+
+        views = judged_keys(key_views(scope.result.columns, scope.ruleset), scope.ruleset,
+                            scope.class_name)
+        patterns = sorted({v.key for v in views} | {v.column for v in views if v.binary}
+                          | {*rules.artifact_columns, *rules.protected_columns})
     if not patterns:
-        return CheckOutcome([], "no artifact or protected columns configured", skipped=True)
+        return CheckOutcome([], "no artifact or protected columns declared", skipped=True)
     listed = _column_matcher(patterns)
     violations = []
     looked_at: set[str] = set()

@@ -10,12 +10,13 @@ only holds what every rule file shares.
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, model_validator
 
+from clipaudit.columns import RoleSources
 from clipaudit.gate.matching import ConceptMatcher
 from clipaudit.results import FindingConfig
 
@@ -23,6 +24,12 @@ ALL_CLASSES = "*"
 """Key of ``concepts.forbidden``/``expected`` that applies to every class."""
 
 RULE_ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_.-]*$"
+
+REFUSED_ALIGNMENT_MAX = (
+    "alignment_max is no longer read: raw alignment has a different scale on every CLIP, so "
+    "a fixed limit on it passes shortcuts on models it was not tuned on. Write "
+    "calibrated_alignment_max instead (0 = no more aligned with the class than with the other "
+    "classes, 1 = as aligned as the class's own images; default 0.5)")
 
 
 def _require_date(value: Any) -> Any:
@@ -68,8 +75,15 @@ class Thresholds(StrictModel):
     are components with one concept label that carry it together."""
     member_share_min: Share = 0.02
     """Smallest share a component needs to count towards its concept label's share."""
-    alignment_max: Annotated[float, Field(ge=-2.0, le=2.0)] = 0.02
-    """A component aligned with its class at least this much is not a shortcut."""
+    calibrated_alignment_max: Annotated[float, Field(ge=-10.0, le=10.0)] = 0.5
+    """A component whose calibrated alignment with its class is at least this is not a
+    shortcut. The scale is the model's own: 0 = no more aligned with the class than with
+    the other classes, 1 = as aligned as the class's own reference images (README, "The
+    method"), so one value serves every CLIP."""
+    reliance_min: Share = 0.05
+    """A forbidden concept is relied on (and its components are findings, whatever their
+    alignment; the concept-reliance check fails) when putting it on the other classes'
+    images costs the head at least this accuracy on them."""
     clarity_min: Annotated[float, Field(ge=-1.0, le=1.0)] = 0.30
     """A component less coherent than this is not described well enough to be a finding."""
     min_instances: Annotated[int, Field(ge=1)] = 20
@@ -79,6 +93,13 @@ class Thresholds(StrictModel):
     too_few_instances: Literal["warn", "fail"] = "warn"
     """What a class below ``min_instances`` does to each rule's verdict for it: ``warn``
     (shown as not evaluated; the gate still passes the other classes) or ``fail``."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_raw_alignment(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "alignment_max" in data:
+            raise ValueError(REFUSED_ALIGNMENT_MAX)
+        return data
 
 
 class Concepts(StrictModel):
@@ -94,12 +115,21 @@ class Concepts(StrictModel):
 
 
 class MetadataRules(StrictModel):
-    """Metadata columns whose prediction by a finding confirms a shortcut."""
+    """Roles of the audited data's metadata columns, read by every metadata-based check
+    (metadata-confirmed, sae-coverage, concept-reliance). They add to, and override, the
+    roles the data set declares in ``columns.yaml`` beside its manifest; ``--column-role
+    COLUMN=ROLE`` on the command line overrides both."""
 
     artifact_columns: list[Term] = []
-    """Binary columns marking acquisition artifacts (``has_ruler``); globs like ``has_*``."""
+    """Columns marking acquisition artifacts (``has_ruler``); globs, case-insensitive."""
     protected_columns: list[Term] = []
-    """Binary columns of protected attributes (``skin_tone=dark``, ``sex=female``); globs."""
+    """Columns of protected attributes (``skin_tone``, ``sex``); globs. Categorical columns
+    are judged value by value (``skin_tone=dark``)."""
+    ignored_columns: list[Term] = []
+    """Columns no check reads and the gate does not warn about (``lesion_size``); globs."""
+    column_concepts: dict[Term, Term] = {}
+    """Column (or ``column=value``) -> the concept it marks, where its name does not say
+    (``has_tag: hospital tag``); matched against the forbidden concepts."""
     auc_min: Annotated[float, Field(ge=0.5, le=1.0)] = 0.9
     """A finding whose activation predicts such a column with ROC AUC >= this is confirmed."""
 
@@ -185,6 +215,7 @@ class RuleSet(StrictModel):
 
     _sources: tuple[Path, ...] = PrivateAttr(default=())
     _name: str = PrivateAttr(default="<rules>")
+    _role_overrides: dict[str, str] = PrivateAttr(default_factory=dict)
     _matcher: ConceptMatcher | None = PrivateAttr(default=None)
     _memo: dict[tuple[str, str, str], Any] = PrivateAttr(default_factory=dict)
 
@@ -242,13 +273,38 @@ class RuleSet(StrictModel):
                                                        self.concepts_for(lists, class_name))
         return self._memo[key]
 
+    # ---------------------------------------------------------------- column roles
+
+    def with_column_roles(self, overrides: Mapping[str, str]) -> RuleSet:
+        """This rule set with ``--column-role`` overrides (column -> role), which win
+        over the rule file and the data set."""
+        copy = self.model_copy()
+        copy._role_overrides = {**self._role_overrides, **overrides}
+        copy._memo = {}
+        return copy
+
+    @property
+    def role_overrides(self) -> dict[str, str]:
+        return dict(self._role_overrides)
+
+    def role_sources(self, declared: Mapping[str, str]) -> RoleSources:
+        """How this rule set (and its overrides) resolves roles, over the data set's."""
+        m = self.metadata
+        return RoleSources(self._role_overrides, m.artifact_columns, m.protected_columns,
+                           m.ignored_columns, declared)
+
+    def forbidden_terms(self) -> list[str]:
+        """Every forbidden term, of every class, once."""
+        return list(dict.fromkeys(t for terms in self.concepts.forbidden.values() for t in terms))
+
     def finding_config(self) -> FindingConfig:
         """Thresholds and concept lists for the audit. Lists are lower-case and include
         every synonym; ``concept_status`` is the matching the rules use (whole words)."""
         t = self.thresholds
         return FindingConfig(
             share_min=t.share_min, member_share_min=t.member_share_min,
-            alignment_max=t.alignment_max, clarity_min=t.clarity_min,
+            calibrated_alignment_max=t.calibrated_alignment_max, reliance_min=t.reliance_min,
+            clarity_min=t.clarity_min,
             forbidden=self._expanded(self.concepts.forbidden),
             expected=self._expanded(self.concepts.expected),
         )

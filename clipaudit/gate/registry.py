@@ -84,21 +84,35 @@ class Scope:
         return self.class_audit.class_name if self.class_audit is not None else None
 
     def findings(self) -> list[Finding]:
-        """This head's and class's findings that the rule set's thresholds keep, whose
-        concept is not expected for the class, and that the data back (``Finding.backed``:
-        the share's interval lies above what random sets of the class's size give, so a
-        class too small for its interval to exclude chance fails nothing). ``rules apply``
-        may use other thresholds than the audit did; it can drop findings, never add them."""
+        """This head's and class's findings that the rule set's thresholds keep (``rules
+        apply`` may use other thresholds than the audit did; it can drop findings, never
+        add them): a forbidden concept the head relies on whatever its alignment (where
+        reliance was not measured, alignment decides), else a poorly aligned component
+        whose concept is not expected for the class and whose share the data back
+        (``Finding.backed``: the share's interval lies above what random sets of the
+        class's size give, so a class too small for its interval to exclude chance fails
+        nothing on alignment alone)."""
         if self.head is None or self.class_audit is None:
             return []
         t, cls = self.ruleset.thresholds, self.class_audit.class_name
-        return [f for f in self.head.findings
-                if f.class_name == cls
-                and (f.share >= t.share_min
-                     or (f.concept_share >= t.share_min and f.share >= t.member_share_min))
-                and f.alignment < t.alignment_max and f.clarity >= t.clarity_min
-                and self.ruleset.concept_status(cls, f.concept) != "expected"
-                and f.backed]
+        kept = []
+        for f in self.head.findings:
+            if f.class_name != cls or f.clarity < t.clarity_min:
+                continue
+            if not (f.share >= t.share_min
+                    or (f.concept_share >= t.share_min and f.share >= t.member_share_min)):
+                continue
+            status = self.ruleset.concept_status(cls, f.concept)
+            poorly_aligned = (f.calibrated_alignment is not None
+                              and f.calibrated_alignment < t.calibrated_alignment_max)
+            decisive = f.reliance_low if f.reliance_low is not None else f.reliance
+            if status == "forbidden" and decisive is not None:
+                relied = decisive >= t.reliance_min
+            else:
+                relied = poorly_aligned and status != "expected" and f.backed
+            if relied:
+                kept.append(f)
+        return kept
 
 
 CheckFn = Callable[[Any, Scope], CheckOutcome]
@@ -142,7 +156,7 @@ def register_check(name: str, *, params: type[CheckSpec] = CheckSpec,
 
 
 def _ensure_builtins() -> None:
-    from clipaudit.gate import checks  # noqa: F401  (registers the built-in checks)
+    from clipaudit.gate import checks, trust_checks  # noqa: F401  (register the built-in checks)
 
 
 def list_checks() -> list[str]:

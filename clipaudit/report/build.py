@@ -137,13 +137,21 @@ def _best_auc(finding: Finding) -> tuple[str, Num]:
     return column, num(auc, ".2f")
 
 
+def _alignment(finding: Finding) -> Num:
+    """The raw alignment (the paper's), with the calibrated one findings are decided on."""
+    raw = num(finding.alignment, "+.3f")
+    if finding.calibrated_alignment is None or raw.value is None:
+        return raw
+    return Num(f"{raw.text} (calibrated {finding.calibrated_alignment:.2f})", raw.value)
+
+
 def _finding_row(finding: Finding, anchor: str | None) -> FindingRow:
     column, auc = _best_auc(finding)
     return FindingRow(
         anchor=anchor, head=finding.head, class_name=finding.class_name, rank=finding.rank,
         component=finding.component, kind=finding.kind, concept=finding.concept,
         concept_score=num(finding.concept_score), share=pct(finding.share),
-        alignment=num(finding.alignment, "+.3f"), clarity=num(finding.clarity, ".2f"),
+        alignment=_alignment(finding), clarity=num(finding.clarity, ".2f"),
         best_auc_column=column, best_auc=auc,
         score_delta=num(finding.ablation.score_delta if finding.ablation else None, "+.3f"),
         interval=_interval_text(finding), chance=pct(finding.chance_share), backed=finding.backed,
@@ -221,7 +229,7 @@ def _finding_card(finding: Finding, anchor: str, thumbs: _Thumbnails,
         concept=finding.concept, concept_score=num(finding.concept_score),
         share=pct(finding.share),
         concept_share=pct(finding.concept_share) if finding.concept_split else None,
-        alignment=num(finding.alignment, "+.3f"), clarity=num(finding.clarity, ".2f"),
+        alignment=_alignment(finding), clarity=num(finding.clarity, ".2f"),
         interval=_interval_text(finding), chance=pct(finding.chance_share),
         p_value="n/a" if finding.p_value is None else f"{finding.p_value:.2g}", backed=finding.backed,
         thumbnails=shown, has_heatmaps=any(t.overlay for t in shown),

@@ -14,7 +14,7 @@ Layout of ``out_dpath`` (the same for counterfactual sets, ``counterfactual.py``
 - ``manifest.csv``: path, label, caption, the world's metadata columns (one ``has_*``
   per artifact);
 - ``columns.yaml``: the columns' roles (artifact, protected, ignore;
-  ``clipaudit.extraction.columns``);
+  ``clipaudit.extraction.columns``, read by the checks through ``clipaudit.columns``);
 - ``ground_truth.json`` (a versioned clipaudit file): world, planted artifact, class,
   rate, the rates measured, and ``masks`` (folder, bit of each artifact, which are
   localised and which diffuse).

@@ -92,6 +92,9 @@ class World:
     """Class the planted artifact co-occurs with when none is named."""
     phrases: Mapping[str, tuple[str, ...]]
     """Synonyms of every attribute value (the world's prompt vocabulary)."""
+    label_columns: tuple[str, ...] = ()
+    """Metadata columns the label is a function of: declared ``ignore`` (relying on them
+    is the task, not a shortcut)."""
 
     @property
     def manifest_columns(self) -> tuple[str, ...]:
@@ -100,7 +103,8 @@ class World:
     def column_roles(self, ignore: tuple[str, ...] = ()) -> ColumnRoles:
         """The roles of this world's manifest columns, plus extra ``ignore`` columns."""
         return ColumnRoles(artifact=tuple(artifact_column(a) for a in self.artifacts),
-                           protected=self.protected_columns, ignore=("caption", *ignore))
+                           protected=self.protected_columns,
+                           ignore=("caption", *self.label_columns, *ignore))
 
     def without_artifact(self, scene: Any, artifact: str) -> Any:
         """``scene`` with ``artifact`` removed (everything else unchanged)."""
@@ -149,6 +153,7 @@ DERMATOLOGY = World(
     default_artifact="ruler",
     default_target_class="malignant",
     phrases=PHRASES,
+    label_columns=("lesion_colour", "lesion_border", "lesion_size"),
 )
 
 _WORLDS: dict[str, World] = {DERMATOLOGY.name: DERMATOLOGY}
