@@ -38,14 +38,15 @@ SCHEMA_VERSIONS: dict[str, int] = {
     "prompt-set": 1,
     "attributions": 1,
     "audit": 2,
-    "synthetic-dataset": 2,
-    "tiny-clip": 1,
+    "synthetic-dataset": 3,
+    "tiny-clip": 2,
     "component-descriptions": 1,
     "column-roles": 1,
 }
 
 READABLE_OLDER_VERSIONS: dict[str, tuple[int, ...]] = {
-    "synthetic-dataset": (1,),  # version 1 had no artifact masks; its data still loads
+    "synthetic-dataset": (1, 2),  # 1 had no artifact masks, 2 no mask filters; both still load
+    "tiny-clip": (1,),  # 1 did not name the model and its world
 }
 """Older schema versions a kind's loader still reads (it handles what they lack)."""
 

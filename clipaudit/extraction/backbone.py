@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 TINY_MODEL_NAME = "tiny-derm-clip"
 """Name of the bundled tiny CLIP (trained by clipaudit on its synthetic world)."""
+BIRDS_MODEL_NAME = "tiny-birds-clip"
+"""Name of the bundled tiny CLIP of the birds world."""
+BUNDLED_MODELS: dict[str, str] = {TINY_MODEL_NAME: "tiny_derm_clip", BIRDS_MODEL_NAME: "tiny_birds_clip"}
+"""The bundled tiny CLIPs: ``--model`` name -> folder under ``clipaudit/_data``."""
 
 _HUB_HOST = ("huggingface.co", 443)
 
@@ -39,11 +43,13 @@ class BackboneSpec:
     - ``model`` + ``pretrained`` tag (or a weights file in ``pretrained``),
     - ``model="hf-hub:org/repo"``,
     - ``config`` (an open_clip model-config JSON) + ``checkpoint`` (weights file),
-    - ``model="tiny-derm-clip"`` (the default): the bundled tiny CLIP.
+    - ``model="tiny-derm-clip"`` (the default) or another of ``BUNDLED_MODELS``: a bundled
+      tiny CLIP.
     """
 
     model: str = TINY_MODEL_NAME
-    """open_clip model name, ``hf-hub:`` id, or ``tiny-derm-clip``."""
+    """open_clip model name, ``hf-hub:`` id, or a bundled tiny CLIP (``tiny-derm-clip``,
+    ``tiny-birds-clip``)."""
     pretrained: str | None = None
     """open_clip pretrained tag (``openai``, ``laion2b_s34b_b79k``, ...) or a weights file."""
     checkpoint: Path | None = None
@@ -97,8 +103,8 @@ def load_backbone(spec: BackboneSpec = BackboneSpec(), device: str | torch.devic
 
     if spec.config is not None or spec.checkpoint is not None:
         backbone = _load_local(spec)
-    elif spec.model == TINY_MODEL_NAME:
-        backbone = _load_tiny()
+    elif spec.model in BUNDLED_MODELS:
+        backbone = _load_bundled(spec.model)
     elif spec.model.startswith("hf-hub:"):
         backbone = _load_hf_hub(spec.model)
     else:
@@ -323,17 +329,22 @@ def _load_local(spec: BackboneSpec) -> Backbone:
     return Backbone(model, preprocess, _tokenizer_for(model_cfg), provenance)
 
 
-def _load_tiny() -> Backbone:
-    dpath = package_data_dpath() / "tiny_derm_clip"
+def bundled_model_dpath(name: str) -> Path:
+    """The package folder of the bundled tiny CLIP ``name`` (one of ``BUNDLED_MODELS``)."""
+    return package_data_dpath() / BUNDLED_MODELS[name]
+
+
+def _load_bundled(name: str) -> Backbone:
+    dpath = bundled_model_dpath(name)
     config, weights = dpath / "config.json", dpath / "model.safetensors"
     if not weights.is_file():
         raise ModelUnavailableError(
-            f"the bundled tiny CLIP is missing ({weights}); rebuild it with "
-            "`clipaudit synthetic train-clip` or reinstall clipaudit"
+            f"the bundled tiny CLIP {name} is missing ({weights}); rebuild it with "
+            "`clipaudit synthetic train-clip --install` or reinstall clipaudit"
         )
-    backbone = _load_local(BackboneSpec(model=TINY_MODEL_NAME, checkpoint=weights, config=config))
-    backbone.provenance["model"] = TINY_MODEL_NAME
-    backbone.provenance["id"] = f"{TINY_MODEL_NAME}@{backbone.provenance['weights'][7:23]}"  # sha256:…
+    backbone = _load_local(BackboneSpec(model=name, checkpoint=weights, config=config))
+    backbone.provenance["model"] = name
+    backbone.provenance["id"] = f"{name}@{backbone.provenance['weights'][7:23]}"  # sha256:…
     return backbone
 
 
@@ -349,8 +360,8 @@ def spec_from_provenance(provenance: dict[str, Any]) -> BackboneSpec:
     model = str(provenance.get("model") or TINY_MODEL_NAME)
     weights = str(provenance.get("weights") or "")
     seed = int(weights.removeprefix("random-seed")) if weights.startswith("random-seed") else 0
-    if model == TINY_MODEL_NAME:
-        return BackboneSpec()
+    if model in BUNDLED_MODELS:
+        return BackboneSpec(model=model)
     if provenance.get("config"):
         ckpt = provenance.get("checkpoint")
         return BackboneSpec(model=model, config=Path(provenance["config"]),
