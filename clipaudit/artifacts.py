@@ -41,8 +41,8 @@ SCHEMA_VERSIONS: dict[str, int] = {
     "prompt-set": 1,
     "attributions": 2,
     "audit": 4,
-    "synthetic-dataset": 2,
-    "tiny-clip": 1,
+    "synthetic-dataset": 3,
+    "tiny-clip": 2,
     "component-descriptions": 2,
     "column-roles": 1,
     "heatmaps": 1,
@@ -50,7 +50,8 @@ SCHEMA_VERSIONS: dict[str, int] = {
 }
 
 READABLE_OLDER_VERSIONS: dict[str, tuple[int, ...]] = {
-    "synthetic-dataset": (1,),  # version 1 had no artifact masks; its data still loads
+    "synthetic-dataset": (1, 2),  # 1 had no artifact masks, 2 no mask filters; both still load
+    "tiny-clip": (1,),  # 1 did not name the model and its world
     "activation-cache": (1,),  # earlier caches (last block, cls) still open and audit
     "sae": (1,),  # TopK SAE files without the fields schema 2 added
     "audit": (2, 3),  # 2: no heatmaps, no intervals or permutation control (optional fields)

@@ -46,6 +46,9 @@ def test_wheel_ships_rules_templates_and_model(tmp_path):
     names = zipfile.ZipFile(wheel).namelist()
     for required in ("clipaudit/_assets/rules/dermatology.yaml", "clipaudit/_assets/rules/default.yaml",
                      "clipaudit/_data/tiny_derm_clip/model.safetensors",
-                     "clipaudit/_data/concepts/dermatology.yaml", "clipaudit/_data/prompts/dermatology.yaml"):
+                     "clipaudit/_data/concepts/dermatology.yaml", "clipaudit/_data/prompts/dermatology.yaml",
+                     "clipaudit/_data/tiny_birds_clip/model.safetensors",
+                     "clipaudit/_data/tiny_birds_clip/config.json",
+                     "clipaudit/_data/concepts/birds.yaml", "clipaudit/_data/prompts/birds.yaml"):
         assert required in names, f"{required} missing from {wheel.name}"
     assert any(n.startswith("clipaudit/_assets/report_templates/") for n in names)

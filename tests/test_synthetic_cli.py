@@ -15,6 +15,7 @@ import clipaudit.synthetic
 from clipaudit.artifacts import read_json
 from clipaudit.cli import app
 from clipaudit.extraction.backbone import BackboneSpec, load_backbone
+from clipaudit.synthetic.birds import ARTIFACTS as BIRD_ARTIFACTS
 
 
 def test_make_dataset_writes_a_planted_dataset(tmp_path):
@@ -61,10 +62,33 @@ def test_make_dataset_takes_a_world_and_writes_masks_and_roles(tmp_path):
 
 def test_make_dataset_unknown_world_exits_2_with_the_available_ones(tmp_path):
     res = CliRunner().invoke(app, ["synthetic", "make-dataset", "--out", str(tmp_path),
-                                   "--world", "birds"])
+                                   "--world", "mars"])
     assert res.exit_code == 2 and "Traceback" not in res.output
-    assert "unknown world 'birds'. Available: dermatology" in res.output
+    assert "unknown world 'mars'. Available: birds, dermatology" in res.output
     assert not (tmp_path / "manifest.csv").exists()
+
+
+def test_make_dataset_of_the_birds_world_plants_its_default_artifact(tmp_path):
+    res = CliRunner().invoke(app, ["synthetic", "make-dataset", "--out", str(tmp_path),
+                                   "--world", "birds", "-n", "8", "--rate", "1.0"])
+    assert res.exit_code == 0, res.output
+    assert "8 birds images" in res.stdout and "water -> waterbird at rate 1.0" in res.stdout
+    truth = read_json(tmp_path / "ground_truth.json", "synthetic-dataset")
+    assert truth["world"] == "birds" and truth["measured"]["water"]["p_target_given_artifact"] == 1
+    res = CliRunner().invoke(app, ["synthetic", "make-dataset", "--out", str(tmp_path / "x"),
+                                   "--world", "birds", "--artifact", "ruler"])
+    assert res.exit_code == 2 and "unknown artifact 'ruler' in the birds world" in res.output
+
+
+def test_make_counterfactual_of_the_birds_world(tmp_path):
+    res = CliRunner().invoke(app, ["synthetic", "make-counterfactual", "--out", str(tmp_path),
+                                   "--world", "birds", "--artifact", "watermark", "--class",
+                                   "landbird", "-n", "4", "--json"])
+    assert res.exit_code == 0, res.output
+    truth = json.loads(res.stdout)["ground_truth"]
+    assert (truth["world"], truth["artifact"], truth["target_class"], truth["other_class"]) == \
+        ("birds", "watermark", "landbird", "waterbird")
+    assert len(list((tmp_path / "masks").glob("*.png"))) == 8
 
 
 def test_make_counterfactual_writes_pairs(tmp_path):
@@ -108,14 +132,34 @@ def test_train_clip_writes_a_loadable_model(tmp_path, quick_training):
     assert torch.get_num_threads() == threads_before  # the command restores the setting
 
 
-def test_train_clip_install_writes_into_the_package_data(tmp_path, quick_training, monkeypatch):
+@pytest.mark.parametrize("world, folder", [("dermatology", "tiny_derm_clip"),
+                                           ("birds", "tiny_birds_clip")])
+def test_train_clip_install_writes_into_the_package_data(tmp_path, quick_training, monkeypatch,
+                                                         world, folder):
     monkeypatch.setattr(clipaudit.resources, "package_data_dpath", lambda: tmp_path)
-    res = CliRunner().invoke(app, ["synthetic", "train-clip", "--install", "--steps", "1",
-                                   "--threads", "1"])
+    res = CliRunner().invoke(app, ["synthetic", "train-clip", "--install", "--world", world,
+                                   "--steps", "1", "--threads", "1"])
     assert res.exit_code == 0, res.output
-    prov = read_json(tmp_path / "tiny_derm_clip" / "provenance.json", "tiny-clip")
-    assert prov["train_config"]["steps"] == 1
+    assert [p.name for p in tmp_path.iterdir()] == [folder]  # the other world's model untouched
+    prov = read_json(tmp_path / folder / "provenance.json", "tiny-clip")
+    assert prov["train_config"]["steps"] == 1 and prov["world"] == world
     assert "zero-shot accuracy" in res.stdout
+    assert ("bird kind" in res.stdout) == (world == "birds")
+
+
+@pytest.mark.slow
+def test_train_clip_of_the_birds_world_writes_its_own_model(tmp_path, quick_training):
+    res = CliRunner().invoke(app, ["synthetic", "train-clip", "--out", str(tmp_path),
+                                   "--world", "birds", "--threads", "1", "--json"])
+    assert res.exit_code == 0, res.output
+    prov = json.loads(res.stdout)
+    assert prov["model"] == "tiny-birds-clip" and prov["world"] == "birds"
+    assert set(prov["quality"]["artifacts"]) == set(BIRD_ARTIFACTS)
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["model_cfg"]["vision_cfg"]["image_size"] == 72
+    backbone = load_backbone(BackboneSpec(config=tmp_path / "config.json",
+                                          checkpoint=tmp_path / "model.safetensors"))
+    assert backbone.embed_dim == config["model_cfg"]["embed_dim"]
 
 
 @pytest.mark.parametrize("args", [[], ["--out", "x", "--install"]])

@@ -88,12 +88,12 @@ def test_dermatology_is_the_default_world():
     derm = get_world("dermatology")
     assert derm.image_size == 64 and derm.clip_model == "tiny-derm-clip"
     assert derm.default_artifact == "ruler" and derm.default_target_class == "malignant"
-    with pytest.raises(InputError, match="unknown world 'birds'. Available: dermatology"):
-        get_world("birds")
+    with pytest.raises(InputError, match="unknown world 'mars'. Available: birds, dermatology"):
+        get_world("mars")
 
 
 def test_a_registered_world_gets_planted_sets_masks_and_roles(shapes_world, tmp_path):
-    assert list_worlds() == ["dermatology", "shapes"]
+    assert list_worlds() == ["birds", "dermatology", "shapes"]
     data = make_planted_dataset(tmp_path, artifact=None, n=20, seed=1, base_rate=0.5,
                                 world="shapes")
     assert data.world == "shapes" and data.ground_truth["target_class"] == "disc"

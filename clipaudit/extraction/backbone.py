@@ -42,6 +42,10 @@ TINY_MODEL_NAME = "tiny-derm-clip"
 """Name of the bundled tiny CLIP (trained by clipaudit on its synthetic world)."""
 RANDOM = "random"
 """``pretrained`` value that asks for random weights (tests, benchmarks, coverage)."""
+BIRDS_MODEL_NAME = "tiny-birds-clip"
+"""Name of the bundled tiny CLIP of the birds world."""
+BUNDLED_MODELS: dict[str, str] = {TINY_MODEL_NAME: "tiny_derm_clip", BIRDS_MODEL_NAME: "tiny_birds_clip"}
+"""The bundled tiny CLIPs: ``--model`` name -> folder under ``clipaudit/_data``."""
 
 WAYS_TO_NAME_A_MODEL = (
     "--model NAME --pretrained TAG (an open_clip model; weights from your local cache or a "
@@ -59,12 +63,14 @@ class BackboneSpec:
     - ``model="hf-hub:org/repo"``,
     - ``config`` (open_clip model-config JSON) + ``checkpoint`` (weights file), or
       ``config`` + ``pretrained="random"``,
-    - ``model="tiny-derm-clip"``: the bundled tiny CLIP (``BackboneSpec.bundled()``).
+    - ``model="tiny-derm-clip"`` (``BackboneSpec.bundled()``) or another of
+      ``BUNDLED_MODELS``: a bundled tiny CLIP.
     """
 
     model: str | None = None
-    """open_clip model name, ``hf-hub:`` id, ``tiny-derm-clip``, or the name to record
-    for a ``config`` + ``checkpoint`` model (default: the config file's stem)."""
+    """open_clip model name, ``hf-hub:`` id, a bundled tiny CLIP (``tiny-derm-clip``,
+    ``tiny-birds-clip``), or the name to record for a ``config`` + ``checkpoint`` model
+    (default: the config file's stem)."""
     pretrained: str | None = None
     """open_clip pretrained tag (``openai``, ``laion2b_s34b_b79k``, ...), a weights file,
     or ``random`` for random weights."""
@@ -106,7 +112,7 @@ class BackboneSpec:
                                  "give --checkpoint FILE")
             return
         assert self.model is not None
-        if self.model == TINY_MODEL_NAME or self.model.startswith("hf-hub:"):
+        if self.model in BUNDLED_MODELS or self.model.startswith("hf-hub:"):
             if self.pretrained:
                 raise InputError(f"--model {self.model} brings its own weights; drop "
                                  f"--pretrained {self.pretrained}")
@@ -202,8 +208,8 @@ def _resolve(spec: BackboneSpec) -> _Source:
         model_cfg, preprocess_cfg = wt.read_model_config(Path(spec.config))
         return _local_source(spec, model_cfg, preprocess_cfg)
     assert spec.model is not None
-    if spec.model == TINY_MODEL_NAME:
-        return _tiny_source()
+    if spec.model in BUNDLED_MODELS:
+        return _bundled_source(spec.model)
     if spec.model.startswith("hf-hub:"):
         config_fpath, weights = wt.hf_hub_files(spec.model)
         model_cfg, preprocess_cfg = wt.read_model_config(config_fpath)
@@ -265,18 +271,23 @@ def _local_source(spec: BackboneSpec, model_cfg: dict[str, Any],
     return _Source(model_cfg, preprocess_cfg, spec.checkpoint, provenance)
 
 
-def _tiny_source() -> _Source:
-    dpath = package_data_dpath() / "tiny_derm_clip"
+def bundled_model_dpath(name: str) -> Path:
+    """The package folder of the bundled tiny CLIP ``name`` (one of ``BUNDLED_MODELS``)."""
+    return package_data_dpath() / BUNDLED_MODELS[name]
+
+
+def _bundled_source(name: str) -> _Source:
+    dpath = bundled_model_dpath(name)
     config, weights = dpath / "config.json", dpath / "model.safetensors"
     if not weights.is_file():
         raise ModelUnavailableError(
-            f"the bundled tiny CLIP is missing ({weights}); rebuild it with "
-            "`clipaudit synthetic train-clip` or reinstall clipaudit"
+            f"the bundled tiny CLIP {name} is missing ({weights}); rebuild it with "
+            "`clipaudit synthetic train-clip --install` or reinstall clipaudit"
         )
     model_cfg, preprocess_cfg = wt.read_model_config(config)
-    source = _local_source(BackboneSpec(model=TINY_MODEL_NAME, checkpoint=weights, config=config),
+    source = _local_source(BackboneSpec(model=name, checkpoint=weights, config=config),
                            model_cfg, preprocess_cfg)
-    return _with_provenance(source, id=f"{TINY_MODEL_NAME}@{source.provenance['weights'][7:23]}")
+    return _with_provenance(source, id=f"{name}@{source.provenance['weights'][7:23]}")
 
 
 def _with_provenance(source: _Source, **changes: Any) -> _Source:
@@ -293,8 +304,8 @@ def spec_from_provenance(provenance: dict[str, Any]) -> BackboneSpec:
     weights = str(provenance.get("weights") or "")
     seed = int(weights.removeprefix("random-seed")) if weights.startswith("random-seed") else 0
     pretrained = provenance.get("pretrained")
-    if model == TINY_MODEL_NAME:
-        return BackboneSpec.bundled()
+    if model in BUNDLED_MODELS:
+        return BackboneSpec(model=str(model))
     if str(model).startswith("hf-hub:"):
         return BackboneSpec(model=str(model))
     if provenance.get("config"):

@@ -17,10 +17,11 @@ Layout of ``out_dpath`` (the same for counterfactual sets, ``counterfactual.py``
   ``clipaudit.extraction.columns``, read by the checks through ``clipaudit.columns``);
 - ``ground_truth.json`` (a versioned clipaudit file): world, planted artifact, class,
   rate, the rates measured, and ``masks`` (folder, bit of each artifact, which are
-  localised and which diffuse).
+  localised and which diffuse, which are filters whose masks overlap others').
 
 Data sets of schema version 1 (before masks and column roles) still load; their
-``masks_dpath`` is None and ``load_artifact_mask`` says they have none.
+``masks_dpath`` is None and ``load_artifact_mask`` says they have none. Version 2 lacks
+``masks.filters`` (no world of that version had filters).
 """
 
 from __future__ import annotations
@@ -200,7 +201,8 @@ def write_dataset(dpath: Path, world: World,
              "manifest": MANIFEST_NAME, "columns": COLUMN_ROLES_NAME,
              "masks": {"dir": MASKS_DNAME, "bits": {a: i for i, a in enumerate(world.artifacts)},
                        "localised": list(world.localised_artifacts),
-                       "diffuse": list(world.diffuse_artifacts), "definition": MASK_DEFINITION},
+                       "diffuse": list(world.diffuse_artifacts),
+                       "filters": list(world.filter_artifacts), "definition": MASK_DEFINITION},
              **_measured(rows, world, truth["target_class"]),
              "manifest_sha256": sha256_file(manifest_fpath)}
     truth_fpath = write_json(dpath / GROUND_TRUTH_NAME, "synthetic-dataset", truth,

@@ -3,10 +3,15 @@
 Stored as ``masks/<image file stem>.png`` beside ``images/``: a uint8 single-channel PNG
 of the image's size in which bit ``i`` is set where artifact ``artifacts[i]`` is
 visible (``ground_truth.json["masks"]["bits"]`` maps names to bits). A pixel belongs to
-the artifact painted last over it, so masks of different artifacts never overlap: a
-band-aid lying across a ruler takes those pixels out of the ruler's mask. Drawn
-objects (ruler, band-aid, ink marker) mask their own pixels, hair its strands, the
-vignette every pixel it darkened. An artifact that is not in an image has an empty mask.
+the artifact painted last over it, so the masks of objects never overlap: a band-aid
+lying across a ruler takes those pixels out of the ruler's mask. Drawn objects (ruler,
+band-aid, ink marker; boat, branch, frame, watermark) mask their own pixels, hair its
+strands, the vignette every pixel it darkened, the birds world's water the ground it
+covers. A filter covers nothing (the birds world's film grain): its mask is every pixel
+it changed, and it overlaps the masks of the artifacts it lies over, whose pixels still
+differ because of them. In every case an image rendered without one artifact differs
+from the image with it only inside that artifact's mask. An artifact that is not in an
+image has an empty mask.
 """
 
 from __future__ import annotations
@@ -24,7 +29,8 @@ from clipaudit.synthetic._layout import GROUND_TRUTH_NAME, MASKS_DNAME
 
 MASK_DEFINITION = ("bit i set where artifact i is visible: the pixels it changed that no "
                    "artifact painted after it covers (objects: their pixels; hair: the strands; "
-                   "vignette: the darkened corners)")
+                   "vignette: the darkened corners; a filter such as film grain covers nothing "
+                   "and overlaps the masks under it)")
 
 
 def encode_masks(masks: Mapping[str, np.ndarray], artifacts: Sequence[str],

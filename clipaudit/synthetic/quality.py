@@ -86,6 +86,14 @@ class Quality:
         d["artifacts"] = {k: round(v, 4) for k, v in self.artifacts.items()}
         return {k: (round(v, 4) if isinstance(v, float) else v) for k, v in d.items()}
 
+    def summary(self) -> str:
+        """One line of the accuracies, as ``clipaudit synthetic train-clip`` prints them."""
+        return (f"zero-shot accuracy on {self.n_images} fresh images: skin tone "
+                f"{self.skin_tone:.3f}, lesion colour {self.lesion_colour:.3f}, diagnosis "
+                f"{self.diagnosis:.3f}, artifacts "
+                + ", ".join(f"{k} {v:.3f}" for k, v in self.artifacts.items())
+                + f"; text separation (artifact vs diagnosis words) {self.text_separation:+.3f}")
+
 
 def fresh_scenes(seed: int, n: int) -> tuple[list[Scene], list[np.ndarray]]:
     """``n`` scenes with balanced classes and each artifact at 50 %, and their images."""
@@ -119,7 +127,8 @@ def encode_images(backbone, images: Sequence[np.ndarray], batch_size: int = 256)
     return torch.nn.functional.normalize(torch.cat(out), dim=-1)
 
 
-def _accuracy(img_nd: torch.Tensor, cls_cd: torch.Tensor, truth: Sequence[int]) -> float:
+def zero_shot_accuracy(img_nd: torch.Tensor, cls_cd: torch.Tensor, truth: Sequence[int]) -> float:
+    """Share of images whose nearest class embedding is the true class."""
     pred = (img_nd @ cls_cd.T).argmax(1)
     return float((pred == torch.tensor(list(truth))).float().mean())
 
@@ -151,20 +160,20 @@ def measure_quality(backbone, *, seed: int = 12345, n: int = 1000,
         scenes, images = fresh_scenes(seed, n)
         img = encode_images(backbone, images)
         task.advance(1)
-        skin = _accuracy(img, class_embeddings(
+        skin = zero_shot_accuracy(img, class_embeddings(
             backbone, [_phrase_prompts(_SKIN_TEMPLATES, t) for t in SKIN_TONES]),
             [SKIN_TONES.index(s.skin_tone) for s in scenes])
-        colour = _accuracy(img, class_embeddings(
+        colour = zero_shot_accuracy(img, class_embeddings(
             backbone, [_phrase_prompts(_COLOUR_TEMPLATES, c) for c in LESION_COLOURS]),
             [LESION_COLOURS.index(s.lesion_colour) for s in scenes])
-        diagnosis = _accuracy(img, class_embeddings(
+        diagnosis = zero_shot_accuracy(img, class_embeddings(
             backbone, [_phrase_prompts(_DIAGNOSIS_TEMPLATES, c) for c in CLASSES]),
             [CLASSES.index(s.diagnosis) for s in scenes])
         artifacts = {}
         for a in ARTIFACTS:
             cls = class_embeddings(backbone, [_WITHOUT_PROMPTS[a],
                                               _phrase_prompts(_WITH_TEMPLATES, a)])
-            artifacts[a] = _accuracy(img, cls, [int(a in s.artifacts) for s in scenes])
+            artifacts[a] = zero_shot_accuracy(img, cls, [int(a in s.artifacts) for s in scenes])
         task.advance(1)
     within, across = text_geometry(backbone)
     return Quality(n_images=n, seed=seed, skin_tone=skin, lesion_colour=colour,

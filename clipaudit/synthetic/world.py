@@ -126,7 +126,8 @@ class Rendering:
     masks: Mapping[str, np.ndarray]
     """Per artifact painted, bool [H, W]: the pixels it changed that no later-painted artifact
     hides (drawn objects: the object's pixels; hair: the strands; vignette: every pixel it
-    darkened, however slightly). Masks of different artifacts never overlap."""
+    darkened, however slightly). Masks of objects never overlap; a filter's (another
+    world's film grain) overlaps the masks of what lies under it."""
 
 
 def render_scene(scene: Scene, rng: np.random.Generator) -> np.ndarray:

@@ -2,8 +2,10 @@
 
 A world is a seeded generator of labelled scenes with optional artifacts. Everything
 that writes data sets (planted shortcuts, counterfactual pairs, masks, column roles)
-reads a ``World`` and nothing world-specific, so a second world plugs in by building
-one ``World`` and calling ``register_world`` (or adding it to ``_WORLDS`` below).
+reads a ``World`` and nothing world-specific, so a world plugs in by building one
+``World`` and calling ``register_world`` (or adding it to ``_WORLDS`` below). Two ship:
+``dermatology`` (``world.py``, 64 px, the default) and ``birds`` (``birds.py``, 72 px,
+Waterbirds-like), each with its own bundled tiny CLIP, prompt set and concept vocabulary.
 
 What a world's functions must do:
 
@@ -25,14 +27,19 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
 from clipaudit.errors import InputError
-from clipaudit.extraction.backbone import TINY_MODEL_NAME
+from clipaudit.extraction.backbone import BIRDS_MODEL_NAME, TINY_MODEL_NAME
 from clipaudit.extraction.columns import ColumnRoles
+from clipaudit.resources import package_data_dpath
+from clipaudit.synthetic import birds
 from clipaudit.synthetic import world as derm
+from clipaudit.synthetic.birds_captions import PHRASES as BIRD_PHRASES
+from clipaudit.synthetic.birds_captions import caption_scene as caption_bird_scene
 from clipaudit.synthetic.captions import PHRASES, caption_scene
 from clipaudit.synthetic.world import Rendering
 
@@ -95,6 +102,18 @@ class World:
     label_columns: tuple[str, ...] = ()
     """Metadata columns the label is a function of: declared ``ignore`` (relying on them
     is the task, not a shortcut)."""
+    prompts: str | None = None
+    """The shipped zero-shot prompt set of its classes (``clipaudit/_data/prompts/NAME.yaml``)."""
+    vocabularies: tuple[str, ...] = ()
+    """Shipped concept vocabularies that name its artifacts and attributes."""
+    filter_artifacts: tuple[str, ...] = ()
+    """Diffuse artifacts that change pixels without covering them (film grain): their masks
+    overlap the masks of the artifacts under them; every other pair of masks is disjoint."""
+
+    @property
+    def prompts_fpath(self) -> Path | None:
+        """The prompt set's file, or None when the world ships none."""
+        return package_data_dpath() / "prompts" / f"{self.prompts}.yaml" if self.prompts else None
 
     @property
     def manifest_columns(self) -> tuple[str, ...]:
@@ -154,9 +173,38 @@ DERMATOLOGY = World(
     default_target_class="malignant",
     phrases=PHRASES,
     label_columns=("lesion_colour", "lesion_border", "lesion_size"),
+    prompts="dermatology",
+    vocabularies=("dermatology",),
 )
 
-_WORLDS: dict[str, World] = {DERMATOLOGY.name: DERMATOLOGY}
+BIRDS = World(
+    name="birds",
+    description="landbirds and waterbirds on land or water at three times of day; boats, "
+                "branches, film grain, photo frames, watermarks (72 px)",
+    classes=birds.CLASSES,
+    artifacts=birds.ARTIFACTS,
+    localised_artifacts=birds.LOCALISED_ARTIFACTS,
+    diffuse_artifacts=birds.DIFFUSE_ARTIFACTS,
+    image_size=birds.IMAGE_SIZE,
+    sample_scene=birds.sample_scene,
+    render_scene=birds.render_scene_with_masks,
+    caption_scene=caption_bird_scene,
+    metadata_columns=("species", "plumage", "time_of_day", "facing",
+                      *(artifact_column(a) for a in birds.ARTIFACTS)),
+    protected_columns=("time_of_day",),
+    label_rule="the bird's kind: sparrows, crows, canaries and cardinals are landbirds; "
+               "gulls, herons, cormorants and ducks are waterbirds",
+    clip_model=BIRDS_MODEL_NAME,
+    default_artifact="water",
+    default_target_class="waterbird",
+    phrases=BIRD_PHRASES,
+    label_columns=("species",),
+    prompts="birds",
+    vocabularies=("birds",),
+    filter_artifacts=birds.FILTER_ARTIFACTS,
+)
+
+_WORLDS: dict[str, World] = {DERMATOLOGY.name: DERMATOLOGY, BIRDS.name: BIRDS}
 DEFAULT_WORLD = DERMATOLOGY.name
 
 
