@@ -174,7 +174,8 @@ def test_sparse_aucs_equal_sklearn_with_ties_and_missing_values():
     positions = np.flatnonzero(values)
     got = sparse_metadata_aucs(Firing(positions, values[positions]), binary_columns(meta))
     want = metadata_aucs(values, meta)
-    assert set(got) == set(want) == {"has_ruler", "site", "tone"}
+    # column keys: binary columns whole, a categorical one value by value; one-valued left out
+    assert set(got) == set(want) == {"has_ruler", "site", "tone", "three=x", "three=y", "three=z"}
     for column in want:
         assert got[column] == pytest.approx(want[column], abs=1e-12)
     # negative activations (SAEs without ReLU) rank below the silent zeros
