@@ -45,7 +45,7 @@ from clipaudit.demo import DemoConfig
 from clipaudit.describe.config import DescribeConfig
 from clipaudit.extraction.backbone import Backbone, BackboneSpec, load_backbone
 from clipaudit.extraction.cache import ExtractConfig, extract
-from clipaudit.extraction.hooks import VisionTower
+from clipaudit.extraction.hooks import make_tower
 from clipaudit.heads import ProbeConfig, fit_probe_on_cache, load_head, save_probe
 from clipaudit.results import AuditResult, Finding
 from clipaudit.sae import save_sae, train_sae
@@ -74,27 +74,34 @@ class WorldSpec:
     """(seed, label, artifact) -> (image without, image with) of one scene."""
 
 
-def dermatology() -> WorldSpec:
-    from clipaudit.synthetic import ARTIFACTS, CLASSES, make_planted_dataset
-    from clipaudit.synthetic.world import render_scene, sample_scene
+def world_spec(name: str) -> WorldSpec:
+    """A registered synthetic world as the benchmark uses it: its bundled CLIP, its shipped
+    vocabularies, and the shipped rule file of its domain where there is one (``default``
+    otherwise); nothing else is set per world."""
+    from clipaudit.gate import list_rulesets
+    from clipaudit.synthetic import get_world, make_planted_dataset
+
+    w = get_world(name)
+    shipped = set(list_rulesets())
 
     def make(out: Path, artifact: str | None, target: str, rate: float, n: int, seed: int) -> Any:
         return make_planted_dataset(out, artifact=artifact, target_class=target, rate=rate, n=n,
-                                    seed=seed)
+                                    seed=seed, world=w)
 
     def pair(rng_seed: Any, label: str, artifact: str) -> tuple[np.ndarray, np.ndarray]:
         images = []
         for present in (False, True):
             rng = np.random.default_rng(rng_seed)
-            scene = sample_scene(rng, diagnosis=label, forced_artifacts={artifact: present})
-            images.append(render_scene(scene, rng))
+            scene = w.sample_scene(rng, label=label, forced_artifacts={artifact: present})
+            images.append(w.render_scene(scene, rng).image)
         return images[0], images[1]
 
-    return WorldSpec("dermatology", "dermatology", BackboneSpec(), ("dermatology",),
-                     tuple(CLASSES), tuple(ARTIFACTS), make, pair)
+    return WorldSpec(w.name, w.name if w.name in shipped else "default",
+                     BackboneSpec(model=w.clip_model), tuple(w.vocabularies), tuple(w.classes),
+                     tuple(w.artifacts), make, pair)
 
 
-WORLDS: dict[str, Callable[[], WorldSpec]] = {"dermatology": dermatology}
+WORLDS: tuple[str, ...] = ("dermatology", "birds")
 
 
 # ------------------------------------------------------------------ causal ground truth
@@ -177,7 +184,7 @@ def routes(result: AuditResult, artifact: str, target: str | None,
 def run_world(world: WorldSpec, args: argparse.Namespace) -> dict[str, int]:
     out = args.out / world.name
     backbone = load_backbone(world.backbone)
-    readout = VisionTower(backbone.model).readout_cls
+    readout = make_tower(backbone.model).pooled_readout
     start = time.perf_counter()
     ref_data = world.make_dataset(out / "reference-data", None, world.classes[-1], 0.5, 4 * args.n,
                                   SEED + 1)
@@ -272,7 +279,7 @@ def main() -> None:
     shutil.rmtree(args.out, ignore_errors=True)
     totals = {"relied": 0, "relied_ok": 0, "clean": 0, "clean_ok": 0}
     for name in args.worlds:
-        for k, v in run_world(WORLDS[name](), args).items():
+        for k, v in run_world(world_spec(name), args).items():
             totals[k] += v
     print(f"\nall worlds: relied-on shortcuts failed naming the artifact {totals['relied_ok']}/"
           f"{totals['relied']}; controls and not-relied-on scenarios passed "
