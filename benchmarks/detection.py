@@ -236,13 +236,18 @@ def run_world(world: WorldSpec, args: argparse.Namespace) -> dict[str, int]:
             relied = drop >= MIN_DROP
             named, finding = routes(result, artifact, target, flags_of[artifact])
             ok = (outcome.exit_code == 1 and bool(named)) if relied else outcome.exit_code == 0
-        else:  # controls: the largest drop over every artifact and class
+        else:  # controls: the largest drop over every artifact and class decides; a
+            # control whose probe picked up a reliance by chance counts as relied on
             drops = {k: causal_drop(probe, v) for k, v in pairs.items()}
             (art, cls), drop = max(drops.items(), key=lambda kv: kv[1])
-            relied = False
-            named, finding = ([], None) if artifact is None else \
-                routes(result, artifact, None, flags_of[artifact])
-            ok = outcome.exit_code == 0
+            relied = drop >= MIN_DROP
+            if relied:
+                named, finding = routes(result, art, cls, flags_of[art])
+                ok = outcome.exit_code == 1 and bool(named)
+            else:
+                named, finding = ([], None) if artifact is None else \
+                    routes(result, artifact, None, flags_of[artifact])
+                ok = outcome.exit_code == 0
             name += f" (max drop: {art}->{cls})"
         key = "relied" if relied else "clean"
         tallies[key] += 1
