@@ -193,11 +193,11 @@ class ActivationCache:
         return out
 
     def iter_shards(self, fields: Sequence[str] = ("acts",)) -> Iterator[dict[str, torch.Tensor]]:
-        """Every row, shard by shard in row order (cls caches): float32 ``acts`` [n_k, d],
+        """Every row, shard by shard in row order (pooled and cls caches): float32 ``acts`` [n_k, d],
         ``embeds`` [n_k, D], int64 ``ids`` [n_k]. Each shard is unmapped once read, so
         resident memory stays about one shard however large the cache is."""
-        if self.token != "cls":
-            raise ValueError("iter_shards reads cls caches; use iter_batches for spatial ones")
+        if self.token == "spatial":
+            raise ValueError("iter_shards reads pooled and cls caches; use iter_batches for spatial ones")
         for k in np.flatnonzero(self._shard_n_ok):
             arrays = self._shard(int(k))
             yield {f: torch.from_numpy(np.array(arrays[f])).to(
