@@ -31,7 +31,7 @@ VERBS = {
     "synthetic make-dataset": (["--out", "data"], "clipaudit.cli.cmd_synthetic.make_planted_dataset"),
     "synthetic make-counterfactual": (["--out", "pairs", "--artifact", "ruler"],
                                       "clipaudit.cli.cmd_synthetic.make_counterfactual_dataset"),
-    "synthetic train-clip": (["--out", "clip"], "clipaudit.synthetic.train_tiny_clip"),
+    "synthetic train-clip": (["--out", "clip"], "clipaudit.cli.cmd_synthetic.train_tiny_clip"),
     "vocab list": ([], "clipaudit.describe.list_vocabulary_infos"),
     "vocab show": (["general"], "clipaudit.describe.vocabulary_info"),
 }

@@ -80,7 +80,7 @@ def add_heatmaps(components: Sequence[ComponentInfo], index: Any, model: Any,
         return components, None
     check_method(config.method)
     if not isinstance(hook, HookPoint):
-        hook = HookPoint(int(hook["layer"]), hook["token"])
+        hook = HookPoint.from_dict(hook)
     dpath = Path(out_dpath) / HEATMAPS_DNAME
     if dpath.is_dir():  # maps of an earlier audit in this folder would be stale
         shutil.rmtree(dpath)
