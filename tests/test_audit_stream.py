@@ -264,3 +264,45 @@ def test_the_audits_descriptions_file_keeps_what_a_reuse_needs(tmp_path):
     assert torch.equal(back.top.ids, desc.top.ids[:, :3]) and torch.equal(back.top.counts, desc.top.counts)
     again = realign_classes(back, encoder, {"x": ["x1"], "y": ["yy2"]})
     torch.testing.assert_close(again.class_alignment, desc.class_alignment, equal_nan=True)
+
+
+@pytest.mark.parametrize("input_norm", ["layer_norm", "constant_norm_rescale"])
+def test_streamed_attributions_of_a_row_normalising_threshold_sae_equal_the_dense_ones(
+        setup, tmp_path, input_norm):
+    """Published SAEs (Prisma's normalisation, ReLU/JumpReLU thresholds): a row's decoder is
+    affine per row and the number of active latents varies; the streamed closed form, the
+    relevance over the spill and the completeness of the attributions still hold."""
+    tower, acts, head = setup["tower"], setup["acts"], setup["heads"]["probe"]
+    d = tower.width
+    g = torch.Generator().manual_seed(5)
+    sae = TopKSAE(d, LATENTS, K, activation="threshold", input_norm=input_norm)
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.randn(LATENTS, d, generator=g) / d ** 0.5)
+        sae.b_enc.copy_(torch.randn(LATENTS, generator=g) * 0.3 - 0.2)
+        sae.b_dec.copy_(torch.randn(d, generator=g) * 0.1)
+    dense = attribute_cls(acts, torch.arange(N), sae, head, tower)
+    widths = set()
+    spill = CodeSpill(tmp_path / f"spill-{input_norm}", N, ("inv-0",))
+    acc = RelevanceAccumulator(LATENTS, CLASSES)
+    assign = torch.randint(0, CLASSES, (N,), generator=torch.Generator().manual_seed(3))
+    readout = None
+    for start in range(0, N, 50):
+        h = acts[start:start + 50]
+        codes = sae.encode(h)
+        widths.add(codes.indices.shape[1])
+        batch = attribute_batch(h, codes, sae, head, tower, readout)
+        readout = batch.readout
+        classes = torch.arange(CLASSES).expand(len(h), -1)
+        # every class: components + error + bias add up to the score minus the head's bias
+        total = batch.components(classes).sum(1) + batch.error(classes) + batch.bias(classes)
+        torch.testing.assert_close(total, batch.scores - readout.head_bias, rtol=1e-3, atol=1e-4)
+        torch.testing.assert_close(batch.error(classes), dense.error[start:start + 50],
+                                   rtol=1e-3, atol=1e-4)
+        acc.add(batch, assign[start:start + 50])
+        spill.append(codes.indices, codes.values, {"inv-0": batch.dec})
+    spill.finish()
+    assert len(widths) > 1  # rows of several widths went through the spill
+    rel = relevance_over_spill(spill, readout, "inv-0", assign.numpy(), "label")
+    torch.testing.assert_close(rel.share, acc.result("label").share, rtol=1e-4, atol=1e-6)
+    expected = class_relevance(dense, [head.class_names[i] for i in assign.tolist()])
+    torch.testing.assert_close(acc.result("label").mean, expected.mean, rtol=1e-3, atol=1e-5)
