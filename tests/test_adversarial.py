@@ -80,7 +80,7 @@ def hostile(tmp_path_factory) -> dict[str, Path]:
     rules = root / "rules.yaml"  # every relied-on component a finding; one payload forbidden
     rules.write_text(yaml.safe_dump({
         "version": 1, "extends": "default",
-        "thresholds": {"share_min": 0.01, "member_share_min": 0.0, "alignment_max": 2.0,
+        "thresholds": {"share_min": 0.01, "member_share_min": 0.0, "calibrated_alignment_max": 10.0,
                        "clarity_min": -1.0},
         "concepts": {"forbidden": {"*": [IMG_TAG]}}}))
     return {"root": root, "cache": cache, "sae": root / "sae.safetensors",
@@ -478,9 +478,9 @@ def test_a_pickled_checkpoint_is_refused_without_advice_to_unpickle(tmp_path):
 def test_payloads_stay_text_in_summary_junit_and_pdf(earlier_audit):
     summary = (earlier_audit / "summary.md").read_text()
     assert "<script>" not in summary and "<img" not in summary
-    junit = ET.parse(earlier_audit / "junit.xml")  # well-formed, the label kept as text
-    assert any(SCRIPT in (e.get("message") or "") or SCRIPT in (e.text or "")
-               for e in junit.iter())
+    junit = ET.parse(earlier_audit / "junit.xml")  # well-formed, user text kept as text
+    assert any(p in (e.get("message") or "") or p in (e.text or "")  # a label, a forbidden term
+               for e in junit.iter() for p in (SCRIPT, IMG_TAG))
     pdftotext = shutil.which("pdftotext")
     if pdftotext is None:
         pytest.fail("pdftotext not found: install Debian's poppler-utils (scripts/test.sh does)")
