@@ -20,8 +20,11 @@ def test_planted_dataset_declares_its_columns(tmp_path):
     roles = find_column_roles(data.manifest_fpath, MANIFEST_COLUMNS)
     assert data.column_roles_fpath == tmp_path / "columns.yaml"
     assert roles.artifact == tuple(f"has_{a}" for a in ARTIFACTS)
-    assert roles.protected == ("skin_tone",) and roles.ignore == ("caption",)
-    assert roles.role_of("has_hair") == "artifact" and roles.role_of("lesion_colour") is None
+    # the lesion columns decide the label: relying on them is the task, not a shortcut
+    assert roles.protected == ("skin_tone",)
+    assert roles.ignore == ("caption", "lesion_colour", "lesion_border", "lesion_size")
+    assert roles.role_of("has_hair") == "artifact" and roles.role_of("lesion_colour") == "ignore"
+    assert roles.role_of("facing") is None  # a column the data set does not name
     header = yaml.safe_load(data.column_roles_fpath.read_text())
     assert header["kind"] == "column-roles" and header["provenance"]["world"] == "dermatology"
 

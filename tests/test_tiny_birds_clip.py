@@ -84,7 +84,7 @@ def test_loads_by_name_and_is_the_worlds_model(tiny):
     assert len(tiny.model.visual.transformer.resblocks) == BIRDS_MODEL_CFG["vision_cfg"]["layers"]
     assert next(tiny.model.parameters()).dtype == torch.float32
     assert torch.isfinite(tiny.encode_text(["a boat"])).all()
-    derm = load_backbone(BackboneSpec())
+    derm = load_backbone(BackboneSpec.bundled())
     assert derm.id != tiny.id and derm.embed_dim != tiny.embed_dim
 
 

@@ -103,8 +103,10 @@ class Scope:
                     or (f.concept_share >= t.share_min and f.share >= t.member_share_min)):
                 continue
             status = self.ruleset.concept_status(cls, f.concept)
-            poorly_aligned = (f.calibrated_alignment is not None
-                              and f.calibrated_alignment < t.calibrated_alignment_max)
+            # None: an audit made before calibration, whose selection already found the
+            # component poorly aligned (a new audit never keeps an uncalibrated candidate)
+            poorly_aligned = (f.calibrated_alignment is None
+                              or f.calibrated_alignment < t.calibrated_alignment_max)
             decisive = f.reliance_low if f.reliance_low is not None else f.reliance
             if status == "forbidden" and decisive is not None:
                 relied = decisive >= t.reliance_min
