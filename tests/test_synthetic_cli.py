@@ -112,9 +112,9 @@ def quick_training(monkeypatch):
     quick = dataclasses.replace(clipaudit.synthetic.TrainConfig(), steps=2, batch_size=8,
                                 warmup_steps=1, eval_images=16)
     # Patched where the command looks it up (patching clipaudit.synthetic alone left the
-    # command training for the full 1,000 steps).
-    monkeypatch.setattr(clipaudit.cli.cmd_synthetic, "TrainConfig",
-                        lambda **kw: dataclasses.replace(quick, **kw))
+    # command training for the full run of the world's recipe).
+    monkeypatch.setattr(clipaudit.cli.cmd_synthetic, "default_train_config",
+                        lambda world: quick)
 
 
 @pytest.mark.slow

@@ -18,7 +18,12 @@ import torch
 import yaml
 
 from clipaudit.artifacts import read_json, read_tensor_meta, sha256_file
-from clipaudit.extraction.backbone import BIRDS_MODEL_NAME, BackboneSpec, load_backbone
+from clipaudit.extraction.backbone import (
+    BIRDS_MODEL_NAME,
+    TINY_MODEL_NAME,
+    BackboneSpec,
+    load_backbone,
+)
 from clipaudit.resources import package_data_dpath
 from clipaudit.synthetic import get_world
 from clipaudit.synthetic.birds import ARTIFACTS, CLASSES
@@ -35,15 +40,17 @@ from clipaudit.synthetic.train import BIRDS_MODEL_CFG, MODEL_CFG, TrainConfig, t
 BIRDS_DPATH = package_data_dpath() / "tiny_birds_clip"
 FRESH_SEED = 424242
 
-# The weights shipped on 2026-11-29 (seed 0, 1,000 steps of 128, 626 CPU s) miss these
-# targets (provenance.json, 600 fresh images of seed 1000003): kind 0.65, plumage 0.34,
-# boat 0.59, branch 0.48, grain 0.50, watermark 0.59, text separation -0.44 (water 1.00,
-# time of day 1.00 and frame 0.98 meet theirs). The
+# The weights shipped on 2026-11-29 (seed 0, 500 steps of 256, 613 CPU s) meet the kind,
+# plumage, background and time-of-day targets (provenance.json, 600 fresh images of seed
+# 1000003: kind 0.955, plumage 0.96, water 1.00, time of day 1.00) but miss these: boat
+# 0.51, branch 0.54, grain 0.48, frame 0.53, watermark 0.52, text separation -0.03. The
 # targets stay as stated; strict, so a retrained model that meets one fails here until
-# its mark is removed. Not fixed: the training recipe needs work (see the README).
+# its mark is removed. Not fixed: the recipe that taught the bird lost the frame the
+# 1,000-steps-of-128 recipe had (0.98); see the README.
 MISSES_TARGET = pytest.mark.xfail(strict=True, reason="shipped tiny-birds-clip misses this "
-                                  "quality target; retrain before relying on it")
-MISSED_ARTIFACTS = ("boat", "branch", "grain", "watermark")
+                                  "quality target (2026-11-29: small artifacts 0.48-0.54, "
+                                  "text separation -0.03); retrain before relying on it")
+MISSED_ARTIFACTS = ("boat", "branch", "grain", "frame", "watermark")
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +91,7 @@ def test_loads_by_name_and_is_the_worlds_model(tiny):
     assert len(tiny.model.visual.transformer.resblocks) == BIRDS_MODEL_CFG["vision_cfg"]["layers"]
     assert next(tiny.model.parameters()).dtype == torch.float32
     assert torch.isfinite(tiny.encode_text(["a boat"])).all()
-    derm = load_backbone(BackboneSpec.bundled())
+    derm = load_backbone(BackboneSpec(model=TINY_MODEL_NAME))
     assert derm.id != tiny.id and derm.embed_dim != tiny.embed_dim
 
 
@@ -99,7 +106,6 @@ def test_training_is_reproducible_from_the_seed():
     assert a["visual.proj"].shape == (64, 48)
 
 
-@MISSES_TARGET
 def test_zero_shot_bird_kind(quality, tiny):
     assert quality.kind >= 0.85, quality
     # Brown and black birds are landbirds and waterbirds alike: their kind is their shape.
@@ -113,7 +119,6 @@ def test_zero_shot_background_and_time_of_day(quality):
     assert quality.time_of_day >= 0.9, quality
 
 
-@MISSES_TARGET
 def test_zero_shot_plumage(quality):
     assert quality.plumage >= 0.8, quality
 
@@ -125,7 +130,6 @@ def test_zero_shot_artifact_presence(quality, artifact):
     assert quality.artifacts[artifact] >= 0.9, quality
 
 
-@MISSES_TARGET
 def test_bird_kind_with_the_shipped_prompt_set(tiny):
     doc = yaml.safe_load(get_world("birds").prompts_fpath.read_text())
     prompts = [[t.format(name) for t in doc["templates"] for name in doc["classes"][c]["names"]]

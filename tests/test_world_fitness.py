@@ -25,9 +25,6 @@ def test_a_probe_on_the_birds_clip_relies_on_water_planted_on_every_waterbird(wa
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=True, reason="with the shipped tiny-birds-clip (bird kind 0.65 "
-                   "zero-shot) a probe fitted with water in half of each class still loses "
-                   "0.20 on counterfactual pairs (2026-11-29); retrain the CLIP")
 def test_a_probe_does_not_rely_on_water_independent_of_the_label(water):
     # In half of each class: the probe has no reason to use it.
     assert not water.control.relied_on and water.control.accuracy_clean >= 0.8

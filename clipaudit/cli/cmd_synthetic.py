@@ -19,7 +19,12 @@ from clipaudit.cli._exit import ClipAuditGroup
 from clipaudit.cli._options import argument_default, option
 from clipaudit.synthetic.counterfactual import make_counterfactual_dataset
 from clipaudit.synthetic.datasets import make_planted_dataset
-from clipaudit.synthetic.train import TrainConfig, recipe_for, train_tiny_clip
+from clipaudit.synthetic.train import (
+    TrainConfig,
+    default_train_config,
+    recipe_for,
+    train_tiny_clip,
+)
 from clipaudit.synthetic.worlds import get_world, list_worlds
 
 synthetic_app = typer.Typer(
@@ -132,7 +137,7 @@ def train_clip_cmd(
         raise InputError("give exactly one of --out FOLDER or --install")
     recipe = recipe_for(world)
     target = package_data_dpath() / BUNDLED_MODELS[recipe.model_name] if install else out_dpath
-    config = TrainConfig(seed=seed)
+    config = dataclasses.replace(default_train_config(world), seed=seed)
     if steps is not None:
         config = dataclasses.replace(config, steps=steps)
     previous = torch.get_num_threads()
