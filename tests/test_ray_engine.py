@@ -79,7 +79,7 @@ def _assert_same_cache(ray_cache, local_cache) -> None:
     assert torch.equal(ray_cache.load_ids(), local_cache.load_ids())
     pd.testing.assert_frame_equal(ray_cache.index, local_cache.index)
     assert ray_cache.provenance == local_cache.provenance
-    volatile = ("created", "created_with")
+    volatile = ("created", "engine")
     assert ({k: v for k, v in ray_cache.manifest.items() if k not in volatile}
             == {k: v for k, v in local_cache.manifest.items() if k not in volatile})
 
@@ -93,7 +93,7 @@ def test_ray_cache_equals_the_local_engines(ray_session, planted, local_cache, t
     assert result.complete and result.n_ok == N_IMAGES - 1
     assert result.skipped_reasons == {"not an image": 1}
     _assert_same_cache(result.cache, local_cache)
-    assert result.cache.manifest["created_with"]["engine"] == "ray"
+    assert result.cache.manifest["engine"] == "ray" and local_cache.manifest["engine"] == "local"
 
 
 @pytest.mark.slow

@@ -213,7 +213,8 @@ def test_report_loads_offline_without_errors(browser, report_url):
         const ok = await Promise.all(urls.map(u => { const i = new Image(); i.src = u;
             return i.decode().then(() => i.naturalWidth > 0, () => false); }));
         return [els.length, ok.filter(x => !x).length,
-                els.filter(e => e.offsetWidth < 60 || e.offsetHeight < 60).length]; })()""")
+                els.filter(e => e.offsetParent !== null)  // shown (a card's plain images hide under overlays)
+                   .filter(e => e.offsetWidth < 60 || e.offsetHeight < 60).length]; })()""")
     assert n_thumbs > 0 and n_broken == 0 and n_unsized == 0
     shot = browser.screenshot().convert("L")
     assert ImageStat.Stat(shot).stddev[0] > 10, "the screenshot is blank"
@@ -275,11 +276,11 @@ def test_the_harness_sees_errors_dialogs_and_requests(browser, tmp_path):
 
 
 def _shown_images(anchor: str) -> str:
-    """JS: the class of each image shown in the card's figures that have a heatmap."""
+    """JS: which image each figure with a heatmap shows in the card: plain or overlay."""
     return f"""Array.from(document.getElementById({json.dumps(anchor)})
-        .querySelectorAll("figure.with-overlay img"))
+        .querySelectorAll("figure.with-overlay .plain, figure.with-overlay .overlay"))
         .filter(i => i.offsetParent !== null && i.getBoundingClientRect().width > 0)
-        .map(i => i.className)"""
+        .map(i => i.classList.contains("overlay") ? "overlay" : "plain")"""
 
 
 def test_heatmap_overlays_switch_per_card_and_for_all(browser, report_url):
@@ -294,8 +295,9 @@ def test_heatmap_overlays_switch_per_card_and_for_all(browser, report_url):
     browser.click(f"label[for='{anchor}-heatmaps']")
     assert set(browser.js(shown)) == {"overlay"}
     browser.click("#heatmaps-all")  # every card at once
-    every = """Array.from(document.querySelectorAll("figure.with-overlay img"))
-        .filter(i => i.offsetParent !== null).map(i => i.className)"""
+    every = """Array.from(document.querySelectorAll("figure.with-overlay .plain, figure.with-overlay .overlay"))
+        .filter(i => i.offsetParent !== null)
+        .map(i => i.classList.contains("overlay") ? "overlay" : "plain")"""
     assert set(browser.js(every)) == {"plain"}
     browser.click("#heatmaps-all")
     assert set(browser.js(every)) == {"overlay"}

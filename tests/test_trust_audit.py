@@ -14,7 +14,7 @@ from clipaudit.audit import AuditConfig, FaithfulnessConfig, OutputConfig, run_a
 from clipaudit.cli import app
 from clipaudit.demo import DemoConfig, demo_prompts_fpath
 from clipaudit.describe.config import DescribeConfig
-from clipaudit.extraction.backbone import load_backbone
+from clipaudit.extraction.backbone import BackboneSpec, load_backbone
 from clipaudit.extraction.cache import ExtractConfig, extract
 from clipaudit.heads import ProbeConfig, fit_probe_on_cache, save_probe
 from clipaudit.sae import SAETrainConfig, train_sae_on_cache
@@ -26,7 +26,7 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> dict[str, Path]:
     root = tmp_path_factory.mktemp("trust")
-    backbone = load_backbone()
+    backbone = load_backbone(BackboneSpec.bundled())
     out: dict[str, Path] = {"root": root}
     sets = {"reference": (None, 0.5, 800, 1), "shortcut": ("ruler", 1.0, 400, 2),
             "control": ("ruler", 0.5, 400, 3)}  # control: rulers on half of each class

@@ -235,6 +235,7 @@ def _prepare(dpath: Path, source: ImageSource, config: ExtractConfig, provenance
         "d": tail[-1], "embed_dim": backbone.embed_dim, "token": config.hook.token,
         "n_tokens": tail[0] if len(tail) == 2 else None, "tower": tower.family,
         "source": {"root": str(source.root), "n_items": n}, "complete": False,
+        "engine": config.engine,  # the run that started the cache: recorded, not compared
     }
     write_json(manifest_fpath, "activation-cache", payload, provenance=provenance)
     return read_json(manifest_fpath, "activation-cache")
