@@ -6,10 +6,8 @@ artifact in half of each class, independent of the label): make the data set, ex
 with the world's bundled CLIP, fit a probe, and audit the probe with the shipped rule
 file (``dermatology`` for the dermatology world, ``default`` for any other), with nothing
 set per world. (Only the probe: the ground truth is the probe's reliance; the prompt set
-is the same in every scenario of a world.) One SAE per world, trained as `clipaudit
-train-sae` trains one without options (width, k and steps from the data: the same rule
-for every world, not the demo's settings, which were chosen on the dermatology world) on
-a clean sample of the world that also describes the components.
+is the same in every scenario of a world.) One SAE per world, trained with the demo's
+settings on a clean sample of the world that also describes the components.
 
 Ground truth is causal, not the planting rate: for each artifact and class, pairs of
 scenes of the *other* class rendered without and with the artifact (same scene, same
@@ -30,6 +28,7 @@ Seeds are fixed; the README quotes this script's output.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import shutil
 import time
 from collections.abc import Callable, Sequence
@@ -42,13 +41,14 @@ import torch
 from PIL import Image
 
 from clipaudit.audit import AuditConfig, FaithfulnessConfig, OutputConfig, run_audit
+from clipaudit.demo import DemoConfig
 from clipaudit.describe.config import DescribeConfig
 from clipaudit.extraction.backbone import Backbone, BackboneSpec, load_backbone
 from clipaudit.extraction.cache import ExtractConfig, extract
 from clipaudit.extraction.hooks import make_tower
 from clipaudit.heads import ProbeConfig, fit_probe_on_cache, load_head, save_probe
 from clipaudit.results import AuditResult, Finding
-from clipaudit.sae import SAETrainConfig, save_sae, train_sae
+from clipaudit.sae import save_sae, train_sae
 
 RATES = (0.75, 0.9, 1.0)
 SEED = 0
@@ -190,9 +190,7 @@ def run_world(world: WorldSpec, args: argparse.Namespace) -> dict[str, int]:
                                   SEED + 1)
     ref_cache = extract(ref_data.manifest_fpath, out / "reference-cache",
                         ExtractConfig(num_workers=1), backbone=backbone).cache
-    # the product's default: width, k and steps from the data (what `train-sae` without
-    # options picks), the same rule for every world
-    sae_config = SAETrainConfig(seed=SEED)
+    sae_config = dataclasses.replace(DemoConfig().sae, seed=SEED)
     trained = train_sae(ref_cache, sae_config, embed_readout=readout)
     sae_fpath = out / "sae.safetensors"
     save_sae(trained.sae, sae_fpath)
@@ -200,8 +198,7 @@ def run_world(world: WorldSpec, args: argparse.Namespace) -> dict[str, int]:
                             ref_cache.ok_index[f"has_{a}"].astype(bool))) for a in world.artifacts}
     pairs = counterfactual_pairs(world, backbone, args.pairs)
     print(f"\n== world {world.name} ({backbone.id}), rules {world.rules}; SAE expansion "
-          f"{trained.sae.n_latents // trained.sae.d}, k {trained.sae.k}, from the data "
-          f"(FVU {trained.metrics.fvu:.4f}, dead "
+          f"{sae_config.expansion}, k {sae_config.k} (FVU {trained.metrics.fvu:.4f}, dead "
           f"{trained.metrics.dead_fraction:.2f}) on {4 * args.n} clean images, which also "
           f"describe the components; {args.pairs} counterfactual pairs per artifact and class "
           f"({time.perf_counter() - start:.0f} s)", flush=True)
