@@ -60,7 +60,7 @@ def _audit(world, name: str, rules: str, sae: str = "sae.safetensors", **config)
                            faithfulness=FaithfulnessConfig(instances=32),
                            describe=DescribeConfig(vocabularies=("dermatology",),
                                                    reference_cache=world["reference"]), **config),
-        backbone=load_backbone())
+        backbone=load_backbone(BackboneSpec.bundled()))
 
 
 def _failing(outcome, check: str, class_name: str | None = None):
