@@ -318,18 +318,22 @@ def shuffled_selection(p: HeadPass, ctx: AuditContext) -> Selection:
 def permutation_control(shuffled: Sequence[Selection], evidence: Evidence, real: AuditResult,
                         ruleset: Any, ctx: AuditContext) -> PermutationControl:
     """Judge the shuffled-label selections with the rule set: what chance alone produces.
-    Unexplained shares are the real ones (they do not depend on the labels' meaning)."""
+    Unexplained shares are the real ones (they do not depend on the labels' meaning).
+    Reliance on concepts is measured causally, not from the labels' shares, so the
+    shuffled audit leaves it out: its findings, forbidden or not, are judged on their
+    shares alone (what the labels decide)."""
     from clipaudit.gate import evaluate
 
     heads = []
     for s, real_head, backed in zip(shuffled, real.heads, backed_keys(shuffled, ctx.statistics.fdr)):
-        findings = make_findings(s, evidence, ctx, backed, with_ablation=False)
+        findings = [dataclasses.replace(f, reliance=None, reliance_low=None, reliance_source=None)
+                    for f in make_findings(s, evidence, ctx, backed, with_ablation=False)]
         classes = [dataclasses.replace(c, n_instances=int(s.relevance.n_instances[i]), components=[],
                                        spurious_share=float(sum(f.share for f in findings
                                                                 if f.class_name == c.class_name)))
                    for i, c in enumerate(real_head.classes)]
         heads.append(dataclasses.replace(real_head, classes=classes, findings=findings,
-                                         faithfulness=[], relied_on=[]))
+                                         faithfulness=[], relied_on=[], concept_reliance=[]))
     result = dataclasses.replace(real, heads=heads, verdicts=[], permutation=None)
     verdicts = evaluate(result, ruleset)
 
