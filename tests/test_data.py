@@ -164,6 +164,20 @@ def test_bad_input_raises_with_its_reason(tmp_path, name):
     assert str(fpath) in str(info.value)
 
 
+def test_truncated_images_stay_errors_when_another_library_allows_them(tmp_path, monkeypatch):
+    """weasyprint sets Pillow's LOAD_TRUNCATED_IMAGES on import: a process that rendered a
+    PDF report must still refuse half an image."""
+    from PIL import ImageFile
+
+    monkeypatch.setattr(ImageFile, "LOAD_TRUNCATED_IMAGES", True)
+    for name in ("truncated-png", "corrupt-png"):
+        fpath, category = _bad_inputs(tmp_path)[name]
+        with pytest.raises(ImageDecodeError) as info:
+            decode_image(fpath)
+        assert info.value.category == category
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is True  # the global is left as it was
+
+
 def test_decompression_bomb_is_refused_over_the_limit(tmp_path):
     fpath = _save(tmp_path / "big.png", Image.new("RGB", (100, 100)))
     assert decode_image(fpath, max_pixels=10_000).size == (100, 100)

@@ -29,7 +29,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from clipaudit.errors import InputError
 
@@ -94,15 +94,21 @@ def max_image_pixels() -> int:
 @contextlib.contextmanager
 def _pil_limit(max_pixels: int) -> Iterator[None]:
     # Pillow refuses at twice its global limit while parsing headers; align it with ours
-    # so that a raised limit works. Our own check below is the exact one.
+    # so that a raised limit works. Our own check below is the exact one. Truncated
+    # images are always an error here, whatever another library set globally (weasyprint
+    # sets ImageFile.LOAD_TRUNCATED_IMAGES on import, so a process that rendered a PDF
+    # would otherwise decode half an image as a whole one).
     saved = Image.MAX_IMAGE_PIXELS
+    saved_truncated = ImageFile.LOAD_TRUNCATED_IMAGES
     Image.MAX_IMAGE_PIXELS = max_pixels
+    ImageFile.LOAD_TRUNCATED_IMAGES = False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             yield
     finally:
         Image.MAX_IMAGE_PIXELS = saved
+        ImageFile.LOAD_TRUNCATED_IMAGES = saved_truncated
 
 
 def decode_image(fpath: Path | str, *, max_pixels: int | None = None,
