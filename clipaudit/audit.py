@@ -370,10 +370,9 @@ def class_texts(heads: Sequence[Head]) -> dict[str, list[str]]:
 
 @dataclass(frozen=True)
 class Described:
-    """Component descriptions and the reference set they were computed on."""
+    """Component descriptions and what the concept checks read of the reference set."""
 
     descriptions: ComponentDescriptions
-    cache: ActivationCache
     semantic_embeds: Any
     """Image embeddings of the reference set by instance id (indexable by an id tensor),
     from the reference model (or, for reused descriptions of another reference model, from
@@ -459,11 +458,11 @@ def describe_for_audit(cache: ActivationCache, top: TopActivations | None, sae: 
         reused = _reuse_descriptions(config.reuse, key)
         realigned = realign_classes(reused, encode_text, class_texts(heads), cal_embeds, cal_labels)
         if same_model:
-            return Described(realigned, ref_cache, EmbeddingsById(ref_cache), encode_text)
+            return Described(realigned, EmbeddingsById(ref_cache), encode_text)
         # no re-encoding on reuse: text-defined concepts are read by the audited CLIP instead
         audited_text = cached_text_encoder(backbone.encode_text, backbone.id,
                                            resolve_text_cache(config.text_cache))
-        return Described(realigned, ref_cache, EmbeddingsById(ref_cache), audited_text)
+        return Described(realigned, EmbeddingsById(ref_cache), audited_text)
 
     if top is None or ref_cache is not cache:  # another reference set: one pass over it
         top = _top_activations(ref_cache, sae, config.top_m, batch_size, reporter)
@@ -480,7 +479,7 @@ def describe_for_audit(cache: ActivationCache, top: TopActivations | None, sae: 
                                        templates=config.concept_templates, provenance=key,
                                        label_floor=config.label_floor, reference_labels=labels,
                                        calibration_embeds=cal_embeds)
-    return Described(descriptions, ref_cache, ref, encode_text)
+    return Described(descriptions, ref, encode_text)
 
 
 def _labels_by_id(index: pd.DataFrame, n: int) -> list[str | None]:
