@@ -7,14 +7,15 @@ For each config:
    its tower family, pooling, what the rest of the tower is from the pooled vector,
    residual blocks and class token, parameter count;
 2. a shrunken copy (2 blocks, or 1 per stage; small images; the real widths, heads,
-   pooling, norms and projection) is built with random weights and tested: the pooled
+   pooling, norms and projection) is built with random weights (layer scales drawn at a
+   trained model's size, see ``layer_scales_at_trained_size``) and tested: the pooled
    vector through the rest of the tower reproduces ``encode_image``; at the first and
    last block, every residual hook token spliced back reproduces it, and changing the
    tokens at the first block changes the embedding; attributions from the pooled
    vector add up to the score (frozen gradients, affine projections);
 3. with ``--full-max-params N``, configs whose image tower has at most N parameters are
-   also built at full size and checked on one image at their real resolution (pooled,
-   and the residual hook points after the last block).
+   also built at full size (layer scales likewise) and checked on one image at their
+   real resolution (pooled, and the residual hook points after the last block).
 
 Writes a JSON file and a Markdown table (``--out``); prints the counts.
 Run: python benchmarks/model_coverage.py [--full-max-params 100e6] [--only ViT-B-32 ...]
@@ -26,6 +27,7 @@ import argparse
 import copy
 import datetime as dt
 import json
+import re
 import time
 import traceback
 from pathlib import Path
@@ -93,6 +95,32 @@ def _timm_default_size(trunk: Any) -> int:
     return int(size[-1])
 
 
+LAYER_SCALE = re.compile(r"(^|\.)gamma(_\d)?$")  # open_clip/timm LayerScale(2d), ConvNeXt, EVA
+
+
+@torch.no_grad()
+def layer_scales_at_trained_size(visual: torch.nn.Module, seed: int = 0) -> int:
+    """Redraws every layer-scale factor per channel from U(0.5, 1.5); returns how many
+    tensors it redrew.
+
+    Layer scale multiplies each block's attention and MLP output by a learned per-channel
+    factor that training starts tiny (open_clip's ``ls_init_value`` 1e-4 in ViT-M-16-alt,
+    timm's ``init_values`` 1e-6) and grows. At that init every block is nearly the identity:
+    in a class-token tower the patch tokens reach the class token only through attention.
+    In ViT-M-16-alt's 2-block copy, an edit of them at the first block moved the embedding
+    by 1.2e-5 of its size (the edit check wants 1e-3), and dropping the last block moved it
+    by 3e-5 (under ``TOL``: a rest of the tower that skipped a block would have passed).
+    With these factors the same edit moves it by 0.11 and dropping the block by 0.25. The
+    shrunken copies' real weights would be trained ones; the checks need every block seen."""
+    g = torch.Generator().manual_seed(seed)
+    n = 0
+    for name, p in visual.named_parameters():
+        if LAYER_SCALE.search(name):
+            p.copy_(torch.rand(p.shape, generator=g, dtype=p.dtype) + 0.5)
+            n += 1
+    return n
+
+
 def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
     return float((got - want).abs().max() / want.abs().max().clamp_min(1e-12))
 
@@ -116,7 +144,7 @@ def check_tower(visual: Any, size: int, n_images: int = 2, seed: int = 0,
         result["affine_err"] = _rel_err(normed @ readout.affine[0] + readout.affine[1], expected)
         result["complete_err"] = _completeness(cap.acts, readout, expected.shape[1])
     for token in tower.hook_tokens[1:]:
-        errs, live = [], True
+        errs, live, change = [], True, None
         for layer in layers:
             resolved = tower.resolve(HookPoint(layer, token))
             acts = tower.capture(images, HookPoint(layer, token)).acts
@@ -125,8 +153,10 @@ def check_tower(visual: Any, size: int, n_images: int = 2, seed: int = 0,
             if layer == 0:
                 moved = tower.forward_edited(images, resolved, lambda r, a=acts, t=token:
                                              tower.replace(r, t, a + torch.randn_like(a)))
-                live = _rel_err(moved, expected) > 1e-3
-        result["residual"][token] = {"err": max(errs), "edit_changes_output": live}
+                change = _rel_err(moved, expected)
+                live = change > 1e-3
+        result["residual"][token] = {"err": max(errs), "edit_changes_output": live,
+                                     "edit_change": change}
     return result
 
 
@@ -168,10 +198,11 @@ def audit_config(name: str, full_max_params: float) -> dict[str, Any]:
         try:
             torch.manual_seed(0)
             visual = build_image_tower(cfg).eval()
+            redrawn = layer_scales_at_trained_size(visual)
             row["shrunken"] = {"image_size": size,
                                "timm_model_kwargs": cfg["vision_cfg"].get("timm_model_kwargs"),
                                "params": sum(p.numel() for p in visual.parameters()),
-                               **check_tower(visual, size)}
+                               "layer_scales_redrawn": redrawn, **check_tower(visual, size)}
             break
         except Exception as e:  # record and try the next variant
             errors.append(f"{type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
@@ -183,7 +214,8 @@ def audit_config(name: str, full_max_params: float) -> dict[str, Any]:
             visual = build_image_tower(copy.deepcopy(model_cfg)).eval()
             size = open_clip.get_model_config(name)["vision_cfg"].get("image_size", 224)
             size = size if isinstance(size, int) else size[0]
-            row["full_size"] = {"image_size": size,
+            redrawn = layer_scales_at_trained_size(visual)
+            row["full_size"] = {"image_size": size, "layer_scales_redrawn": redrawn,
                                 **check_tower(visual, size, n_images=1, layers=(-1,))}
         except Exception as e:
             row["full_size_error"] = f"{type(e).__name__}: {str(e)[:200]}"

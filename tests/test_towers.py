@@ -3,6 +3,7 @@ the tower reproduce encode_image, on one tiny random-weight model per architectu
 
 from __future__ import annotations
 
+import open_clip
 import pytest
 import torch
 
@@ -84,6 +85,54 @@ def test_residual_hook_points_and_rest_of_tower_reproduce_encode_image(name):
                 n_spatial = cap.resid.shape[1] - tower.n_prefix
                 want = (4, tower.width) if token == "cls" else (4, n_spatial, tower.width)
                 assert tuple(cap.acts.shape) == want
+
+
+def test_layer_scaled_blocks_carry_patch_edits_as_open_clips_own_forward_does():
+    """ViT-M-16-alt's blocks multiply their attention and MLP outputs by LayerScale, which
+    open_clip starts at 1e-4: at that init the patch tokens reach the class token (the
+    pooled vector) only through a scaled-down attention, so an edit of them barely moves the
+    embedding and no check can tell a correct rest of the tower from one that drops a block.
+    With layer scales of a trained model's size (how benchmarks/model_coverage.py checks
+    every tower), the edit moves the embedding, and clipaudit's rest of the tower moves it
+    exactly as the same edit made inside open_clip's own forward does."""
+    # a private copy: this test changes the weights
+    backbone = load_backbone(BackboneSpec(config=CONFIGS_DPATH / "tiny-vit-ls.json",
+                                          pretrained="random", seed=3), text=False)
+    visual = backbone.model.visual
+    tower = make_tower(backbone.model)
+    assert tower.hook_tokens == ("pooled", "cls", "spatial") and tower.cls_is_pooled
+    gammas = [m.gamma for m in visual.modules() if isinstance(m, open_clip.transformer.LayerScale)]
+    assert len(gammas) == 2 * tower.n_blocks
+    images = images_for(backbone)
+    hook = HookPoint(0, "spatial")
+
+    @torch.no_grad()
+    def edit_moves_embedding_by() -> float:
+        expected = backbone.encode_image(images)
+        acts = tower.capture(images, hook).acts
+        noisy = acts + torch.randn(acts.shape, generator=torch.Generator().manual_seed(1))
+        ours = tower.forward_edited(images, tower.resolve(hook),
+                                    lambda r: tower.replace(r, "spatial", noisy))
+
+        def same_edit(module, args, out):  # open_clip's blocks are batch-first, class token 0
+            return torch.cat([out[:, :1], noisy], dim=1)
+
+        handle = visual.transformer.resblocks[0].register_forward_hook(same_edit)
+        try:
+            theirs = backbone.encode_image(images)
+        finally:
+            handle.remove()
+        assert_close(ours, theirs)
+        return float((ours - expected).abs().max() / expected.abs().max())
+
+    at_init = edit_moves_embedding_by()
+    with torch.no_grad():
+        generator = torch.Generator().manual_seed(2)
+        for gamma in gammas:
+            gamma.copy_(torch.rand(gamma.shape, generator=generator) + 0.5)
+    trained = edit_moves_embedding_by()
+    assert trained > 1e-2
+    assert 0 < at_init < trained / 100
 
 
 @pytest.mark.parametrize("name", list(FAMILY_OF))
