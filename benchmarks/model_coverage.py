@@ -295,7 +295,8 @@ def main() -> None:
     date = dt.date.today().isoformat()
     header = (f"# open_clip model coverage\n\n`python benchmarks/model_coverage.py "
               f"--full-max-params {args.full_max_params:g}`, {date}, open_clip "
-              f"{open_clip.__version__}, random weights, {seconds:.0f} s.\n\n{summary}. "
+              f"{open_clip.__version__}, random weights (layer scales redrawn at a trained "
+              f"model's size), {seconds:.0f} s.\n\n{summary}. "
               f"Families: {', '.join(f'{k} {v}' for k, v in sorted(families.items()))}.")
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "model_coverage.json").write_text(json.dumps(
