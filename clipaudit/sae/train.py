@@ -19,6 +19,7 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -44,6 +45,12 @@ from clipaudit.sae.trainer import SAETrainer
 log = logging.getLogger(__name__)
 
 _MIN_DEFAULT_STEPS = 1000
+SMALL_STEP_MACS = 50_000_000
+"""Below this many multiply-adds per training step (batch x width x latents x 3: encode,
+decode, gradients), a CPU step is a fraction of a millisecond of arithmetic, and
+splitting each small operation across threads costs more in synchronisation than it
+saves (the demo's 192-latent SAE stepped several times slower on two busy cores than on
+one): such SAEs train on one thread."""
 _DEFAULT_EPOCHS = 10.0
 
 __all__ = ["SAETrainConfig", "TrainResult", "geometric_median", "initialise_sae", "train_sae",
@@ -109,22 +116,38 @@ def train_sae(source: ActivationSource, config: SAETrainConfig = SAETrainConfig(
              n_latents, config.k, n_rows, d, total_steps, device)
     every = config.checkpoint_every if checkpoint_fpath is not None else None
     task = reporter.task("train SAE", total=total_steps)
-    try:
-        task.advance(trainer.steps_done)
-        for h_nd in _batches(source, config, total_steps, start=trainer.steps_done):
-            stats = trainer.step(h_nd)
-            task.advance(1, loss=stats.loss, fvu=stats.fvu, dead=stats.dead_fraction)
-            if every and trainer.steps_done % every == 0 and trainer.steps_done < total_steps:
-                assert checkpoint_fpath is not None
-                save_checkpoint(checkpoint_fpath, trainer, identity)
-    finally:
-        task.close()
+    small = config.batch_size * d * n_latents * 3 < SMALL_STEP_MACS
+    with _threads(1 if small and device.type == "cpu" else None):
+        try:
+            task.advance(trainer.steps_done)
+            for h_nd in _batches(source, config, total_steps, start=trainer.steps_done):
+                stats = trainer.step(h_nd)
+                task.advance(1, loss=stats.loss, fvu=stats.fvu, dead=stats.dead_fraction)
+                if every and trainer.steps_done % every == 0 and trainer.steps_done < total_steps:
+                    assert checkpoint_fpath is not None
+                    save_checkpoint(checkpoint_fpath, trainer, identity)
+        finally:
+            task.close()
 
     sae.eval()
     metrics = evaluate_sae(sae, source, embed_readout=embed_readout, reporter=reporter)
     sae.meta = _training_meta(sae, source, config, metrics, total_steps)
     sae.meta["settings"] = settings.as_dict()
     return TrainResult(sae=sae, metrics=metrics, steps=total_steps, settings=settings)
+
+
+@contextmanager
+def _threads(n: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to ``n`` for the block (None: unchanged)."""
+    before = torch.get_num_threads()
+    if n is None or n == before:
+        yield
+        return
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def _validate(config: SAETrainConfig) -> None:
