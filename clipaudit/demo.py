@@ -37,11 +37,14 @@ class DemoConfig:
     target_class: str = "malignant"
     rate: float = 0.9
     """Share of ruler images that are malignant (0.5 = no shortcut)."""
-    sae: SAETrainConfig = SAETrainConfig(expansion=2, k=16, steps=1500, batch_size=256)
+    sae: SAETrainConfig = SAETrainConfig(expansion=2, k=16, steps=6000, batch_size=256)
     """The SAE trained on the reference set: 192 components for the tiny CLIP's 96
     dimensions. Wider SAEs split each artifact by context ("band-aid on dark skin beside
-    a tan lesion"), and such a component's top images then lean towards one class
-    (benchmarks/detection.py --sweep measures it). Its seed is ``seed``."""
+    a tan lesion"), and such a component's top images then lean towards one class.
+    Trained to convergence: from 1,500 to 6,000 steps its unexplained variance still
+    halves (0.0039 to 0.0018 on 4,000 dermatology images, 0.0053 to 0.0028 on 4,000 birds
+    images), and an undertrained SAE spreads attributes over several components, which the
+    ``sae-coverage`` check then rightly calls blind. Its seed is ``seed``."""
     seed: int = 0
     pdf: bool = True
     backbone: BackboneSpec = BackboneSpec.bundled()
