@@ -12,15 +12,22 @@ settings on a clean sample of the world that also describes the components.
 Ground truth is causal, not the planting rate: for each artifact and class, pairs of
 scenes of the *other* class rendered without and with the artifact (same scene, same
 layout); the probe relies on the artifact for the class when its accuracy on those
-images drops by at least 0.05 once the artifact is on them.
+images drops by at least 0.05 once the artifact is on them. The drop is measured on a
+finite set of pairs, so it carries a 95% interval: a scenario counts as relied on when
+the interval lies at or above 0.05, as not relied on when it lies below, and as
+undecided when it holds 0.05 (the counterfactual set cannot tell which side the probe is
+on; such scenarios are listed with the gate's verdict and kept out of the tallies, and
+more pairs shrink their number). The gate's concept-reliance check decides on the same
+footing: its 95% lower bound must reach the limit.
 
 Per scenario it prints the causal drop, the gate's exit code, which routes named the
 artifact (SAE finding, concept reliance, coverage failure), the SAE finding's rank and
 share; then per world the SAE-coverage table and the tallies:
 - relied-on shortcuts on which the gate fails naming the artifact (target: all);
-- clean controls and not-relied-on scenarios on which the gate passes (target: all).
+- clean controls and not-relied-on scenarios on which the gate passes (target: all);
+- undecided scenarios, and on how many of them the gate passed.
 
-Usage: python benchmarks/detection.py [--n 1000] [--pairs 300] [--out .bench/detection]
+Usage: python benchmarks/detection.py [--n 1000] [--pairs 500] [--out .bench/detection]
        [--quick] [--worlds dermatology ...]
 Seeds are fixed; the README quotes this script's output.
 """
@@ -55,6 +62,8 @@ SEED = 0
 MIN_DROP = 0.05
 """Issue 13: a probe relies on an artifact when its accuracy drops by at least this."""
 SAE_ROUTE_CHECKS = ("forbidden-concept", "shortcut-share", "metadata-confirmed")
+TALLIES = ("relied", "relied_ok", "clean", "clean_ok", "undecided", "undecided_ok")
+RELIED_WORD = {True: "yes", False: "no", None: "undecided"}
 
 
 @dataclass(frozen=True)
@@ -132,15 +141,39 @@ def counterfactual_pairs(world: WorldSpec, backbone: Backbone, n_pairs: int
     return out
 
 
-def causal_drop(probe: Any, pairs: tuple[torch.Tensor, torch.Tensor, list[str]]) -> float:
-    """Accuracy on the other classes' images without the artifact minus with it."""
+@dataclass(frozen=True)
+class Drop:
+    """The probe's causal accuracy drop on one counterfactual set, with its 95% interval
+    (normal approximation over the paired per-scene differences)."""
+
+    value: float
+    low: float
+    high: float
+
+    @property
+    def relied(self) -> bool | None:
+        """True when the interval lies at or above ``MIN_DROP``, False when it lies below,
+        None (undecided) when the counterfactual set cannot tell."""
+        if self.low >= MIN_DROP:
+            return True
+        if self.high < MIN_DROP:
+            return False
+        return None
+
+
+def causal_drop(probe: Any, pairs: tuple[torch.Tensor, torch.Tensor, list[str]]) -> Drop:
+    """Accuracy on the other classes' images without the artifact minus with it: per
+    scene, correct without minus correct with (each scene is its own control)."""
     clean, with_artifact, labels = pairs
     truth = torch.tensor([probe.class_names.index(x) for x in labels])
 
-    def accuracy(e: torch.Tensor) -> float:
-        return float((probe.scores(e).argmax(1) == truth).float().mean())
+    def correct(e: torch.Tensor) -> torch.Tensor:
+        return (probe.scores(e).argmax(1) == truth).double()
 
-    return accuracy(clean) - accuracy(with_artifact)
+    diff = correct(clean) - correct(with_artifact)
+    value = float(diff.mean())
+    half = 1.96 * float(diff.std()) / max(len(diff), 1) ** 0.5 if len(diff) > 1 else 1.0
+    return Drop(value, value - half, value + half)
 
 
 # ------------------------------------------------------------------ which route named it
@@ -207,9 +240,9 @@ def run_world(world: WorldSpec, args: argparse.Namespace) -> dict[str, int]:
     rates = (0.9,) if args.quick else RATES
     plan += [(a, c, r) for a in world.artifacts for c in world.classes for r in rates]
     plan += [(None, None, 0.5)] + [(a, None, 0.5) for a in world.artifacts]
-    print(f"{'scenario':<28}{'drop':>7}  relied  exit  {'routes naming the artifact':<38}"
-          f"{'rank':>4} {'share':>6}  ok")
-    tallies = {"relied": 0, "relied_ok": 0, "clean": 0, "clean_ok": 0}
+    print(f"{'scenario':<28}{'drop [95% interval]':>26}  relied    exit  "
+          f"{'routes naming the artifact':<38}{'rank':>4} {'share':>6}  ok")
+    tallies = dict.fromkeys(TALLIES, 0)
     coverage = None
     for i, (artifact, target, rate) in enumerate(plan):
         name = (f"{artifact}->{target} {rate}" if target else
@@ -233,31 +266,35 @@ def run_world(world: WorldSpec, args: argparse.Namespace) -> dict[str, int]:
         coverage = coverage or result.coverage
         if artifact is not None and target is not None:
             drop = causal_drop(probe, pairs[(artifact, target)])
-            relied = drop >= MIN_DROP
+            relied = drop.relied
             named, finding = routes(result, artifact, target, flags_of[artifact])
-            ok = (outcome.exit_code == 1 and bool(named)) if relied else outcome.exit_code == 0
-        else:  # controls: the largest drop over every artifact and class decides; a
-            # control whose probe picked up a reliance by chance counts as relied on
+        else:  # controls: every artifact and class; a control whose probe picked up a
+            # reliance by chance counts as relied on (and the gate must fail it)
             drops = {k: causal_drop(probe, v) for k, v in pairs.items()}
-            (art, cls), drop = max(drops.items(), key=lambda kv: kv[1])
-            relied = drop >= MIN_DROP
-            if relied:
+            verdicts = [d.relied for d in drops.values()]
+            relied = True if True in verdicts else None if None in verdicts else False
+            (art, cls), drop = max(drops.items(), key=lambda kv: (kv[1].low, kv[1].value))
+            if relied is not False:
                 named, finding = routes(result, art, cls, flags_of[art])
-                ok = outcome.exit_code == 1 and bool(named)
             else:
                 named, finding = ([], None) if artifact is None else \
                     routes(result, artifact, None, flags_of[artifact])
-                ok = outcome.exit_code == 0
             name += f" (max drop: {art}->{cls})"
-        key = "relied" if relied else "clean"
+        failed_naming = outcome.exit_code == 1 and bool(named)
+        ok = failed_naming if relied else outcome.exit_code == 0
+        key = {True: "relied", False: "clean", None: "undecided"}[relied]
         tallies[key] += 1
         tallies[key + "_ok"] += ok
         failing = sorted({f"{v.rule}[{v.class_name or '-'}]" for v in result.verdicts
                           if v.status == "fail" and v.waived is None})
-        print(f"{name:<28}{drop:>+7.3f}  {'yes' if relied else 'no':<6}  {outcome.exit_code:>4}  "
+        mark = ("ok" if ok else "MISS") if relied is not None else \
+            ("(gate failed naming it)" if failed_naming else f"(gate exit {outcome.exit_code})")
+        print(f"{name:<28}{drop.value:>+7.3f} [{drop.low:+.3f}, {drop.high:+.3f}]  "
+              f"{RELIED_WORD[relied]:<9} {outcome.exit_code:>4}  "
               f"{', '.join(named) or '-':<38}{finding.rank if finding else '-':>4} "
-              f"{finding.share if finding else 0:>6.3f}  {'ok' if ok else 'MISS'}"
-              + ("" if ok else f"  failing: {', '.join(failing) or 'none'}"), flush=True)
+              f"{finding.share if finding else 0:>6.3f}  {mark}"
+              + ("" if ok or relied is None else f"  failing: {', '.join(failing) or 'none'}"),
+              flush=True)
 
     print(f"\nSAE coverage on the reference set ({world.name}): column | decodable (CV linear "
           "probe AUC) | best component AUC | best concept group AUC")
@@ -267,28 +304,30 @@ def run_world(world: WorldSpec, args: argparse.Namespace) -> dict[str, int]:
               f"{c.best_concept_auc or float('nan'):.3f} ({c.best_concept})")
     print(f"\n{world.name}: relied-on shortcuts on which the gate fails naming the artifact: "
           f"{tallies['relied_ok']}/{tallies['relied']}; controls and not-relied-on scenarios on "
-          f"which the gate passes: {tallies['clean_ok']}/{tallies['clean']} "
-          f"({time.perf_counter() - start:.0f} s)", flush=True)
+          f"which the gate passes: {tallies['clean_ok']}/{tallies['clean']}; undecided (the "
+          f"interval holds {MIN_DROP}): {tallies['undecided']}, on which the gate passed "
+          f"{tallies['undecided_ok']} ({time.perf_counter() - start:.0f} s)", flush=True)
     return tallies
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--n", type=int, default=1000, help="images per scenario")
-    parser.add_argument("--pairs", type=int, default=300,
+    parser.add_argument("--pairs", type=int, default=500,
                         help="counterfactual pairs per artifact and class")
     parser.add_argument("--out", type=Path, default=Path(".bench/detection"))
     parser.add_argument("--quick", action="store_true", help="rate 0.9 and controls only")
     parser.add_argument("--worlds", nargs="+", default=list(WORLDS), choices=list(WORLDS))
     args = parser.parse_args()
     shutil.rmtree(args.out, ignore_errors=True)
-    totals = {"relied": 0, "relied_ok": 0, "clean": 0, "clean_ok": 0}
+    totals = dict.fromkeys(TALLIES, 0)
     for name in args.worlds:
         for k, v in run_world(world_spec(name), args).items():
             totals[k] += v
     print(f"\nall worlds: relied-on shortcuts failed naming the artifact {totals['relied_ok']}/"
           f"{totals['relied']}; controls and not-relied-on scenarios passed "
-          f"{totals['clean_ok']}/{totals['clean']}")
+          f"{totals['clean_ok']}/{totals['clean']}; undecided {totals['undecided']} (the gate "
+          f"passed {totals['undecided_ok']})")
 
 
 if __name__ == "__main__":
