@@ -1,5 +1,7 @@
 """`clipaudit demo` end to end on the bundled tiny CLIP: it must find the planted ruler."""
 
+import re
+
 import pytest
 from typer.testing import CliRunner
 
@@ -55,7 +57,9 @@ def _the_ruler_heatmaps_point_at_the_rulers(result, component, out, html):
     assert len(with_ruler) >= 6
     hits = [pointing_hit(v, m, (8, 8)) for v, m in with_ruler]
     assert np.mean(hits) >= 0.8, hits
-    assert html.count('class="overlay"') >= 6 and 'id="heatmaps-all"' in html
+    overlays = re.findall(r'<span class="thumb-img (im-\d+) overlay" role="img"', html)
+    assert len(overlays) >= 6 and 'id="heatmaps-all"' in html
+    assert all(re.search(rf"\.{key}\{{background-image:url\(data:image/", html) for key in overlays)
 
 
 @pytest.mark.slow

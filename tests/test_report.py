@@ -19,6 +19,7 @@ from dataclasses import FrozenInstanceError
 from html.parser import HTMLParser
 from pathlib import Path
 
+import numpy as np
 import pytest
 from PIL import Image
 from typer.testing import CliRunner
@@ -210,8 +211,19 @@ def _parse(page: str) -> _Collect:
 
 def _decode_data_uri(uri: str) -> Image.Image:
     header, payload = uri.split(",", 1)
-    assert header in ("data:image/png;base64", "data:image/jpeg;base64"), header
+    assert header in ("data:image/png;base64", "data:image/jpeg;base64", "data:image/webp;base64"), header
     return Image.open(io.BytesIO(base64.b64decode(payload)))
+
+
+def _encoding(uri: str) -> str:
+    """png, jpeg, webp-lossy or webp-lossless."""
+    header, payload = uri.split(",", 1)
+    kind = header.removeprefix("data:image/").removesuffix(";base64")
+    if kind != "webp":
+        return kind
+    chunk = base64.b64decode(payload)[12:16]  # RIFF....WEBP then the first chunk's tag
+    assert chunk in (b"VP8 ", b"VP8L"), chunk
+    return "webp-lossless" if chunk == b"VP8L" else "webp-lossy"
 
 
 # ------------------------------------------------------------------ report data
@@ -480,15 +492,55 @@ def test_finding_cards_carry_heatmap_overlays_beside_their_images(audit_dpath):
     labels = {a.get("for") for t, a in parsed.tags if t == "label"}
     assert {a["id"] for a in switches} <= labels
     assert "heatmaps-all" in {a.get("id") for t, a in parsed.tags if t == "input"}
-    overlays = [a for t, a in parsed.tags if t == "img" and a.get("class") == "overlay"]
-    assert len(overlays) == 8 and all(a["src"].startswith("data:image/") for a in overlays)
+    overlays = _overlay_spans(parsed)
+    assert len(overlays) == 8 and all(a["role"] == "img" and "heatmap of component 7" in a["aria-label"]
+                                      for a in overlays)
     assert "test maps &lt;b&gt;4x4&lt;/b&gt;" in page  # the note is text
 
     paper = _parse(render_html(data, print_mode=True))
     assert not [a for t, a in paper.tags if t == "input"]  # nothing to switch on paper
     figures = [a for t, a in paper.tags if t == "figure" and "with-overlay" in (a.get("class") or "")]
     assert len(figures) == 8  # each shows its image and its heatmap side by side
-    assert len([a for t, a in paper.tags if t == "img" and a.get("class") == "overlay"]) == 8
+    assert len(_overlay_spans(paper)) == 8
+
+
+def _overlay_spans(parsed: _Collect) -> list[dict]:
+    return [a for t, a in parsed.tags if t == "span" and "overlay" in (a.get("class") or "").split()]
+
+
+def test_each_image_is_inlined_once_in_the_encoding_its_reader_handles_best(audit_dpath):
+    rng = np.random.default_rng(0)
+    photo = np.clip(rng.normal(128, 40, (150, 150, 3)), 0, 255).astype(np.uint8)
+    Image.fromarray(photo).save(audit_dpath / "thumbnails" / "0003.png")  # many colours
+    result = load_audit(audit_dpath)
+    screen = build_report_data(result, audit_dpath)
+    ruler = _cards(screen)["probe:malignant:7"]
+    by_instance = dict(zip([0, 3, 6, 9, 12, 1], ruler.thumbnails))
+    # Browsers get WebP: lossy for a photo, lossless (pixel for pixel) for a flat picture.
+    assert _encoding(by_instance[3].src) == "webp-lossy"
+    assert _encoding(by_instance[0].src) == "webp-lossless"
+    with Image.open(audit_dpath / "thumbnails" / "0000.png") as original:
+        original.thumbnail((ReportConfig().thumbnail_px,) * 2)
+        assert _decode_data_uri(by_instance[0].src).convert("RGB").tobytes() == \
+            original.convert("RGB").tobytes()
+    # weasyprint would decode a WebP and store its pixels losslessly: the PDF gets JPEG or PNG.
+    paper = _cards(build_report_data(result, audit_dpath, print_mode=True))["probe:malignant:7"]
+    paper_by_instance = dict(zip([0, 3, 6, 9, 12, 1], paper.thumbnails))
+    assert _encoding(paper_by_instance[3].src) == "jpeg"
+    assert _encoding(paper_by_instance[0].src) == "png"
+    assert {_encoding(t.overlay) for t in paper.thumbnails if t.overlay} <= {"png", "jpeg"}
+
+    # Component 7 is a finding of both heads: its overlays show on 8 figures; every image
+    # is in the page once, identical ones (these test overlays) under one CSS class.
+    page = render_html(screen)
+    spans = _overlay_spans(_parse(page))
+    assert len(spans) == 8
+    images = {t.src for c in _cards(screen).values() for t in c.thumbnails if t.src}
+    images |= {t.overlay for c in _cards(screen).values() for t in c.thumbnails if t.overlay}
+    assert len(images) >= 3 and all(page.count(uri) == 1 for uri in images)
+    keys = re.findall(r"\.(im-\d+)\{background-image:url\(data:image/webp;base64,", page)
+    assert len(keys) == len(set(keys)) == len(images)
+    assert {a["class"].split()[1] for a in spans} <= set(keys)
 
 
 def test_the_report_says_why_an_audit_has_no_heatmaps(audit_dpath):

@@ -301,6 +301,10 @@ def test_heatmap_overlays_switch_per_card_and_for_all(browser, report_url):
     assert set(browser.js(every)) == {"plain"}
     browser.click("#heatmaps-all")
     assert set(browser.js(every)) == {"overlay"}
-    broken = browser.js("""Array.from(document.querySelectorAll("img.overlay"))
-        .filter(i => !i.complete || i.naturalWidth === 0).length""")
-    assert broken == 0 and browser.problems() == []
+    n_overlays, n_broken = browser.js(r"""(async () => {
+        const els = Array.from(document.querySelectorAll(".thumb-img.overlay"));
+        const ok = await Promise.all(els.map(e => { const i = new Image();
+            i.src = getComputedStyle(e).backgroundImage.replace(/^url\("?|"?\)$/g, "");
+            return i.decode().then(() => i.naturalWidth > 0, () => false); }));
+        return [els.length, ok.filter(x => !x).length]; })()""")
+    assert n_overlays == 8 and n_broken == 0 and browser.problems() == []

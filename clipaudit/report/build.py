@@ -55,7 +55,7 @@ RELIED_ROWS = 20
 STRONG_AUC = 0.8
 """An AUC this far from chance (>= 0.8 or <= 0.2) is highlighted as confirming metadata."""
 # Provenance keys shown first, in this order; the rest follow alphabetically.
-_SAFE_URI = re.compile(r"data:image/(png|jpeg);base64,[A-Za-z0-9+/=]+")
+_SAFE_URI = re.compile(r"data:image/(png|jpeg|webp);base64,[A-Za-z0-9+/=]+")
 _PROVENANCE_ORDER = ("backbone", "hook", "sae", "heads", "probe", "prompt_set", "data_sha256",
                      "data_hash", "cache", "reference", "vocabularies", "rules", "seed", "date",
                      "clipaudit_version")
@@ -182,39 +182,52 @@ def _ablation_view(effect: AblationEffect | None) -> AblationView | None:
 
 
 class _Thumbnails:
-    """Inlines each instance's thumbnail once, however many cards show it, and each
-    (component, instance) heatmap overlay the audit wrote."""
+    """Inlines each image once, however many cards show it: each instance's thumbnail
+    and each (component, instance) heatmap overlay the audit wrote are read once, and
+    identical images (a component that is a finding of two heads shows the same
+    overlays on both cards) share one CSS class."""
 
-    def __init__(self, result: AuditResult, audit_dpath: Path, px: int):
+    def __init__(self, result: AuditResult, audit_dpath: Path, px: int, for_print: bool):
         self._instances: Mapping[int, InstanceInfo] = {i.id: i for i in result.instances}
         self._overlays = {(c.component, h.instance): h.overlay
                           for c in result.components for h in c.heatmaps}
-        self._audit_dpath, self._px = audit_dpath, px
+        self._audit_dpath, self._px, self._for_print = audit_dpath, px, for_print
         self._cache: dict[int, Thumbnail] = {}
+        self._overlay_cache: dict[tuple[int, int], str | None] = {}
+        self._keys: dict[str, str] = {}  # data: URI -> CSS class
+
+    def _uri(self, rel_path: str) -> str | None:
+        return thumbnail_data_uri(self._audit_dpath, rel_path, self._px, for_print=self._for_print)
+
+    def _key(self, uri: str | None) -> str:
+        return "" if uri is None else self._keys.setdefault(uri, f"im-{len(self._keys)}")
 
     def __call__(self, instance_id: int, component: int | None = None) -> Thumbnail:
         if instance_id not in self._cache:
             info = self._instances.get(instance_id)
-            key = f"th-{len(self._cache)}"
             if info is None:
-                thumb = Thumbnail(src=None, key=key, caption=f"#{instance_id}", title="unknown instance")
+                thumb = Thumbnail(src=None, key="", caption=f"#{instance_id}", title="unknown instance")
             else:
-                src = (thumbnail_data_uri(self._audit_dpath, info.thumbnail, self._px)
-                       if info.thumbnail else None)
-                thumb = Thumbnail(src=src, key=key, caption=info.label or f"#{info.id}", title=info.path)
+                src = self._uri(info.thumbnail) if info.thumbnail else None
+                thumb = Thumbnail(src=src, key=self._key(src), caption=info.label or f"#{info.id}",
+                                  title=info.path)
             self._cache[instance_id] = thumb
         thumb = self._cache[instance_id]
-        overlay = self._overlays.get((component, instance_id)) if component is not None else None
+        pair = (component, instance_id) if component is not None else None
+        if pair is None or pair not in self._overlays:
+            return thumb
+        if pair not in self._overlay_cache:
+            self._overlay_cache[pair] = self._uri(self._overlays[pair])
+        overlay = self._overlay_cache[pair]
         if overlay is None:
             return thumb
-        return dataclasses.replace(thumb, overlay=thumbnail_data_uri(self._audit_dpath, overlay,
-                                                                     self._px))
+        return dataclasses.replace(thumb, overlay=overlay, overlay_key=self._key(overlay))
 
     def css(self) -> Markup:
-        """One rule per image shown: ``.th-N{background-image:url(data:...)}``. The URIs are
-        built here from base64 (``[A-Za-z0-9+/=]``), so they cannot close the rule."""
-        rules = [f".{t.key}{{background-image:url({t.src})}}" for t in self._cache.values()
-                 if t.src is not None and _SAFE_URI.fullmatch(t.src)]
+        """One rule per image shown: ``.im-N{background-image:url(data:...)}``. The URIs
+        are built here from base64 (``[A-Za-z0-9+/=]``), so they cannot close the rule."""
+        rules = [f".{key}{{background-image:url({uri})}}" for uri, key in self._keys.items()
+                 if _SAFE_URI.fullmatch(uri)]
         return Markup("\n".join(rules))
 
 
@@ -361,7 +374,7 @@ def build_report_data(result: AuditResult, audit_dpath: Path | str,
     ``print_mode``: for the PDF, long tables cut to ``config.pdf_max_rows`` and fewer
     detail sections (the HTML report and audit.json keep everything)."""
     config = config or ReportConfig()
-    thumbs = _Thumbnails(result, Path(audit_dpath), config.thumbnail_px)
+    thumbs = _Thumbnails(result, Path(audit_dpath), config.thumbnail_px, print_mode)
     verdicts = _verdict_rows(result)
     heads = tuple(_head_section(h, i, verdicts, thumbs, config, print_mode)
                   for i, h in enumerate(result.heads))

@@ -173,13 +173,15 @@ class Thumbnail:
     """A ``data:`` URI, or None when the image file is missing or unreadable."""
     key: str
     """CSS class that shows this image (``ReportData.thumbnail_css``): each image is
-    inlined once however many cards show it."""
+    inlined once however many cards show it ("" without an image)."""
     caption: str
     """The instance's label (or its id when unlabelled)."""
     title: str
     """The instance's path."""
     overlay: str | None = None
     """A ``data:`` URI of the finding component's heatmap over the image, or None."""
+    overlay_key: str | None = None
+    """CSS class that shows ``overlay`` (inlined once, like ``key``), or None."""
 
 
 @dataclass(frozen=True)
@@ -321,7 +323,8 @@ class ReportData:
     comparison_rows: tuple[ComparisonRow, ...]
     n_comparison_rows: int
     thumbnail_css: Markup
-    """One CSS rule per inlined image (``Thumbnail.key``); base64 only, no user text."""
+    """One CSS rule per inlined image (``Thumbnail.key``, ``Thumbnail.overlay_key``);
+    base64 only, no user text."""
     print_mode: bool
     """Built for the PDF: long tables cut to ``pdf_max_rows``."""
     sae_metrics: tuple[KeyValue, ...]
