@@ -306,6 +306,39 @@ def test_scatter_svg_is_wellformed_escaped_and_sized_by_clarity():
     assert "relevance share" in labels and "alignment with the class" in labels
 
 
+def test_scatter_crowd_is_drawn_as_dots_that_darken_where_they_overlap():
+    rng = random.Random(3)
+    points = [ScatterPoint(j, rng.uniform(-0.002, 0.002) if j % 2 else rng.uniform(-0.1, 0.3),
+                           rng.uniform(-0.1, 0.1), rng.random(), "c", j == 0) for j in range(300)]
+    points.append(ScatterPoint(999, float("nan"), 0.0, 0.5, "c", False))
+    svg = scatter_svg(points, "x", tooltips=20)
+    root = ET.fromstring(str(svg))
+    ns = "{http://www.w3.org/2000/svg}"
+    circles = list(root.iter(f"{ns}circle"))
+    assert len(circles) == 21 and all(c.find(f"{ns}title") is not None for c in circles)
+    titled = {int(c.find(f"{ns}title").text.split()[0][1:]) for c in circles}
+    largest = sorted((p for p in points[1:] if p.share == p.share), key=lambda p: -abs(p.share))[:20]
+    assert titled == {0} | {p.component for p in largest}
+    # every other finite point is one dot: a zero-length round-capped segment
+    dots = []
+    for path in root.iter(f"{ns}path"):
+        width = float(path.get("stroke-width"))
+        centres = [tuple(map(float, m)) for m in re.findall(r"M([-\d.]+) ([-\d.]+)h0", path.get("d"))]
+        assert centres and path.get("d") == "".join(f"M{x:g} {y:g}h0" for x, y in centres)
+        # no two dots of one path overlap (a path paints an overlap once, circles twice)
+        assert all((a[0] - b[0]) ** 2 + (a[1] - b[1]) ** 2 >= width ** 2
+                   for i, a in enumerate(centres) for b in centres[i + 1:])
+        dots += [(width / 2, c) for c in centres]
+    assert len(dots) == 300 - 21
+    layers = [p for p in root.iter(f"{ns}path")]
+    assert len(layers) < len(dots) / 4  # far fewer elements than points
+    group = next(g for g in root.iter(f"{ns}g") if g.find(f"{ns}path") is not None)
+    assert group.get("stroke-linecap") == "round" and group.get("stroke-opacity") == "0.45"
+    radii = {r for r, _ in dots}
+    assert min(radii) >= 2 and max(radii) <= 8 and len(radii) > 5  # sized by clarity
+    assert len(str(svg)) < 0.5 * len(str(scatter_svg(points, "x", tooltips=300)))
+
+
 @pytest.mark.parametrize("lo,hi", [(0.0, 1.0), (-0.083, 0.126), (3.0, 3.0001), (-5, 120)])
 def test_nice_ticks_cover_the_range_in_round_steps(lo, hi):
     ticks = nice_ticks(lo, hi)
@@ -450,6 +483,27 @@ def test_pdf_pages_are_nonblank_and_text_carries_verdict_and_labels(audit_dpath,
     for i, page_text in enumerate(page_texts, start=1):  # running header and page numbers
         assert "clipaudit audit audit-2025-test-01" in page_text, f"page {i} lacks the header"
         assert re.search(rf"\b{i}\s*/\s*{len(pages)}\b", page_text), f"page {i} unnumbered"
+
+
+@pytest.mark.slow
+def test_pdf_draws_the_scatter_crowd_as_it_would_draw_circles(tmp_path):
+    """weasyprint (and poppler) must paint a zero-length round-capped segment as a dot."""
+    import weasyprint
+
+    pdftoppm = _poppler("pdftoppm")
+    rng = random.Random(5)
+    points = [ScatterPoint(j, rng.uniform(-0.01, 0.2), rng.uniform(-0.1, 0.1), rng.random(), "c", False)
+              for j in range(150)]
+    ink = []
+    for name, tooltips in (("dots", 0), ("circles", 150)):
+        svg = str(scatter_svg(points, "x", tooltips=tooltips))
+        assert ("<path" in svg) == (name == "dots")
+        (tmp_path / f"{name}.pdf").write_bytes(weasyprint.HTML(string=f"<body>{svg}</body>").write_pdf())
+        subprocess.run([pdftoppm, "-png", "-r", "72", "-singlefile", str(tmp_path / f"{name}.pdf"),
+                        str(tmp_path / name)], check=True)
+        gray = Image.open(tmp_path / f"{name}.png").convert("L")
+        ink.append(sum(255 - v for v in gray.tobytes()))
+    assert ink[0] == pytest.approx(ink[1], rel=0.05)  # without the dots: 0.4 of the circles' ink
 
 
 def test_a_finding_split_over_components_shows_its_concept_share(audit_dpath):
