@@ -13,7 +13,7 @@ for photos (WebP smooths it away: 0.27 of the JPEG for 192 px noise shown at 128
 
 Prints sizes, timings and the HTML size as a ratio of a 500 kB budget.
 
-    python benchmarks/bench_report.py [--pdf]
+    python benchmarks/bench_report.py [--pdf] [--thumbnail-px 128] [--per-card 6]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ from PIL import Image, ImageDraw
 
 from clipaudit.attribution.overlays import render_overlay
 from clipaudit.report import build_report_data, render_html, render_pdf
+from clipaudit.report.model import ReportConfig
 from clipaudit.results import (
     AblationEffect,
     AuditResult,
@@ -134,12 +135,17 @@ def make_audit(dpath: Path) -> AuditResult:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--pdf", action="store_true", help="also time the PDF")
+    parser.add_argument("--thumbnail-px", type=int, default=ReportConfig.thumbnail_px,
+                        help="ReportConfig.thumbnail_px (what a smaller size would save)")
+    parser.add_argument("--per-card", type=int, default=ReportConfig.thumbnails_per_finding,
+                        help="ReportConfig.thumbnails_per_finding")
     args = parser.parse_args()
+    config = ReportConfig(thumbnail_px=args.thumbnail_px, thumbnails_per_finding=args.per_card)
     with tempfile.TemporaryDirectory() as tmp:
         dpath = Path(tmp)
         result = make_audit(dpath)
         t0 = time.perf_counter()
-        data = build_report_data(result, dpath)
+        data = build_report_data(result, dpath, config)
         t1 = time.perf_counter()
         page = render_html(data)
         t2 = time.perf_counter()
@@ -155,7 +161,7 @@ def main() -> None:
         print(f"html / budget {HTML_BUDGET / 1e3:.0f} kB: {len(page) / HTML_BUDGET:.2f}")
         if args.pdf:
             t3 = time.perf_counter()  # as write_report does: the PDF's own data, its encodings
-            pdf = render_pdf(build_report_data(result, dpath, print_mode=True))
+            pdf = render_pdf(build_report_data(result, dpath, config, print_mode=True))
             print(f"build and render_pdf: {time.perf_counter() - t3:.1f} s   pdf: {len(pdf) / 1e3:.0f} kB")
 
 
