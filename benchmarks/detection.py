@@ -273,7 +273,8 @@ def run_world(world: WorldSpec, args: argparse.Namespace) -> dict[str, int]:
             drops = {k: causal_drop(probe, v) for k, v in pairs.items()}
             verdicts = [d.relied for d in drops.values()]
             relied = True if True in verdicts else None if None in verdicts else False
-            (art, cls), drop = max(drops.items(), key=lambda kv: (kv[1].low, kv[1].value))
+            deciding = {k: d for k, d in drops.items() if d.relied == relied}
+            (art, cls), drop = max(deciding.items(), key=lambda kv: (kv[1].low, kv[1].value))
             if relied is not False:
                 named, finding = routes(result, art, cls, flags_of[art])
             else:

@@ -246,3 +246,23 @@ def test_alignment_calibration(calibration, status):
     spec = {"id": "calibration", "check": "alignment-calibration"}
     v = verdicts(result(calibration=calibration), rules(spec))[("calibration", "malignant")]
     assert v.status == status
+
+
+@pytest.mark.parametrize("low, status", [(None, "fail"), (0.08, "fail"), (0.049, "pass"),
+                                         (0.0, "pass")])
+def test_metadata_confirmed_defers_to_the_causal_test_of_the_same_column(low, status):
+    """A finding that predicts an artifact column fails metadata-confirmed unless the head's
+    measured reliance on that column (the concept route) stays under the limit: then the
+    component carries evidence that does not move predictions, and the verdict says both."""
+    f = finding(concept="tag", share=0.15, metadata_auc={"has_tag": 1.0})
+    f = dataclasses.replace(f, calibrated_alignment=0.1, backed=True)
+    relied = [] if low is None else [reliance("has_tag", low, low=low)]
+    v = verdicts(result([f], relied), rules({"id": "meta", "check": "metadata-confirmed"}))
+    verdict = v[("meta", "malignant")]
+    assert verdict.status == status
+    if status == "pass":
+        assert "has_tag" in verdict.message and f"at least {low:.3f}" in verdict.message
+    # another class's or another column's reliance never decides
+    other = [reliance("has_tag", 0.0, low=0.0, class_name="benign"), reliance("has_ruler", 0.0, low=0.0)]
+    assert verdicts(result([f], other), rules({"id": "meta", "check": "metadata-confirmed"})
+                    )[("meta", "malignant")].status == "fail"

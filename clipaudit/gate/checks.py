@@ -12,7 +12,7 @@ from pydantic import Field, model_validator
 
 from clipaudit.gate.model import REFUSED_ALIGNMENT_MAX, CheckSpec, Share, Term
 from clipaudit.gate.registry import CheckOutcome, Scope, Violation, register_check
-from clipaudit.results import Finding
+from clipaudit.results import ConceptReliance, Finding
 
 
 def _label(f: Finding) -> str:
@@ -219,23 +219,47 @@ def metadata_confirmed(spec: MetadataConfirmedParams, scope: Scope) -> CheckOutc
     if not patterns:
         return CheckOutcome([], "no artifact or protected columns declared", skipped=True)
     listed = _column_matcher(patterns)
-    violations = []
+    reliance_min = scope.ruleset.thresholds.reliance_min
+    measured = _column_reliance(scope)
+    violations, not_relied = [], []
     looked_at: set[str] = set()
     for f in scope.findings():
         scored = [(c, auc, max(auc, 1.0 - auc) if spec.symmetric else auc)
                   for c, auc in f.metadata_auc.items() if listed(c) and math.isfinite(auc)]
         looked_at.update(c for c, _, _ in scored)
         hits = sorted((s for s in scored if s[2] >= auc_min), key=lambda s: -s[2])
-        if hits:
-            column, auc, strength = hits[0]
-            violations.append(Violation(
-                f"{_label(f)} predicts {column} (AUC {auc:.3f}; trigger {auc_min:g})",
-                f, strength, auc_min))
+        if not hits:
+            continue
+        column, auc, strength = hits[0]
+        what = f"{_label(f)} predicts {column} (AUC {auc:.3f}; trigger {auc_min:g})"
+        r = measured.get(column)
+        if r is not None and r.reliance is not None and r.reliance_low is not None \
+                and r.reliance_low < reliance_min:
+            # the causal test of the same column says the head does not measurably rely on
+            # it: the component carries evidence, but moving the column does not move
+            # predictions (the finding stays, and shortcut-share judges its share)
+            not_relied.append(f"{what}, but putting {column} on the other classes' images "
+                              f"costs the head {r.reliance:.3f} accuracy (at least "
+                              f"{r.reliance_low:.3f}; limit {reliance_min:g})")
+            continue
+        violations.append(Violation(what, f, strength, auc_min))
     summary = (f"no finding predicts {', '.join(sorted(looked_at))} with AUC >= {auc_min:g}"
                if looked_at else f"no finding has a score for the listed columns "
                f"({', '.join(patterns)})")
+    if not_relied and not violations:
+        summary = "; ".join(not_relied)
     return CheckOutcome(violations, summary, {"auc_min": auc_min, "columns": patterns,
-                                              "columns_scored": sorted(looked_at)})
+                                              "columns_scored": sorted(looked_at),
+                                              "not_relied_on": not_relied})
+
+
+def _column_reliance(scope: Scope) -> dict[str, ConceptReliance]:
+    """This head's and class's measured reliance on each metadata column key."""
+    if scope.head is None or scope.class_name is None:
+        return {}
+    return {r.concept: r for r in scope.head.concept_reliance
+            if r.class_name == scope.class_name and r.source == "column"
+            and r.status == "measured"}
 
 
 # ------------------------------------------------------------------ baseline-regression
