@@ -349,3 +349,22 @@ def test_a_file_of_another_kind_is_refused(tmp_path):
         load_sae(fpath)
     with pytest.raises(ArtifactError, match="expected a clipaudit 'sae' file"):
         load_sae(fpath, fmt="clipaudit")
+
+
+@pytest.mark.parametrize("n_latents, batch, threads_inside", [(32, 128, 1), (4096, 1024, 2)])
+def test_small_saes_step_on_one_thread_and_the_callers_setting_survives(
+        world, monkeypatch, n_latents, batch, threads_inside):
+    """Splitting a tiny step over threads costs more than it saves: an SAE whose step is
+    below SMALL_STEP_MACS trains on one thread, a larger one on the caller's threads, and
+    the caller's setting is back afterwards."""
+    from clipaudit.device import torch_threads
+    from clipaudit.sae.trainer import SAETrainer
+
+    seen = []
+    step = SAETrainer.step
+    monkeypatch.setattr(SAETrainer, "step", lambda self, h: (seen.append(torch.get_num_threads()),
+                                                             step(self, h))[1])
+    with torch_threads(2):
+        train_sae(world, SAETrainConfig(n_latents=n_latents, k=4, steps=2, batch_size=batch))
+        assert torch.get_num_threads() == 2
+    assert set(seen) == {threads_inside}

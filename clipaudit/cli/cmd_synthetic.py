@@ -127,8 +127,7 @@ def train_clip_cmd(
     """Train a world's tiny CLIP on that world (5-8 minutes on 2 idle CPU cores)."""
     import dataclasses
 
-    import torch
-
+    from clipaudit.device import torch_threads
     from clipaudit.errors import InputError
     from clipaudit.extraction.backbone import BUNDLED_MODELS
     from clipaudit.resources import package_data_dpath
@@ -140,13 +139,9 @@ def train_clip_cmd(
     config = dataclasses.replace(default_train_config(world), seed=seed)
     if steps is not None:
         config = dataclasses.replace(config, steps=steps)
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        with RichReporter(quiet=as_json or quiet) as reporter:
-            trained = train_tiny_clip(target, config, world=world, reporter=reporter)
-    finally:  # callers in the same process (tests, notebooks) keep their setting
-        torch.set_num_threads(previous)
+    # callers in the same process (tests, notebooks) keep their setting
+    with torch_threads(threads), RichReporter(quiet=as_json or quiet) as reporter:
+        trained = train_tiny_clip(target, config, world=world, reporter=reporter)
     if as_json:
         print_json({"dpath": str(trained.dpath), **trained.provenance})
         return

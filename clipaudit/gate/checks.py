@@ -255,11 +255,12 @@ def metadata_confirmed(spec: MetadataConfirmedParams, scope: Scope) -> CheckOutc
 
 def _column_reliance(scope: Scope) -> dict[str, ConceptReliance]:
     """This head's and class's measured reliance on each metadata column key."""
+    from clipaudit.gate.trust_checks import _reliance_index
+
     if scope.head is None or scope.class_name is None:
         return {}
-    return {r.concept: r for r in scope.head.concept_reliance
-            if r.class_name == scope.class_name and r.source == "column"
-            and r.status == "measured"}
+    return {concept: r for (source, concept), r in _reliance_index(scope).items()
+            if source == "column" and r.status == "measured"}
 
 
 # ------------------------------------------------------------------ baseline-regression

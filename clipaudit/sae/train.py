@@ -19,14 +19,13 @@ import itertools
 import logging
 import math
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from clipaudit.device import resolve_device
+from clipaudit.device import resolve_device, torch_threads
 from clipaudit.errors import InputError
 from clipaudit.extraction.sources import ActivationSource
 from clipaudit.progress import NULL_REPORTER, Reporter
@@ -117,7 +116,7 @@ def train_sae(source: ActivationSource, config: SAETrainConfig = SAETrainConfig(
     every = config.checkpoint_every if checkpoint_fpath is not None else None
     task = reporter.task("train SAE", total=total_steps)
     small = config.batch_size * d * n_latents * 3 < SMALL_STEP_MACS
-    with _threads(1 if small and device.type == "cpu" else None):
+    with torch_threads(1 if small and device.type == "cpu" else None):
         try:
             task.advance(trainer.steps_done)
             for h_nd in _batches(source, config, total_steps, start=trainer.steps_done):
@@ -134,20 +133,6 @@ def train_sae(source: ActivationSource, config: SAETrainConfig = SAETrainConfig(
     sae.meta = _training_meta(sae, source, config, metrics, total_steps)
     sae.meta["settings"] = settings.as_dict()
     return TrainResult(sae=sae, metrics=metrics, steps=total_steps, settings=settings)
-
-
-@contextmanager
-def _threads(n: int | None) -> Iterator[None]:
-    """torch's intra-op threads set to ``n`` for the block (None: unchanged)."""
-    before = torch.get_num_threads()
-    if n is None or n == before:
-        yield
-        return
-    torch.set_num_threads(n)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def _validate(config: SAETrainConfig) -> None:
