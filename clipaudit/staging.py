@@ -57,6 +57,7 @@ from typing import Any, TypeVar
 
 from clipaudit.artifacts import output_error
 from clipaudit.errors import ArtifactError, ClipAuditError, OutputError
+from clipaudit.process_locks import held_by_this_process_only
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,8 @@ def staged_folder(target: Path | str, *, command: str, copy: bool = False,
         if copy and target.is_dir():
             with output_error(shown):
                 _link_tree(target, staging)
-        yield staging
+        with held_by_this_process_only(lock):  # a killed run's forked workers hold nothing
+            yield staging
         with output_error(shown):
             _update_marker(marker, state="complete")
             _swap_in(staging, target)

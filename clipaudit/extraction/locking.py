@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 
 from clipaudit.artifacts import output_error
 from clipaudit.errors import InputError, OutputError
+from clipaudit.process_locks import held_by_this_process_only
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -25,7 +26,8 @@ def one_writer_per_worker_slot(fn: F) -> F:
     encode the same shards twice and delete each other's temporary files; the second one
     refuses instead, in one line (exit 2), naming the process that holds the slot. The
     lock (``.extract-worker-<i>-of-<n>.lock`` in the cache, ``flock``) goes with the
-    process, so a killed run never blocks the next one. Workers with other indices (or
+    process, not with the decoding workers it forks, so a killed run never blocks the
+    next one. Workers with other indices (or
     a read-only cache, where nothing can be written) are not held up.
     """
 
@@ -75,4 +77,5 @@ def _worker_slot(dpath: Path, index: int, count: int) -> Iterator[None]:
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}, since "
                      f"{time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         handle.flush()
-        yield
+        with held_by_this_process_only(handle):
+            yield
