@@ -177,7 +177,7 @@ def main() -> None:
     from clipaudit.extraction.hooks import VisionTower
 
     args.out.mkdir(parents=True, exist_ok=True)
-    backbone = load_backbone(BackboneSpec(model=BACKBONE, seed=SEED))
+    backbone = load_backbone(BackboneSpec(model=BACKBONE, pretrained="random", seed=SEED))
     tower = VisionTower(backbone.model)
     models = write_models(args.out, backbone, tower, args.latents, args.k, args.classes)
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads),

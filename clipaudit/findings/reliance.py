@@ -154,15 +154,23 @@ def measure_reliance(direction: Direction, concept: str, source: RelianceSource,
     where none match the head's classes; ``presence`` the audited instances' observed
     presence, or None when unknown), with the lower bound of its bootstrap replicates
     (the direction's replicates, each on a Poisson-weighted resample of the audited
-    instances)."""
+    instances). Each class's record carries its own slices (class x presence).
+
+    Every per-class figure is a count or sum over "the other classes' images", i.e. over
+    the instances of a known class minus the class's own; they are all computed at once
+    from per-instance outcomes (which do not depend on the class asked about) and per-class
+    sums (``bincount``), so the cost is O(n x C), not O(n x C^2)."""
     if direction.vector is None:
         return [ConceptReliance(concept, source, name, direction.status,  # type: ignore[arg-type]
                                 n_present=direction.n_present, n_absent=direction.n_absent,
                                 detail=_join(detail, direction.note))
                 for name in class_names]
+    n_classes = len(class_names)
     scores = x_nD @ weight_CD.T + bias_C
-    truth = torch.tensor([class_names.index(x) if x in class_names else -1 for x in labels],
-                         dtype=torch.long)
+    position: dict[str | None, int] = {}
+    for c, name in enumerate(class_names):
+        position.setdefault(name, c)
+    truth = torch.tensor([position.get(x, -1) for x in labels], dtype=torch.long)
     note = direction.note
     if not bool((truth >= 0).any()):
         truth = scores.argmax(dim=1)
@@ -173,35 +181,69 @@ def measure_reliance(direction: Direction, concept: str, source: RelianceSource,
         else torch.from_numpy(presence == 1)
     clean = scores - has[:, None].float() * shift
     lost_Bn, weights_Bn = _lost_replicates(direction, weight_CD, scores, truth, has, known, seed)
+
+    # per-instance outcomes over the instances of a known class, then per-class counts:
+    # "the other classes' images" of class c are all of them minus c's own
+    t = truth[known]
+    own = torch.bincount(t, minlength=n_classes)
+    n_others = len(t) - own
+
+    def others_count(hit: Tensor) -> Tensor:
+        """Per class, how many of the other classes' images ``hit`` (bool [n_known])."""
+        return int(hit.sum()) - torch.bincount(t[hit], minlength=n_classes)
+
+    pred_clean, pred_swapped = clean[known].argmax(1), (clean[known] + shift).argmax(1)
+    acc_clean = _ratio(others_count(pred_clean == t), n_others)
+    acc_swapped = _ratio(others_count(pred_swapped == t), n_others)
+    # images of another class called c: every image called c minus c's own images called c
+    called_swapped = _ratio(torch.bincount(pred_swapped, minlength=n_classes)
+                            - torch.bincount(t[pred_swapped == t], minlength=n_classes), n_others)
+    called_clean = _ratio(torch.bincount(pred_clean, minlength=n_classes)
+                          - torch.bincount(t[pred_clean == t], minlength=n_classes), n_others)
+    flips = called_swapped - called_clean
+    margin_shift = _margins(shift[None])[0]
+    margins = _margins(scores[known])  # [n_known, C]
+    column_sums = margins.sum(0, dtype=torch.float64)
+    own_sums = torch.zeros(n_classes, dtype=torch.float64).index_add_(
+        0, t, margins.gather(1, t[:, None])[:, 0].double())
+    separation = own_sums / own.clamp(min=1) - (column_sums - own_sums) / n_others.clamp(min=1)
+    low = _lower_bounds(lost_Bn, weights_Bn, known, t, n_classes)
+    slices = _slices(scores, truth, presence, class_names) if presence is not None else None
     out = []
     for c, name in enumerate(class_names):
-        others = known & (truth != c)
-        swapped = clean + others[:, None].float() * shift
-        acc_clean = _accuracy(clean, truth, others)
-        acc_swapped = _accuracy(swapped, truth, others)
-        flips = None
-        if bool(others.any()):
-            flips = float((swapped[others].argmax(1) == c).float().mean()
-                          - (clean[others].argmax(1) == c).float().mean())
-        margin_shift = float(_margin(shift[None], c)[0])
-        margins = _margin(scores, c)
-        mine, theirs = known & (truth == c), others
-        separation = float(margins[mine].mean() - margins[theirs].mean()) \
-            if bool(mine.any()) and bool(theirs.any()) else None
-        low = None
-        if lost_Bn is not None and bool(others.any()):
-            w = weights_Bn[:, others].float()
-            values = (w * lost_Bn[:, others]).sum(1) / w.sum(1).clamp(min=1.0)
-            low = float(torch.quantile(values, LOWER_QUANTILE))
+        measurable = bool(n_others[c] > 0)
+        sep = float(separation[c]) if measurable and bool(own[c] > 0) else None
+        reliance = float(acc_clean[c]) - float(acc_swapped[c]) if measurable else None
         out.append(ConceptReliance(
             concept=concept, source=source, class_name=name, status="measured",
-            reliance=None if acc_clean is None or acc_swapped is None else acc_clean - acc_swapped,
-            reliance_low=low,
-            flip_rate=flips, score_shift=margin_shift,
-            separation_ratio=margin_shift / separation if separation else None,
+            reliance=reliance,
+            reliance_low=float(low[c]) if low is not None and measurable else None,
+            flip_rate=float(flips[c]) if measurable else None,
+            score_shift=float(margin_shift[c]),
+            separation_ratio=float(margin_shift[c]) / sep if sep else None,
             n_present=direction.n_present, n_absent=direction.n_absent, detail=_join(detail, note),
-            slices=_slices(scores, truth, presence, class_names) if presence is not None else []))
+            slices=slices[2 * c:2 * c + 2] if slices is not None else []))
     return out
+
+
+def _ratio(count: Tensor, total: Tensor) -> Tensor:
+    """float32 count / total (what a float mean of booleans gives; 0 where total is 0)."""
+    return count.float() / total.clamp(min=1).float()
+
+
+def _lower_bounds(lost_Bn: Tensor | None, weights_Bn: Tensor, known: Tensor, t: Tensor,
+                  n_classes: int) -> Tensor | None:
+    """Per class, the ``LOWER_QUANTILE`` of its replicates: the weighted mean of ``lost``
+    over the other classes' images (integer sums: exact)."""
+    if lost_Bn is None:
+        return None
+    w = weights_Bn[:, known].long()
+    wl = w * lost_Bn[:, known].long()
+    own_w = torch.zeros(len(w), n_classes, dtype=torch.long).index_add_(1, t, w)
+    own_wl = torch.zeros(len(w), n_classes, dtype=torch.long).index_add_(1, t, wl)
+    values = ((wl.sum(1, keepdim=True) - own_wl).float()
+              / (w.sum(1, keepdim=True) - own_w).float().clamp(min=1.0))
+    return torch.quantile(values, LOWER_QUANTILE, dim=0)
 
 
 def _lost_replicates(direction: Direction, weight_CD: Tensor, scores: Tensor, truth: Tensor,
@@ -231,30 +273,31 @@ def _lost_replicates(direction: Direction, weight_CD: Tensor, scores: Tensor, tr
     return lost, weights
 
 
-def _margin(scores: Tensor, c: int) -> Tensor:
-    """y_c minus the mean of the other classes' scores (y_c itself for a single class)."""
+def _margins(scores: Tensor) -> Tensor:
+    """[n, C]: each y_c minus the mean of the other classes' scores (y_c itself for a
+    single class)."""
     n_classes = scores.shape[1]
     if n_classes == 1:
-        return scores[:, 0]
-    return scores[:, c] - (scores.sum(1) - scores[:, c]) / (n_classes - 1)
-
-
-def _accuracy(scores: Tensor, truth: Tensor, known: Tensor) -> float | None:
-    if not bool(known.any()):
-        return None
-    return float((scores[known].argmax(1) == truth[known]).float().mean())
+        return scores
+    return scores - (scores.sum(1, keepdim=True) - scores) / (n_classes - 1)
 
 
 def _slices(scores: Tensor, truth: Tensor, presence: np.ndarray,
             class_names: Sequence[str]) -> list[SliceAccuracy]:
-    pred = scores.argmax(1)
+    """Per class (in order), its accuracy on its images with and without the concept."""
+    n_classes = len(class_names)
+    correct = scores.argmax(1) == truth
+    counts = {}
+    for value in (True, False):
+        rows = (truth >= 0) & torch.from_numpy(presence == (1 if value else 0))
+        counts[value] = (torch.bincount(truth[rows], minlength=n_classes),
+                         torch.bincount(truth[rows & correct], minlength=n_classes))
     out = []
     for c, name in enumerate(class_names):
         for value in (True, False):
-            mask = (truth == c) & torch.from_numpy(presence == (1 if value else 0))
-            n = int(mask.sum())
-            acc = float((pred[mask] == c).float().mean()) if n else None
-            out.append(SliceAccuracy(name, value, n, acc))
+            n, hits = counts[value]
+            out.append(SliceAccuracy(name, value, int(n[c]),
+                                     float(hits[c].float() / n[c].float()) if n[c] else None))
     return out
 
 

@@ -1,0 +1,94 @@
+"""Concept reliance at many classes: ``measure_reliance`` computes every class at once
+(per-class counts over the other classes' images); it must give what the definition
+gives class by class (the per-class loop it replaced, kept here as the reference)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from clipaudit.findings.reliance import (
+    LOWER_QUANTILE,
+    Direction,
+    _lost_replicates,
+    measure_reliance,
+)
+
+
+def _reference(direction, x, weight, bias, class_names, labels, presence, seed=0):
+    """The definition, one class at a time: (reliance, low, flips, shift, separation
+    ratio, own slices) per class."""
+    scores = x @ weight.T + bias
+    truth = torch.tensor([class_names.index(s) if s in class_names else -1 for s in labels])
+    known = truth >= 0
+    shift = weight @ direction.vector
+    has = torch.from_numpy(presence == 1) if presence is not None else torch.zeros(len(x), dtype=torch.bool)
+    clean = scores - has[:, None].float() * shift
+    lost, weights = _lost_replicates(direction, weight, scores, truth, has, known, seed)
+    n_classes = len(class_names)
+
+    def margin(s, c):
+        return s[:, c] - (s.sum(1) - s[:, c]) / (n_classes - 1)
+
+    def accuracy(s, rows):
+        return float((s[rows].argmax(1) == truth[rows]).float().mean()) if bool(rows.any()) else None
+
+    out = []
+    for c in range(n_classes):
+        others = known & (truth != c)
+        swapped = clean + others[:, None].float() * shift
+        a0, a1 = accuracy(clean, others), accuracy(swapped, others)
+        flips = float((swapped[others].argmax(1) == c).float().mean()
+                      - (clean[others].argmax(1) == c).float().mean()) if bool(others.any()) else None
+        shift_c = float(margin(shift[None], c)[0])
+        mine = known & (truth == c)
+        sep = float(margin(scores, c)[mine].mean() - margin(scores, c)[others].mean()) \
+            if bool(mine.any()) and bool(others.any()) else None
+        low = None
+        if lost is not None and bool(others.any()):
+            w = weights[:, others].float()
+            low = float(torch.quantile((w * lost[:, others]).sum(1) / w.sum(1).clamp(min=1.0),
+                                       LOWER_QUANTILE))
+        slices = []
+        if presence is not None:
+            pred = scores.argmax(1)
+            for value in (True, False):
+                rows = (truth == c) & torch.from_numpy(presence == (1 if value else 0))
+                slices.append((value, int(rows.sum()),
+                               float((pred[rows] == c).float().mean()) if rows.any() else None))
+        out.append((None if a0 is None or a1 is None else a0 - a1, low, flips, shift_c,
+                    shift_c / sep if sep else None, slices))
+    return out
+
+
+@pytest.mark.parametrize("n_classes, with_presence, unknown", [(2, True, 0.0), (7, False, 0.2),
+                                                               (40, True, 0.1)])
+def test_every_class_at_once_equals_the_definition_class_by_class(n_classes, with_presence,
+                                                                   unknown):
+    g = torch.Generator().manual_seed(n_classes)
+    rng = np.random.default_rng(n_classes)
+    n, dim = 600, 12
+    names = [f"class {c}" for c in range(n_classes)]
+    # a class left without images (its own counts are zero) and labels of no class
+    labels = [names[c] if c != n_classes - 1 or n_classes == 2 else "elsewhere"
+              for c in rng.integers(0, n_classes, n)]
+    labels = [None if u < unknown else s for s, u in zip(labels, rng.random(n))]
+    weight = torch.randn(n_classes, dim, generator=g)
+    x = torch.randn(n, dim, generator=g) + 0.5 * weight[rng.integers(0, n_classes, n)]
+    bias = 0.1 * torch.randn(n_classes, generator=g)
+    vector = 0.8 * torch.randn(dim, generator=g)
+    direction = Direction(vector, vector + 0.2 * torch.randn(100, dim, generator=g), "measured", 50, 60)
+    presence = rng.choice(np.array([1, 0, -1], dtype=np.int8), n, p=[0.3, 0.6, 0.1]) \
+        if with_presence else None
+    got = measure_reliance(direction, "tag", "column", x, weight, bias, names, labels, presence)
+    want = _reference(direction, x, weight, bias, names, labels, presence)
+    assert [r.class_name for r in got] == names
+    for r, (reliance, low, flips, shift, ratio, slices) in zip(got, want):
+        assert r.reliance == reliance and r.reliance_low == low and r.flip_rate == flips
+        assert r.score_shift == shift and (r.separation_ratio is None) == (ratio is None)
+        if ratio is not None:  # the separation, summed in float64 here, float32 there
+            assert math.isclose(shift / r.separation_ratio, shift / ratio, abs_tol=1e-4)
+        assert [(s.present, s.n, s.accuracy) for s in r.slices] == slices
+        assert all(s.class_name == r.class_name for s in r.slices)
+    assert any(r.reliance not in (None, 0.0) for r in got)  # the data exercise the counts
