@@ -188,6 +188,29 @@ def test_deletion_curves_act_x_grad_removes_evidence_at_least_as_fast_as_random(
     assert curves["act_x_grad"].auc <= curves["random"].auc + 1e-6
 
 
+@pytest.mark.parametrize("gradient", ["frozen", "exact"])
+def test_deletion_rankings_are_the_target_class_attributions(tiny_a, gradient):
+    """The deletion curves rank by each instance's attribution to its target class; the
+    exact ranking takes one backward pass of the targets' scores, and must equal the
+    target's column of every class's autograd attributions (``attribute_cls``)."""
+    from clipaudit.attribution.ablation import _act_x_grad
+
+    tower = VisionTower(tiny_a.model)
+    sae = RefTopKSAE(tower.width, 256, k=12)
+    head = _head("probe-l2", tiny_a.embed_dim, n_classes=5)
+    with torch.no_grad():
+        acts = tower.capture(_images(tiny_a, n=16), HookPoint()).acts
+    target = torch.arange(16) % 5
+    idx = sae.encode(acts).indices
+    got = _act_x_grad(acts, idx, sae, head, tower.pooled_readout, target, gradient)
+    attr = attribute_cls(acts, torch.arange(16), sae, head, tower, gradient=gradient)
+    want = torch.zeros(idx.shape)
+    for r, j, v in zip(attr.rows.tolist(), attr.components.tolist(), attr.values):
+        want[r, idx[r].tolist().index(j)] = v[target[r]]
+    assert got.abs().sum() > 0
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
+
+
 def test_parquet_round_trip(tmp_path, tiny_a):
     from clipaudit.artifacts import read_parquet
 

@@ -168,9 +168,24 @@ def deletion_curves(acts_nd: torch.Tensor, sae: SAE, head: Head, tower: ReadoutL
 
 def _act_x_grad(h: torch.Tensor, idx: torch.Tensor, sae: SAE, head: Head, readout: PooledReadout,
                 target: torch.Tensor, gradient: str) -> torch.Tensor:
-    """[n, k] each instance's attribution to its target class, in the order of ``idx``."""
-    from clipaudit.attribution.patching import attribute_cls
+    """[n, k] each instance's attribution to its target class, in the order of ``idx``.
 
+    Frozen: the closed form (``attribute_cls``). Exact: z times the gradient of the target
+    class's score, in one backward pass of the targets' summed scores (an instance's
+    score depends on its own codes only), not one per class: at 1,000 classes and a wide
+    SAE the per-class gradients of the decoded activations would take tens of GB."""
+    from clipaudit.attribution.patching import _scores, attribute_cls, decode_codes
+
+    if gradient == "exact":
+        codes = sae.encode(h)
+        with torch.enable_grad():
+            z = codes.values.float().detach().requires_grad_(True)
+            h_hat = decode_codes(sae, codes.indices, z, codes)
+            scores, _ = _scores(readout(h_hat + (h - h_hat).detach()), head, gradient)
+            (grad_z,) = torch.autograd.grad(scores.gather(1, target[:, None]).sum(), z)
+        attr = z.detach() * grad_z
+        slot = (codes.indices[:, :, None] == idx[:, None, :]).int().argmax(1)  # codes -> idx order
+        return attr.gather(1, slot)
     attr = attribute_cls(h, torch.arange(len(h)), sae, head, readout, gradient=gradient)
     slot = (idx[attr.rows] == attr.components[:, None]).int().argmax(1)
     out = torch.zeros(idx.shape)
