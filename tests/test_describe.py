@@ -220,8 +220,8 @@ def test_semantic_weighs_instances_equally_and_clarity_is_mean_pairwise_cosine()
 
 
 def test_semantic_embeddings_do_not_depend_on_the_chunk_size(monkeypatch):
-    """Components are gathered in chunks sized by m x D; many tiny chunks (here one
-    component each) give what one chunk gives, padding slots (-1) included."""
+    """Instances are read in blocks of ``_CHUNK_FLOATS`` floats; many tiny blocks (here one
+    instance each) give what one block gives, padding slots (-1) included."""
     from clipaudit.describe import components as describe
 
     g = torch.Generator().manual_seed(0)

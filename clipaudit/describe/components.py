@@ -354,26 +354,47 @@ def _best_alignment(semantic: Tensor, texts_unit: Tensor, empty: Tensor) -> tupl
 
 def semantic_embeddings(top: TopActivations, ref_image_embeds: Tensor) -> tuple[Tensor, Tensor]:
     """(s [n_latents, D] unit or zero, clarity [n_latents]) from the top instances'
-    reference embeddings; only their rows are read, chunk by chunk, so memory stays
-    O(chunk x m x D) beside ``ref_image_embeds``."""
+    reference embeddings.
+
+    Each instance is read once however many components' top lists hold it (instances in
+    id order, blocks of ``_CHUNK_FLOATS`` floats), and padding slots (-1) are never read:
+    a wide SAE on a small set has mostly padding, and an instance sits in the top-m of
+    many components. Each instance's unit embedding is then added to the sum of every
+    component that holds it; memory stays O(block + n_latents x D) beside
+    ``ref_image_embeds``, which is only indexed (a lazy reader is fine)."""
     n_ref, dim = ref_image_embeds.shape
     if top.ids.numel() and int(top.ids.max()) >= n_ref:
         raise MismatchError(f"top activations name instance id {int(top.ids.max())} but the "
                             f"reference embeddings hold only {n_ref} rows (ids index rows)")
-    semantic = torch.zeros(top.ids.shape[0], dim)
-    clarity = torch.full((top.ids.shape[0],), math.nan)
-    chunk = max(1, _CHUNK_FLOATS // max(1, top.ids.shape[1] * dim))
-    for start in range(0, top.ids.shape[0], chunk):
-        ids = top.ids[start:start + chunk]
-        rows = ref_image_embeds[ids.clamp(min=0)].float()  # [c, m, D]
-        valid = (ids >= 0) & (rows.norm(dim=-1) > 0)  # zero rows: no reference embedding
-        total = (_unit(rows) * valid[..., None]).sum(dim=1)  # [c, D], sum of unit vectors
-        n = valid.sum(dim=1).float()
-        semantic[start:start + chunk] = _unit(total)
-        # sum of all pairwise cosines = |sum u|^2 - n (the n self-pairs), over n(n-1) pairs
-        pairs = n * (n - 1)
-        clarity[start:start + chunk] = torch.where(
-            n >= 2, (total.pow(2).sum(dim=1) - n) / pairs.clamp(min=1), torch.tensor(math.nan))
+    n_latents = top.ids.shape[0]
+    valid = top.ids >= 0
+    component = torch.arange(n_latents)[:, None].expand_as(top.ids)[valid]
+    instance = top.ids[valid]
+    order = torch.argsort(instance, stable=True)  # entries grouped by instance
+    component, instance = component[order], instance[order]
+    ids, counts = torch.unique_consecutive(instance, return_counts=True)
+    ends = torch.cumsum(counts, 0)
+    total = torch.zeros(n_latents, dim)
+    n = torch.zeros(n_latents)
+    block = max(1, _CHUNK_FLOATS // max(1, dim))
+    for start in range(0, len(ids), block):
+        rows = ref_image_embeds[ids[start:start + block]].float()  # [b, D]
+        present = rows.norm(dim=-1) > 0  # zero rows: no reference embedding
+        unit = _unit(rows)
+        first = int(ends[start - 1]) if start else 0
+        last = int(ends[min(start + block, len(ids)) - 1])
+        owner = torch.repeat_interleave(torch.arange(len(rows)), counts[start:start + block])
+        for s in range(first, last, block):  # entries in blocks too: [block, D] at a time
+            who = owner[s - first:s - first + block]
+            keep = present[who]
+            comp = component[s:s + block][keep]
+            total.index_add_(0, comp, unit[who[keep]])
+            n.index_add_(0, comp, torch.ones(len(comp)))
+    semantic = _unit(total)
+    # sum of all pairwise cosines = |sum u|^2 - n (the n self-pairs), over n(n-1) pairs
+    pairs = n * (n - 1)
+    clarity = torch.where(n >= 2, (total.pow(2).sum(dim=1) - n) / pairs.clamp(min=1),
+                          torch.tensor(math.nan))
     return semantic, clarity
 
 
