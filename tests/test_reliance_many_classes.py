@@ -92,3 +92,39 @@ def test_every_class_at_once_equals_the_definition_class_by_class(n_classes, wit
         assert [(s.present, s.n, s.accuracy) for s in r.slices] == slices
         assert all(s.class_name == r.class_name for s in r.slices)
     assert any(r.reliance not in (None, 0.0) for r in got)  # the data exercise the counts
+
+
+def _lost_reference(shifts, scores, truth, has, known):
+    """Whether each image loses its class, replicate by replicate, in full."""
+    lost = torch.zeros(len(shifts), len(scores), dtype=torch.int8)
+    for b, shift in enumerate(shifts):
+        clean = scores - has[:, None].float() * shift
+        lost[b] = ((clean.argmax(1) == truth).to(torch.int8)
+                   - ((clean + shift).argmax(1) == truth).to(torch.int8))
+    lost[:, ~known] = 0
+    return lost
+
+
+@pytest.mark.parametrize("n_classes, ties", [(1, False), (3, True), (50, False), (50, True)])
+def test_lost_replicates_decide_by_bounds_what_the_full_argmax_decides(n_classes, ties):
+    """Bounds settle most (replicate, image) pairs without the [B, n, C] argmax; the result
+    must be the full argmax's, ties (first index wins) included."""
+    g = torch.Generator().manual_seed(n_classes + ties)
+    n, dim = 400, 6
+    x = torch.randn(n, dim, generator=g)
+    weight = torch.randn(n_classes, dim, generator=g)
+    if ties:  # integer scores and shifts: many exact ties between classes
+        x, weight = x.round(), weight.round()
+    replicates = torch.randn(30, dim, generator=g) * (1.0 if ties else 0.3)
+    if ties:
+        replicates = replicates.round()
+    scores = x @ weight.T
+    truth = torch.randint(-1, n_classes, (n,), generator=g)
+    has = torch.rand(n, generator=g) < 0.3
+    direction = Direction(replicates[0], replicates, "measured", 10, 10)
+    lost, weights = _lost_replicates(direction, weight, scores, truth, has, truth >= 0, 0)
+    want = _lost_reference(replicates @ weight.T, scores, truth, has, truth >= 0)
+    assert torch.equal(lost, want)
+    assert weights.shape == (30, n)
+    if n_classes > 1:
+        assert lost.abs().sum() > 0

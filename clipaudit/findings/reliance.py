@@ -34,6 +34,7 @@ world: 12-19% false flips for hair, which the re-rendered images put at 0).
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -263,14 +264,44 @@ def _lost_replicates(direction: Direction, weight_CD: Tensor, scores: Tensor, tr
                             generator=torch.Generator().manual_seed(seed)).to(torch.uint8)
     lost = torch.zeros(len(shifts), n, dtype=torch.int8)  # compact: B x n can be large
     rows = torch.nonzero(known).flatten()
-    y, t, h = scores[rows], truth[rows], has[rows]
-    chunk = max(1, _CHUNK_FLOATS // max(1, y.numel()))
-    for b in range(0, len(shifts), chunk):
-        shift = shifts[b:b + chunk, None, :]  # [b, 1, C]
-        clean = y[None] - h[None, :, None].float() * shift
-        lost[b:b + chunk, rows] = ((clean.argmax(2) == t).to(torch.int8)
-                                   - ((clean + shift).argmax(2) == t).to(torch.int8))
+    # without the concept an image's clean scores are its scores, the same in every
+    # replicate: only whether the shifted scores keep its class depends on the replicate
+    plain, tagged = rows[~has[rows]], rows[has[rows]]
+    if len(plain):
+        y, t = scores[plain], truth[plain]
+        lost[:, plain] = ((y.argmax(1) == t).to(torch.int8)[None]
+                          - _argmax_is(y, t, shifts).to(torch.int8))
+    if len(tagged):
+        y, t = scores[tagged], truth[tagged]
+        chunk = max(1, _CHUNK_FLOATS // max(1, y.numel()))
+        for b in range(0, len(shifts), chunk):
+            shift = shifts[b:b + chunk, None, :]  # [b, 1, C]
+            clean = y[None] - shift
+            lost[b:b + chunk, tagged] = ((clean.argmax(2) == t).to(torch.int8)
+                                         - ((clean + shift).argmax(2) == t).to(torch.int8))
     return lost, weights
+
+
+def _argmax_is(y_nC: Tensor, t_n: Tensor, shifts_BC: Tensor) -> Tensor:
+    """bool [B, n]: whether ``(y_n + shift_b).argmax() == t_n``, exactly as computed in
+    float32, without forming [B, n, C] where bounds decide. With Y2 the best other score
+    of row n and c2 its class: y_t + s_t > Y2 + max(s) makes t the unique maximum (rounding
+    is monotone, so no other class's rounded sum can exceed the rounded bound);
+    y_t + s_t < y_c2 + s_c2 rules t out. Only the pairs in between are computed in full."""
+    rows = torch.arange(len(y_nC))
+    others = y_nC.clone()
+    others[rows, t_n] = -math.inf
+    second, runner = others.max(1) if y_nC.shape[1] > 1 else (
+        torch.full((len(y_nC),), -math.inf), torch.zeros(len(y_nC), dtype=torch.long))
+    mine = y_nC[rows, t_n][None] + shifts_BC[:, t_n]  # [B, n]
+    out = mine > second[None] + shifts_BC.max(1).values[:, None]
+    undecided = ~out & ~(mine < y_nC[rows, runner][None] + shifts_BC[:, runner])
+    b_idx, n_idx = torch.nonzero(undecided, as_tuple=True)
+    step = max(1, _CHUNK_FLOATS // max(1, y_nC.shape[1]))
+    for s in range(0, len(b_idx), step):
+        b, i = b_idx[s:s + step], n_idx[s:s + step]
+        out[b, i] = (y_nC[i] + shifts_BC[b]).argmax(1) == t_n[i]
+    return out
 
 
 def _margins(scores: Tensor) -> Tensor:
