@@ -81,13 +81,18 @@ def label_centroids(ref_embeds: Tensor, labels: Sequence[str | None] | None) -> 
     overall = _unit(unit[has].sum(0)) if bool(has.any()) else torch.zeros(unit.shape[1])
     names, rows, counts = [], [], []
     if labels is not None:
-        for name in sorted({x for x in labels if x is not None}):
-            mask = torch.tensor([x == name for x in labels]) & has
-            if int(mask.sum()) == 0:
+        order = sorted({x for x in labels if x is not None})
+        code = {name: i for i, name in enumerate(order)}
+        of_row = torch.tensor([code[x] if x is not None else -1 for x in labels], dtype=torch.long)
+        keep = (of_row >= 0) & has
+        sums = torch.zeros(len(order), unit.shape[1]).index_add_(0, of_row[keep], unit[keep])
+        n = torch.bincount(of_row[keep], minlength=len(order))
+        for i, name in enumerate(order):
+            if int(n[i]) == 0:
                 continue
             names.append(name)
-            rows.append(_unit(unit[mask].sum(0)))
-            counts.append(int(mask.sum()))
+            rows.append(_unit(sums[i]))
+            counts.append(int(n[i]))
     centroids = torch.stack(rows) if rows else torch.zeros(0, unit.shape[1])
     return LabelCentroids(names, centroids, counts, overall)
 
@@ -110,15 +115,19 @@ def calibrate(alpha_jc: Tensor, class_names: Sequence[str], class_alpha: Callabl
     classes = []
     overall_alpha = class_alpha(centroids.overall[None])[0] if n_classes == 1 else None
     contrast_j = _contrast(alpha_jc, overall_alpha)
+    anchored = [c for c in range(n_classes) if anchors[c] is not None]
+    anchor_alpha = (class_alpha(torch.stack([anchors[c] for c in anchored]))  # type: ignore[misc]
+                    if anchored else torch.zeros(0, n_classes))
+    margins = dict(zip(anchored, _contrast(anchor_alpha, overall_alpha)[
+        torch.arange(len(anchored)), torch.tensor(anchored, dtype=torch.long)].tolist()))
+    recalls = _recalls(class_alpha, ref_embeds, ref_labels, class_names, overall_alpha,
+                       [c for c in anchored if sources[c] == "labels"])
     for c, name in enumerate(class_names):
-        anchor = anchors[c]
-        if anchor is None:
+        if anchors[c] is None:
             classes.append(ClassCalibration(name, None, sources[c], counts[c]))
             continue
-        anchor_alpha = class_alpha(anchor[None])
-        margin = float(_contrast(anchor_alpha, overall_alpha)[0, c])
-        recall = _recall(class_alpha, ref_embeds, ref_labels, name, c, overall_alpha) \
-            if sources[c] == "labels" else None
+        margin = margins[c]
+        recall = recalls.get(c)
         if not margin > 0:
             classes.append(ClassCalibration(
                 name, margin, f"uncalibrated: the reference CLIP's texts do not favour the "
@@ -192,18 +201,28 @@ def _zero_shot_assignment(class_alpha: Callable[[Tensor], Tensor], ref_embeds: T
     return unit, assigned
 
 
-def _recall(class_alpha: Callable[[Tensor], Tensor], ref_embeds: Tensor | None,
-            ref_labels: Sequence[str | None] | None, name: str, c: int,
-            overall_alpha: Tensor | None) -> float | None:
-    """Share of the class's labelled reference images whose contrast favours the class."""
-    if ref_embeds is None or ref_labels is None:
-        return None
+def _recalls(class_alpha: Callable[[Tensor], Tensor], ref_embeds: Tensor | None,
+             ref_labels: Sequence[str | None] | None, class_names: Sequence[str],
+             overall_alpha: Tensor | None, wanted: Sequence[int]) -> dict[int, float]:
+    """Per class of ``wanted`` with labelled reference images, the share of them whose
+    contrast favours the class (the class alignment of every labelled image computed
+    once, in blocks)."""
+    if ref_embeds is None or ref_labels is None or not wanted:
+        return {}
+    position = {class_names[c]: c for c in wanted}
     unit = _unit(ref_embeds.float())
-    mask = torch.tensor([x == name for x in ref_labels]) & (unit.norm(dim=1) > 0)
-    if not bool(mask.any()):
-        return None
-    contrast = _contrast(class_alpha(unit[mask]), overall_alpha)[:, c]
-    return float((contrast > 0).float().mean())
+    of_row = torch.tensor([position.get(x, -1) if x is not None else -1 for x in ref_labels],
+                          dtype=torch.long)
+    rows = torch.nonzero((of_row >= 0) & (unit.norm(dim=1) > 0)).flatten()
+    hits = torch.zeros(len(class_names), dtype=torch.long)
+    step = max(1, (1 << 22) // max(1, len(class_names)))
+    for s in range(0, len(rows), step):
+        part = rows[s:s + step]
+        contrast = _contrast(class_alpha(unit[part]), overall_alpha)
+        favoured = contrast[torch.arange(len(part)), of_row[part]] > 0
+        hits.index_add_(0, of_row[part], favoured.long())
+    n = torch.bincount(of_row[rows], minlength=len(class_names))
+    return {c: float(hits[c].float() / n[c].float()) for c in wanted if int(n[c]) > 0}
 
 
 def _unit(x: Tensor) -> Tensor:

@@ -17,7 +17,7 @@ measure (``clipaudit.gate.columns``) and where each one's presence comes from:
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -250,22 +250,51 @@ def forbidden_reliance(reliance: Sequence[ConceptReliance], class_names: Sequenc
     """(class, component label) -> the class's reliance on the forbidden term the label
     is, and where its direction came from: the term's column when one marks it, else the
     components labelled with it. Labels that are not forbidden are absent; so are those
-    whose reliance could not be measured."""
-    index: dict[tuple[str, str, str], ConceptReliance] = {(r.source, r.concept, r.class_name): r
-                                                         for r in reliance}
-    out: dict[tuple[str, str], ConceptReliance] = {}
-    for name in class_names:
-        for label in dict.fromkeys(labels):
-            term = term_of(name, label) if label else None
-            if term is None:
-                continue
-            key = key_of_term(term)
-            for source, concept in (("column", key), ("components", term)):
-                r = index.get((source, concept, name)) if concept else None
-                if r is not None and r.status == "measured" and r.reliance is not None:
-                    out[(name, label)] = r
-                    break
-    return out
+    whose reliance could not be measured.
+
+    Looked up on demand: the findings ask about the few (class, label) pairs of their
+    candidates, while every pair is classes x distinct labels (1,000 x thousands)."""
+    return _ForbiddenReliance(reliance, class_names, labels, term_of, key_of_term)
+
+
+class _ForbiddenReliance(Mapping[tuple[str, str], ConceptReliance]):
+    """``forbidden_reliance``'s mapping: each pair decided when first asked, then kept."""
+
+    def __init__(self, reliance: Sequence[ConceptReliance], class_names: Sequence[str],
+                 labels: Sequence[str], term_of: Callable[[str, str], str | None],
+                 key_of_term: Callable[[str], str | None]) -> None:
+        self._index = {(r.source, r.concept, r.class_name): r for r in reliance}
+        self._classes, self._labels = list(dict.fromkeys(class_names)), list(dict.fromkeys(labels))
+        self._class_set, self._label_set = set(self._classes), set(self._labels)
+        self._term_of, self._key_of_term = term_of, key_of_term
+        self._memo: dict[tuple[str, str], ConceptReliance | None] = {}
+
+    def _find(self, name: str, label: str) -> ConceptReliance | None:
+        if (name, label) not in self._memo:
+            found = None
+            if label and name in self._class_set and label in self._label_set:
+                term = self._term_of(name, label)
+                key = self._key_of_term(term) if term is not None else None
+                for source, concept in (("column", key), ("components", term)):
+                    r = self._index.get((source, concept, name)) if concept else None  # type: ignore[arg-type]
+                    if r is not None and r.status == "measured" and r.reliance is not None:
+                        found = r
+                        break
+            self._memo[(name, label)] = found
+        return self._memo[(name, label)]
+
+    def __getitem__(self, pair: tuple[str, str]) -> ConceptReliance:
+        found = self._find(*pair) if isinstance(pair, tuple) and len(pair) == 2 else None
+        if found is None:
+            raise KeyError(pair)
+        return found
+
+    def __iter__(self) -> Iterator[tuple[str, str]]:
+        return (pair for pair in ((n, lab) for n in self._classes for lab in self._labels)
+                if self._find(*pair) is not None)
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 def _unit(x: Tensor) -> Tensor:
