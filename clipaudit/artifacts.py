@@ -43,7 +43,7 @@ SCHEMA_VERSIONS: dict[str, int] = {
     "audit": 4,
     "synthetic-dataset": 3,
     "tiny-clip": 2,
-    "component-descriptions": 2,
+    "component-descriptions": 3,  # 3: semantic embeddings float16, top ids int32
     "column-roles": 1,
     "heatmaps": 1,
     "text-embeddings": 1,
@@ -55,6 +55,7 @@ READABLE_OLDER_VERSIONS: dict[str, tuple[int, ...]] = {
     "activation-cache": (1,),  # earlier caches (last block, cls) still open and audit
     "sae": (1,),  # TopK SAE files without the fields schema 2 added
     "audit": (2, 3),  # 2: no heatmaps, no intervals or permutation control (optional fields)
+    "component-descriptions": (2,),  # 2: float32 semantic embeddings, int64 top ids
 }
 """Older schema versions a kind's loader still reads (it handles what they lack)."""
 

@@ -252,7 +252,7 @@ def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | 
         files = {f"attributions-{p.head.name}": p.table for p in first.heads if p.table is not None}
         # the concept checks and the calibration read a bounded sample of each set
         audited_sample = sample_instances(cache, sae, config.concept_rows, config.seed,
-                                          config.batch_size)
+                                          config.batch_size, spill=first.spill)
         ref_cache = _reference_cache(cache, config.describe)
         reference_sample = (audited_sample if ref_cache is cache else
                             sample_instances(ref_cache, sae, config.concept_rows, config.seed,
@@ -395,9 +395,11 @@ def _reference_cache(cache: ActivationCache, config: DescribeConfig) -> Activati
 
 @torch.no_grad()
 def sample_instances(cache: ActivationCache, sae: SAE, max_rows: int, seed: int,
-                     batch_size: int) -> InstanceSet:
+                     batch_size: int, spill: Any = None) -> InstanceSet:
     """At most ``max_rows`` instances of ``cache`` (a seeded random sample, in row order)
-    with their activations, embeddings, labels, metadata and SAE codes."""
+    with their activations, embeddings, labels, metadata and SAE codes; the codes are read
+    from ``spill`` (the first pass's ``CodeSpill`` of this cache) when given, not encoded
+    again."""
     from clipaudit.sae.model import cat_codes
 
     index = cache.ok_index.reset_index(drop=True)
@@ -407,9 +409,13 @@ def sample_instances(cache: ActivationCache, sae: SAE, max_rows: int, seed: int,
     picked = index.iloc[rows].reset_index(drop=True)
     acts = cache.take("acts", rows).float() if len(rows) else torch.zeros(0, cache.d)
     embeds = cache.take("embeds", rows).float() if len(rows) else torch.zeros(0, cache.embed_dim)
-    step = encode_rows(sae, batch_size)
-    parts = [sae.encode(acts[s:s + step]) for s in range(0, len(acts), step)]
-    codes = cat_codes(parts) if parts else None
+    indices, values = torch.zeros(0, 1, dtype=torch.long), torch.zeros(0, 1)
+    if spill is not None and len(rows):
+        indices, values = spill.rows(rows)
+    elif len(rows):
+        step = encode_rows(sae, batch_size)
+        codes = cat_codes([sae.encode(acts[s:s + step]) for s in range(0, len(acts), step)])
+        indices, values = codes.indices, codes.values.float()
     labels: list[str | None] = ([None if pd.isna(x) else str(x) for x in picked["label"]]
                                 if "label" in picked else [None] * len(picked))
     metadata = picked[[c for c in picked.columns if c not in _INDEX_COLUMNS]]
@@ -417,8 +423,7 @@ def sample_instances(cache: ActivationCache, sae: SAE, max_rows: int, seed: int,
                                 if isinstance(metadata[c].dtype, pd.CategoricalDtype)})
     return InstanceSet(
         torch.tensor(picked["id"].to_numpy(), dtype=torch.long), embeds, acts, labels, metadata,
-        codes.indices if codes is not None else torch.zeros(0, 1, dtype=torch.long),
-        codes.values.float() if codes is not None else torch.zeros(0, 1))
+        indices, values)
 
 
 def describe_for_audit(cache: ActivationCache, top: TopActivations | None, sae: SAE,

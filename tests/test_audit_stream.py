@@ -263,7 +263,9 @@ def test_the_audits_descriptions_file_keeps_what_a_reuse_needs(tmp_path):
     assert back.class_alignment.shape == (6, 0) and back.class_names == []
     assert torch.equal(back.top.ids, desc.top.ids[:, :3]) and torch.equal(back.top.counts, desc.top.counts)
     again = realign_classes(back, encoder, {"x": ["x1"], "y": ["yy2"]})
-    torch.testing.assert_close(again.class_alignment, desc.class_alignment, equal_nan=True)
+    # the semantic embeddings come back from float16
+    torch.testing.assert_close(again.class_alignment, desc.class_alignment, equal_nan=True,
+                               atol=2e-3, rtol=0)
 
 
 @pytest.mark.parametrize("input_norm", ["layer_norm", "constant_norm_rescale"])

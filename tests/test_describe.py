@@ -265,9 +265,37 @@ def test_descriptions_round_trip(tmp_path: Path):
     assert back.vocabulary == desc.vocabulary and back.provenance == desc.provenance
     assert torch.equal(back.top.values, desc.top.values)
     assert torch.equal(back.top.counts, desc.top.counts)
-    for name in ("semantic", "clarity", "concept_score", "class_alignment", "empty_text"):
+    for name in ("clarity", "concept_score", "class_alignment", "empty_text"):
         torch.testing.assert_close(getattr(back, name), getattr(desc, name), equal_nan=True)
-    assert torch.equal(back.top.ids, desc.top.ids)
+    # semantic embeddings are stored in float16: unit vectors, read back as float32
+    assert back.semantic.dtype == torch.float32
+    torch.testing.assert_close(back.semantic, desc.semantic, atol=1e-3, rtol=0)
+    assert torch.equal(back.top.ids, desc.top.ids) and back.top.ids.dtype == torch.long
+
+
+def test_descriptions_of_schema_2_still_load(tmp_path: Path):
+    """Schema 2 stored float32 semantic embeddings and int64 top ids."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    top, ref, encoder, vocab, classes = _setup()
+    top = top_activations([(torch.arange(3), SimpleNamespace(
+        indices=torch.tensor([[0], [1], [0]]), values=torch.tensor([[2.0], [1.0], [3.0]])))], 4, 4)
+    desc = describe_components(top, ref, encoder, vocab, classes)
+    fpath = save_descriptions(tmp_path / "components.safetensors", desc)
+    with safe_open(str(fpath), framework="pt") as f:
+        header = json.loads(f.metadata()["clipaudit"])
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    assert tensors["semantic"].dtype == torch.float16 and header["schema_version"] == 3
+    header["schema_version"] = 2
+    tensors |= {"semantic": desc.semantic, "top_ids": desc.top.ids}
+    old = tmp_path / "old.safetensors"
+    save_file(tensors, str(old), metadata={"clipaudit": json.dumps(header)})
+    back = load_descriptions(old)
+    assert torch.equal(back.semantic, desc.semantic) and torch.equal(back.top.ids, desc.top.ids)
+    assert back.concept == desc.concept
 
 
 # ------------------------------------------------------------------ images
