@@ -211,6 +211,36 @@ def test_deletion_rankings_are_the_target_class_attributions(tiny_a, gradient):
     assert torch.allclose(got, want, atol=1e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("affine", [True, False])
+def test_logit_lens_of_the_active_components_equals_the_full_lens(tiny_a, affine):
+    """The deletion curves' Logit Lens is computed for each instance's active components
+    and target class only; it must be those entries of every component x class."""
+    import dataclasses
+
+    from clipaudit.attribution.ablation import _logit_lens
+
+    tower = VisionTower(tiny_a.model)
+    readout = tower.pooled_readout
+    if not affine:  # an MLP projection, as convnext_large_d's
+        g = torch.Generator().manual_seed(1)
+        mlp = (torch.nn.Linear(tower.width, 32), torch.nn.GELU(), torch.nn.Linear(32, tiny_a.embed_dim))
+        for layer in (mlp[0], mlp[2]):
+            layer.weight.data = torch.randn(layer.weight.shape, generator=g) * 0.2
+        readout = dataclasses.replace(readout, steps=mlp, affine=None)
+    sae = RefTopKSAE(tower.width, 256, k=12)
+    head = _head("probe-l2", tiny_a.embed_dim, n_classes=5)
+    with torch.no_grad():
+        acts = tower.capture(_images(tiny_a, n=8), HookPoint()).acts
+        idx = sae.encode(acts).indices
+        target = torch.arange(8) % 5
+        atoms = sae.W_dec.detach().float().T
+        directed = readout.norm.linear_part(atoms) if readout.norm is not None else atoms
+        dirs = readout.post(directed) - readout.post(torch.zeros(1, atoms.shape[1]))
+        full = dirs @ head.linear_form(torch.ones(1, dirs.shape[1])).weight.T  # [m, C]
+        got = _logit_lens(sae, head, readout, idx, target)
+    torch.testing.assert_close(got, full[idx, target[:, None]], atol=1e-4, rtol=1e-4)
+
+
 def test_parquet_round_trip(tmp_path, tiny_a):
     from clipaudit.artifacts import read_parquet
 

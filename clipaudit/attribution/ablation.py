@@ -138,12 +138,12 @@ def deletion_curves(acts_nd: torch.Tensor, sae: SAE, head: Head, tower: ReadoutL
     n = len(h)
     codes = sae.encode(h)
     idx, z = codes.indices, codes.values.float()
-    lens = _logit_lens(sae, head, readout)  # [n_latents, C]
+    lens = _logit_lens(sae, head, readout, idx, target)  # [n, k]
     keys = {
         "act_x_grad": _act_x_grad(h, idx, sae, head, readout, target, "frozen"),
         "act_x_grad_exact": _act_x_grad(h, idx, sae, head, readout, target, "exact"),
-        "logit_lens": lens[idx, target[:, None]],
-        "act_x_logit_lens": z * lens[idx, target[:, None]],
+        "logit_lens": lens,
+        "act_x_logit_lens": z * lens,
         "activation": z,
         "random": torch.rand(idx.shape, generator=torch.Generator().manual_seed(seed)),
     }
@@ -193,16 +193,26 @@ def _act_x_grad(h: torch.Tensor, idx: torch.Tensor, sae: SAE, head: Head, readou
     return out
 
 
-def _logit_lens(sae: SAE, head: Head, readout: PooledReadout) -> torch.Tensor:
-    """[n_latents, C]: each decoder direction through the rest of the tower (the norm's
-    centring and gain, no scale or shift: a direction; then the projection, minus
-    where it sends zero), dotted with the head's class directions."""
+def _logit_lens(sae: SAE, head: Head, readout: PooledReadout, idx: torch.Tensor,
+                target: torch.Tensor) -> torch.Tensor:
+    """[n, k]: the Logit Lens of each instance's active components ``idx`` for its target
+    class: the decoder direction through the rest of the tower (the norm's centring and
+    gain, no scale or shift: a direction; then the projection, minus where it sends
+    zero), dotted with the target's class direction. Only the components and classes
+    asked for are computed (every component x every class is a 32,768 x 1,000 product
+    through the projection at the paper's scale); an affine readout pulls the class
+    direction back instead (``NormSpec.adjoint`` is the transpose of ``linear_part``)."""
     atoms = sae.W_dec.detach().float().T  # [m, d]
-    directed = readout.norm.linear_part(atoms) if readout.norm is not None else atoms
+
+    def class_weight(dim: int) -> torch.Tensor:  # [C, D]; the scale is irrelevant for ranking
+        return head.linear_form(torch.ones(1, dim)).weight.detach().float()
+
     if readout.affine is not None:
-        dirs = directed @ readout.affine[0].float().to(directed)
-    else:
-        dirs = readout.post(directed) - readout.post(torch.zeros(1, atoms.shape[1]).to(directed))
-    probe_e = torch.zeros(1, dirs.shape[1])
-    weight = head.linear_form(probe_e + 1.0).weight  # [C, D]; scale irrelevant for ranking
-    return dirs @ weight.T
+        w_proj = readout.affine[0].float()  # [d, D]
+        back = class_weight(w_proj.shape[1])[target] @ w_proj.T  # [n, d]
+        back = readout.norm.adjoint(back) if readout.norm is not None else back
+        return torch.einsum("nkd,nd->nk", atoms[idx], back)
+    latents, where = torch.unique(idx, return_inverse=True)
+    directed = readout.norm.linear_part(atoms[latents]) if readout.norm is not None else atoms[latents]
+    dirs = readout.post(directed) - readout.post(torch.zeros(1, atoms.shape[1]).to(directed))
+    return torch.einsum("nkD,nD->nk", dirs[where], class_weight(dirs.shape[1])[target])

@@ -80,7 +80,7 @@ def select_candidates(share_jc: torch.Tensor, alignment_jc: torch.Tensor, clarit
     the raw alignment, for callers that calibrate themselves). ``forbidden_reliance``
     holds the reliance on each forbidden concept label (absent: not measurable)."""
     calibrated_jc = alignment_jc if calibrated_jc is None else calibrated_jc
-    reliance = forbidden_reliance or {}
+    reliance = forbidden_reliance if forbidden_reliance is not None else {}
     out = []
     floor = min(config.member_share_min, config.share_min)
     for c, name in enumerate(class_names):
