@@ -116,12 +116,16 @@ def concept_direction(x_nD: Tensor, presence: np.ndarray, labels: Sequence[str |
         cells.append((present, absent, 1.0))
         note = "the reference set has no labels: the direction is not class-conditional"
     else:
-        label_arr = np.array([x if x is not None else "\0none" for x in labels], dtype=object)
-        for name in sorted(set(label_arr.tolist()) - {"\0none"}):
-            with_, without = present & (label_arr == name), absent & (label_arr == name)
-            n = min(int(with_.sum()), int(without.sum()))
-            if n >= MIN_INSTANCES:
-                cells.append((with_, without, float(n)))
+        names = sorted({x for x in labels if x is not None})
+        code = {name: i for i, name in enumerate(names)}
+        of_row = np.array([code[x] if x is not None else -1 for x in labels], dtype=np.int64)
+        labelled = of_row >= 0
+        n_with = np.bincount(of_row[present & labelled], minlength=len(names))
+        n_without = np.bincount(of_row[absent & labelled], minlength=len(names))
+        for i in np.flatnonzero(np.minimum(n_with, n_without) >= MIN_INSTANCES):  # names' order
+            of_class = of_row == i
+            cells.append((present & of_class, absent & of_class,
+                          float(min(n_with[i], n_without[i]))))
     if not cells:
         return Direction(None, status="confounded", n_present=n_present, n_absent=n_absent,
                          note="no class has both instances with and without the concept "
@@ -271,36 +275,48 @@ def _lost_replicates(direction: Direction, weight_CD: Tensor, scores: Tensor, tr
         y, t = scores[plain], truth[plain]
         lost[:, plain] = ((y.argmax(1) == t).to(torch.int8)[None]
                           - _argmax_is(y, t, shifts).to(torch.int8))
-    if len(tagged):
+    if len(tagged):  # the concept taken off (clean), then put back (swapped)
         y, t = scores[tagged], truth[tagged]
-        chunk = max(1, _CHUNK_FLOATS // max(1, y.numel()))
-        for b in range(0, len(shifts), chunk):
-            shift = shifts[b:b + chunk, None, :]  # [b, 1, C]
-            clean = y[None] - shift
-            lost[b:b + chunk, tagged] = ((clean.argmax(2) == t).to(torch.int8)
-                                         - ((clean + shift).argmax(2) == t).to(torch.int8))
+        lost[:, tagged] = (_argmax_is(y, t, shifts, tagged=True, back=False).to(torch.int8)
+                           - _argmax_is(y, t, shifts, tagged=True, back=True).to(torch.int8))
     return lost, weights
 
 
-def _argmax_is(y_nC: Tensor, t_n: Tensor, shifts_BC: Tensor) -> Tensor:
-    """bool [B, n]: whether ``(y_n + shift_b).argmax() == t_n``, exactly as computed in
-    float32, without forming [B, n, C] where bounds decide. With Y2 the best other score
-    of row n and c2 its class: y_t + s_t > Y2 + max(s) makes t the unique maximum (rounding
-    is monotone, so no other class's rounded sum can exceed the rounded bound);
-    y_t + s_t < y_c2 + s_c2 rules t out. Only the pairs in between are computed in full."""
+def _argmax_is(y_nC: Tensor, t_n: Tensor, shifts_BC: Tensor, *, tagged: bool = False,
+               back: bool = True) -> Tensor:
+    """bool [B, n]: whether row n's scores in replicate b pick class t_n, exactly as the
+    float32 arithmetic of the full [B, n, C] computation does, without forming it where
+    bounds decide. The scores are y + s (``tagged`` False), y - s (``tagged``, not
+    ``back``) or (y - s) + s (``tagged`` and ``back``). With Y2 the best other score of
+    row n and c2 its class: t's value above the same expression of Y2 and the shift's
+    extreme values makes t the unique maximum (rounding is monotone, so no other class's
+    rounded value can exceed the rounded bound); t's value below c2's rules t out. Only
+    the pairs in between are computed in full."""
     rows = torch.arange(len(y_nC))
     others = y_nC.clone()
     others[rows, t_n] = -math.inf
     second, runner = others.max(1) if y_nC.shape[1] > 1 else (
         torch.full((len(y_nC),), -math.inf), torch.zeros(len(y_nC), dtype=torch.long))
-    mine = y_nC[rows, t_n][None] + shifts_BC[:, t_n]  # [B, n]
-    out = mine > second[None] + shifts_BC.max(1).values[:, None]
-    undecided = ~out & ~(mine < y_nC[rows, runner][None] + shifts_BC[:, runner])
+
+    def value(y: Tensor, s: Tensor) -> Tensor:
+        if not tagged:
+            return y + s
+        return (y - s) + s if back else y - s
+
+    s_max, s_min = shifts_BC.max(1).values[:, None], shifts_BC.min(1).values[:, None]
+    if not tagged:
+        upper = second[None] + s_max
+    else:
+        upper = second[None] - s_min
+        upper = upper + s_max if back else upper
+    mine = value(y_nC[rows, t_n][None], shifts_BC[:, t_n])  # [B, n]
+    out = mine > upper
+    undecided = ~out & ~(mine < value(y_nC[rows, runner][None], shifts_BC[:, runner]))
     b_idx, n_idx = torch.nonzero(undecided, as_tuple=True)
     step = max(1, _CHUNK_FLOATS // max(1, y_nC.shape[1]))
-    for s in range(0, len(b_idx), step):
-        b, i = b_idx[s:s + step], n_idx[s:s + step]
-        out[b, i] = (y_nC[i] + shifts_BC[b]).argmax(1) == t_n[i]
+    for start in range(0, len(b_idx), step):
+        b, i = b_idx[start:start + step], n_idx[start:start + step]
+        out[b, i] = value(y_nC[i], shifts_BC[b]).argmax(1) == t_n[i]
     return out
 
 
