@@ -230,10 +230,11 @@ def test_semantic_embeddings_do_not_depend_on_the_chunk_size(monkeypatch):
     ids[::4, 5:] = -1  # components that fired fewer than m times
     top = SimpleNamespace(ids=ids, values=torch.ones(ids.shape), counts=torch.full((37,), 9))
     whole = describe.semantic_embeddings(top, ref)
-    monkeypatch.setattr(describe, "_CHUNK_FLOATS", 1)
-    chunked = describe.semantic_embeddings(top, ref)
-    for a, b in zip(whole, chunked):
-        torch.testing.assert_close(a, b)
+    for floats in (1, 3 * D, 7 * D):  # blocks of 1, 3 and 7 instances (and entries)
+        monkeypatch.setattr(describe, "_CHUNK_FLOATS", floats)
+        chunked = describe.semantic_embeddings(top, ref)
+        for a, b in zip(whole, chunked):
+            torch.testing.assert_close(a, b)
     valid = ids[1] >= 0
     torch.testing.assert_close(whole[0][1], _unit(_unit(ref[ids[1][valid]]).sum(0)))
 

@@ -385,9 +385,10 @@ def semantic_embeddings(top: TopActivations, ref_image_embeds: Tensor) -> tuple[
         last = int(ends[min(start + block, len(ids)) - 1])
         owner = torch.repeat_interleave(torch.arange(len(rows)), counts[start:start + block])
         for s in range(first, last, block):  # entries in blocks too: [block, D] at a time
-            who = owner[s - first:s - first + block]
+            e = min(s + block, last)
+            who = owner[s - first:e - first]
             keep = present[who]
-            comp = component[s:s + block][keep]
+            comp = component[s:e][keep]
             total.index_add_(0, comp, unit[who[keep]])
             n.index_add_(0, comp, torch.ones(len(comp)))
     semantic = _unit(total)
