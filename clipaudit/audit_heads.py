@@ -245,11 +245,17 @@ def head_audit(s: Selection, evidence: Evidence, ctx: AuditContext,
     for f in findings:
         by_class.setdefault(f.class_name, []).append(f)
     quiet_points = min(ctx.scatter_points, max(10, SCATTER_POINTS_TOTAL // max(1, len(head.class_names))))
+    # per class, its labelled instances and how many the head gets right (one count, not
+    # a scan of every instance per class)
+    n_classes = len(head.class_names)
+    labelled = truth[known]
+    n_labelled = torch.bincount(labelled, minlength=n_classes)
+    n_right = torch.bincount(labelled[pred[known] == labelled], minlength=n_classes)
     classes = []
     for c, name in enumerate(head.class_names):
         of_class = by_class.get(name, [])
-        mask = truth == c if rel.by == "label" else pred == c
-        acc = float((pred[mask] == c).float().mean()) if rel.by == "label" and mask.any() else None
+        acc = (float(n_right[c].float() / n_labelled[c].float())
+               if rel.by == "label" and n_labelled[c] > 0 else None)
         detailed = any(f.backed for f in of_class) or (of_class and len(head.class_names) <= 100)
         classes.append(ClassAudit(
             class_name=name, n_instances=int(rel.n_instances[c]), accuracy=acc,

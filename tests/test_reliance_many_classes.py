@@ -128,3 +128,41 @@ def test_lost_replicates_decide_by_bounds_what_the_full_argmax_decides(n_classes
     assert weights.shape == (30, n)
     if n_classes > 1:
         assert lost.abs().sum() > 0
+
+
+def _direction_reference(x, presence, labels, bootstrap, seed=0):
+    """The direction cell by cell: within-class differences of (Poisson-weighted) means."""
+    present, absent = presence == 1, presence == 0
+    names = sorted({s for s in labels if s is not None})
+    arr = np.array([s if s is not None else "" for s in labels], dtype=object)
+    cells = []
+    for name in names:
+        w1, w0 = present & (arr == name), absent & (arr == name)
+        if min(w1.sum(), w0.sum()) >= 10:
+            cells.append((torch.from_numpy(w1), torch.from_numpy(w0), float(min(w1.sum(), w0.sum()))))
+    weights = torch.poisson(torch.ones(bootstrap, len(x)), generator=torch.Generator().manual_seed(seed))
+    total = sum(w for *_, w in cells)
+    vector, replicates = torch.zeros(x.shape[1]), torch.zeros(bootstrap, x.shape[1])
+
+    def wmean(w, rows):
+        return (w @ rows) / w.sum(1, keepdim=True).clamp(min=1.0)
+
+    for m1, m0, w in cells:
+        vector += (w / total) * (x[m1].mean(0) - x[m0].mean(0))
+        replicates += (w / total) * (wmean(weights[:, m1], x[m1]) - wmean(weights[:, m0], x[m0]))
+    return vector, replicates, len(cells)
+
+
+def test_the_direction_of_many_cells_at_once_equals_the_cell_by_cell_means():
+    from clipaudit.findings.reliance import concept_direction
+
+    rng = np.random.default_rng(3)
+    n, dim = 3000, 9
+    labels = [None if u < 0.05 else f"class {c}" for c, u in zip(rng.integers(0, 60, n), rng.random(n))]
+    presence = rng.choice(np.array([1, 0, -1], dtype=np.int8), n, p=[0.4, 0.55, 0.05])
+    x = torch.from_numpy(rng.normal(size=(n, dim)).astype(np.float32))
+    got = concept_direction(x, presence, labels, bootstrap=40)
+    vector, replicates, n_cells = _direction_reference(x, presence, labels, 40)
+    assert got.status == "measured" and 5 < n_cells < 60  # some classes make cells, some not
+    torch.testing.assert_close(got.vector, vector, atol=1e-5, rtol=1e-4)
+    torch.testing.assert_close(got.replicates, replicates, atol=1e-5, rtol=1e-4)

@@ -135,19 +135,25 @@ def concept_direction(x_nD: Tensor, presence: np.ndarray, labels: Sequence[str |
     weights = torch.poisson(torch.ones(bootstrap, len(x)),
                             generator=torch.Generator().manual_seed(seed)) if bootstrap else None
     total = sum(w for _, _, w in cells)
-    vector = torch.zeros(x.shape[1])
-    replicates = torch.zeros(bootstrap, x.shape[1]) if weights is not None else None
-    for with_, without, w in cells:
-        m1, m0 = torch.from_numpy(with_), torch.from_numpy(without)
-        vector += (w / total) * (x[m1].mean(0) - x[m0].mean(0))
-        if weights is not None and replicates is not None:
-            replicates += (w / total) * (_weighted_means(weights[:, m1], x[m1])
-                                         - _weighted_means(weights[:, m0], x[m0]))
+    # every cell's two means at once: row i (with or without the concept in cell k) enters
+    # with the coefficient +-(w_k / total) / (the weight of its side of the cell), so the
+    # direction and each replicate are one weighted sum of the rows (float64)
+    group = np.full(len(x), -1, dtype=np.int64)
+    coef = np.zeros(2 * len(cells))
+    for k, (with_, without, w) in enumerate(cells):
+        group[with_], group[without] = 2 * k, 2 * k + 1
+        coef[2 * k], coef[2 * k + 1] = w / total, -w / total
+    rows = torch.from_numpy(np.flatnonzero(group >= 0))
+    g = torch.from_numpy(group)[rows]
+    xs, signed = x[rows].double(), torch.from_numpy(coef)[g]
+    sizes = torch.bincount(g, minlength=len(coef)).double()
+    vector = ((signed / sizes[g]) @ xs).float()
+    replicates = None
+    if weights is not None:
+        w_rows = weights[:, rows].double()  # [B, r]
+        side = torch.zeros(len(w_rows), len(coef), dtype=torch.float64).index_add_(1, g, w_rows)
+        replicates = ((w_rows * signed / side[:, g].clamp(min=1.0)) @ xs).float()
     return Direction(vector, replicates, "measured", n_present, n_absent, note)
-
-
-def _weighted_means(weights_Bn: Tensor, x_nD: Tensor) -> Tensor:
-    return (weights_Bn @ x_nD) / weights_Bn.sum(1, keepdim=True).clamp(min=1.0)
 
 
 def measure_reliance(direction: Direction, concept: str, source: RelianceSource,

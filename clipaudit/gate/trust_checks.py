@@ -35,10 +35,20 @@ class ConceptRelianceParams(CheckSpec):
     established) or the ``estimate`` itself (e.g. for a warning on borderline cases)."""
 
 
+_INDEXED: list[tuple[list[ConceptReliance], dict[str, dict[tuple[str, str], ConceptReliance]]]] = []
+"""The last head's reliance records grouped by class (a head of 1,000 classes holds
+records for every class and concept; scanning them all for each class is quadratic)."""
+
+
 def _reliance_index(scope: Scope) -> dict[tuple[str, str], ConceptReliance]:
     assert scope.head is not None and scope.class_name is not None
-    return {(r.source, r.concept): r for r in scope.head.concept_reliance
-            if r.class_name == scope.class_name}
+    records = scope.head.concept_reliance
+    if not _INDEXED or _INDEXED[0][0] is not records:
+        by_class: dict[str, dict[tuple[str, str], ConceptReliance]] = {}
+        for r in records:
+            by_class.setdefault(r.class_name, {})[(r.source, r.concept)] = r
+        _INDEXED[:] = [(records, by_class)]
+    return dict(_INDEXED[0][1].get(scope.class_name, {}))
 
 
 def _reliance_message(what: str, r: ConceptReliance, limit: float) -> str:
