@@ -380,17 +380,16 @@ def semantic_embeddings(top: TopActivations, ref_image_embeds: Tensor) -> tuple[
     for start in range(0, len(ids), block):
         rows = ref_image_embeds[ids[start:start + block]].float()  # [b, D]
         present = rows.norm(dim=-1) > 0  # zero rows: no reference embedding
-        unit = _unit(rows)
         first = int(ends[start - 1]) if start else 0
         last = int(ends[min(start + block, len(ids)) - 1])
         owner = torch.repeat_interleave(torch.arange(len(rows)), counts[start:start + block])
-        for s in range(first, last, block):  # entries in blocks too: [block, D] at a time
-            e = min(s + block, last)
-            who = owner[s - first:e - first]
-            keep = present[who]
-            comp = component[s:e][keep]
-            total.index_add_(0, comp, unit[who[keep]])
-            n.index_add_(0, comp, torch.ones(len(comp)))
+        keep = present[owner]
+        comp, owner = component[first:last][keep], owner[keep]
+        # total[j] += unit[i] for every entry (j, i): a sparse [n_latents, b] x dense product
+        holds = torch.sparse_coo_tensor(torch.stack([comp, owner]), torch.ones(len(comp)),
+                                        (n_latents, len(rows)), check_invariants=False)
+        total += torch.sparse.mm(holds, _unit(rows))
+        n += torch.bincount(comp, minlength=n_latents)
     semantic = _unit(total)
     # sum of all pairwise cosines = |sum u|^2 - n (the n self-pairs), over n(n-1) pairs
     pairs = n * (n - 1)
