@@ -183,8 +183,9 @@ class ConceptReliance:
     ``components`` labelled with it, or the reference CLIP's ``text`` for the term."""
     class_name: str
     status: Literal["measured", "confounded", "too-few", "absent"]
-    """``measured``; ``confounded`` when the concept never occurs both with and without in
-    one class (its direction cannot be told from the class's); ``too-few`` instances;
+    """``measured``; ``confounded`` when the concept fills the classes it is common in
+    (its direction cannot be told from theirs); ``too-few`` instances (in all, or in any
+    one class);
     ``absent``: a text-defined concept the reference set does not show."""
     reliance: float | None = None
     """The head's accuracy on the other classes' images without the concept minus its

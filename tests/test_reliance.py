@@ -92,6 +92,12 @@ def test_a_tag_confined_to_one_class_is_confounded_and_too_few_is_said():
     assert "no class has both" in confounded.note
     few = concept_direction(e, np.where(np.arange(400) < 3, 1, 0).astype(np.int8), labels)
     assert few.status == "too-few"
+    # 100 classes of 4: the tag occurs in and out of most of them, but no class can hold
+    # 10 of each; that is too few images per class, not a confound
+    small = [f"class {i // 4}" for i in range(400)]
+    thin = concept_direction(e, (np.arange(400) % 2).astype(np.int8), small)
+    assert thin.status == "too-few" and "more reference images per class" in thin.note
+    assert "the class with most of it has 200 with and 0 without" in confounded.note
     probe = _probe(1.0, 0.0)
     x, w, b = head_inputs(probe, e)
     rows = measure_reliance(confounded, "has_tag", "column", x, w, b, probe.class_names, labels)

@@ -9,8 +9,11 @@ and one classifier head:
    everywhere in clipaudit): the difference between the mean x of reference instances
    with and without the concept, within each class, averaged over the classes in which
    both occur (weighted by the smaller count). Within-class differences keep a concept
-   that co-occurs with a class from borrowing that class's direction; a concept that
-   never occurs both with and without in one class is ``confounded`` and not measured.
+   that co-occurs with a class from borrowing that class's direction. A concept with no
+   such class is not measured: ``confounded`` when it fills the classes it is common in
+   (some class holds ``MIN_INSTANCES`` with it, but not as many without: the reference
+   set cannot tell it from those classes), ``too-few`` when it is spread too thinly over
+   classes too small to hold ``MIN_INSTANCES`` of each (more images per class would do).
 2. **Effect** on each class c (exact for linear heads): adding the concept moves the
    class scores by W v. The reliance of class c on the concept is the accuracy the head
    loses on the other classes' images when the concept is put on them (against the same
@@ -96,6 +99,27 @@ def head_inputs(head: Head, e_nD: Tensor, batch_size: int = 8192) -> tuple[Tenso
     return torch.cat(parts).detach() if parts else torch.zeros(0, e_nD.shape[1]), weight, bias
 
 
+def _unmeasured(n_with: np.ndarray, n_without: np.ndarray, n_present: int,
+                n_absent: int) -> Direction:
+    """Why no class gives a cell: the concept fills the classes it is common in
+    (``confounded``: the reference set cannot tell it from them), or it is spread too
+    thinly over classes too small to hold ``MIN_INSTANCES`` of each (``too-few``: more
+    reference images per class would measure it)."""
+    most_with = int(n_with.max(initial=0))
+    if most_with >= MIN_INSTANCES:
+        return Direction(None, status="confounded", n_present=n_present, n_absent=n_absent,
+                         note="no class has both instances with and without the concept "
+                         f"(>= {MIN_INSTANCES} each; the class with most of it has "
+                         f"{most_with} with and {int(n_without[n_with.argmax()])} without): "
+                         "its direction cannot be told from the classes'; describe on a "
+                         "reference set where it occurs in every class")
+    return Direction(None, status="too-few", n_present=n_present, n_absent=n_absent,
+                     note=f"no class holds {MIN_INSTANCES} reference instances with the concept "
+                     f"and {MIN_INSTANCES} without (at most {most_with} with it in one class, "
+                     f"the largest class has {int((n_with + n_without).max(initial=0))}); "
+                     "more reference images per class would measure it")
+
+
 def concept_direction(x_nD: Tensor, presence: np.ndarray, labels: Sequence[str | None] | None,
                       *, bootstrap: int = BOOTSTRAP, seed: int = 0) -> Direction:
     """The concept's mean shift: within-class differences of mean x, averaged over the
@@ -112,6 +136,7 @@ def concept_direction(x_nD: Tensor, presence: np.ndarray, labels: Sequence[str |
                          f"(at least {MIN_INSTANCES} of each are needed)")
     note = ""
     cells: list[tuple[np.ndarray, np.ndarray, float]] = []
+    n_with = n_without = np.zeros(0, dtype=np.int64)
     if labels is None or all(x is None for x in labels):
         cells.append((present, absent, 1.0))
         note = "the reference set has no labels: the direction is not class-conditional"
@@ -127,10 +152,7 @@ def concept_direction(x_nD: Tensor, presence: np.ndarray, labels: Sequence[str |
             cells.append((present & of_class, absent & of_class,
                           float(min(n_with[i], n_without[i]))))
     if not cells:
-        return Direction(None, status="confounded", n_present=n_present, n_absent=n_absent,
-                         note="no class has both instances with and without the concept "
-                         f"(>= {MIN_INSTANCES} each): its direction cannot be told from the "
-                         "classes'; describe on a reference set where it occurs in every class")
+        return _unmeasured(n_with, n_without, n_present, n_absent)
     x = x_nD.float()
     weights = torch.poisson(torch.ones(bootstrap, len(x)),
                             generator=torch.Generator().manual_seed(seed)) if bootstrap else None
