@@ -113,8 +113,15 @@ def test_the_pdf_edition_cuts_long_tables_and_says_where_the_rest_is(audit_dpath
     assert probe.n_details_left_out == 32 - 15
     assert len(data.finding_rows) == 40 and data.n_findings == 2 * 2 * N_CLASSES
     assert all(r.backed for r in data.finding_rows)  # backed findings first
+    cards = [c for cls in probe.classes for c in cls.cards]
+    assert len(cards) == 20 and all(c.backed for c in cards)  # a budget, backed first
+    assert sum(cls.n_cards_left_out for cls in probe.classes) == 2 * 15 - 20
     page = render_html(data, print_mode=True)
     assert "every class is in report.html and audit.json" in page
+    assert page.count('class="card"') == 2 * 20
+    assert page.count("2 more finding(s) of this class: see the findings table") == 2 * 5
+    html = build_report_data(load_audit(audit_dpath), audit_dpath).heads[0]
+    assert sum(len(cls.cards) for cls in html.classes) == 2 * 32  # the HTML cards them all
 
 
 @pytest.mark.slow

@@ -273,10 +273,13 @@ def _scatter_points(cls: ClassAudit, findings: list[Finding],
 
 
 def _class_section(head: HeadAudit, cls: ClassAudit, verdicts: tuple[VerdictRow, ...],
-                   thumbs: _Thumbnails, config: ReportConfig, max_points: int) -> ClassSection:
+                   thumbs: _Thumbnails, config: ReportConfig, max_points: int,
+                   carded: set[str] | None = None) -> ClassSection:
+    """``carded``: the ids of the findings that get a card (None: every one)."""
     findings = sorted((f for f in head.findings if f.class_name == cls.class_name),
                       key=lambda f: f.rank)
     points, total = _scatter_points(cls, findings, max_points)
+    shown = [f for f in findings if carded is None or f.id in carded]
     return ClassSection(
         anchor=rollup.class_anchor(head.name, cls.class_name), class_name=cls.class_name,
         status=_class_status(verdicts, head.name, cls.class_name),
@@ -284,8 +287,18 @@ def _class_section(head: HeadAudit, cls: ClassAudit, verdicts: tuple[VerdictRow,
         spurious_share=pct(cls.spurious_share), unexplained_share=pct(cls.unexplained_share),
         n_components=total, n_points_shown=len(points),
         scatter_svg=scatter_svg(points, cls.class_name),
-        cards=tuple(_finding_card(f, card_anchor(f), thumbs, config) for f in findings),
+        cards=tuple(_finding_card(f, card_anchor(f), thumbs, config) for f in shown),
+        n_cards_left_out=len(findings) - len(shown),
     )
+
+
+def _pdf_cards(head: HeadAudit, detailed: list[ClassAudit], budget: int) -> set[str]:
+    """The findings of the detail sections that get a card in the PDF: backed ones first,
+    then the rest, each in the sections' order and by rank."""
+    order = {c.class_name: i for i, c in enumerate(detailed)}
+    findings = sorted((f for f in head.findings if f.class_name in order),
+                      key=lambda f: (not f.backed, order[f.class_name], f.rank))
+    return {f.id for f in findings[:budget]}
 
 
 def _head_section(head: HeadAudit, head_index: int, verdicts: tuple[VerdictRow, ...],
@@ -302,11 +315,13 @@ def _head_section(head: HeadAudit, head_index: int, verdicts: tuple[VerdictRow, 
     max_points = max(40, min(config.max_scatter_points,
                              config.scatter_points_total // max(1, len(detailed))))
     rows = rollup.class_rows(head, statuses, {c.class_name for c in detailed}, pct, _accuracy_num)
+    carded = _pdf_cards(head, detailed, config.pdf_max_cards) if print_mode else None
     return HeadSection(
         anchor=f"head-{head_index}", name=head.name, kind=head.kind,
         accuracy=_accuracy(head.accuracy), n_findings=len(head.findings),
         n_backed=sum(f.backed for f in head.findings),
-        classes=tuple(_class_section(head, c, verdicts, thumbs, config, max_points) for c in detailed),
+        classes=tuple(_class_section(head, c, verdicts, thumbs, config, max_points, carded)
+                      for c in detailed),
         class_rows=rows[:config.pdf_max_rows] if print_mode else rows, n_classes=len(head.classes),
         n_details_left_out=left_out,
         relied_rows=rollup.relied_rows(head, pct, RELIED_ROWS),

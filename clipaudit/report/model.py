@@ -33,6 +33,10 @@ class ReportConfig:
     """Detail sections per head in the HTML report (worst verdicts first)."""
     pdf_max_detail_classes: int = 15
     """Detail sections per head in the PDF (the HTML report and audit.json hold the rest)."""
+    pdf_max_cards: int = 20
+    """Finding cards per head in the PDF, over its detail sections: backed findings first,
+    then the others in the sections' order (a card with its metadata slices fills a page;
+    the findings table and report.html list every finding)."""
     pdf_max_rows: int = 40
     """Rows of each long table (classes, findings, verdicts, comparison) in the PDF."""
     max_reasons: int = 20
@@ -254,6 +258,8 @@ class ClassSection:
     n_points_shown: int
     scatter_svg: Markup
     cards: tuple[FindingCard, ...]
+    n_cards_left_out: int = 0
+    """Findings of this class without a card here (the PDF's card budget)."""
 
 
 @dataclass(frozen=True)
