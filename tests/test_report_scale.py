@@ -85,7 +85,11 @@ def test_a_thousand_class_report_rolls_up_and_details_only_what_fails_or_warns(a
     result = load_audit(audit_dpath)
     data = build_report_data(result, audit_dpath)
     assert data.verdict == "fail" and data.n_reasons == 2 * (2 + 32)
-    assert [r.status for r in data.reasons[:4]] == ["fail"] * 4 and len(data.reasons) == 20
+    # under the verdict: a few of each rule, and how many more (not 20 rows of one rule)
+    assert [(r.status, r.rule) for r in data.reasons] == \
+        [("fail", "no-shortcuts")] * 3 + [("warn", "shortcut-watch")] * 3
+    assert [(m.status, m.rule, m.n) for m in data.reasons_more] == \
+        [("fail", "no-shortcuts", 1), ("warn", "shortcut-watch", 2 * 32 - 3)]
     probe = data.heads[0]
     assert len(probe.class_rows) == N_CLASSES and probe.n_classes == N_CLASSES
     assert {c.class_name for c in probe.classes} == FAILING | WARNING  # details: fail and warn only
@@ -102,6 +106,7 @@ def test_a_thousand_class_report_rolls_up_and_details_only_what_fails_or_warns(a
     assert page.count('class="card"') == 2 * 2 * (2 + 30)
     assert len(re.findall(r"\.th-\d+\{background-image", page)) <= 40  # each image once
     assert "With labels shuffled within the data" in page
+    assert "61 more verdict(s) like these; see" in page
 
 
 def test_the_pdf_edition_cuts_long_tables_and_says_where_the_rest_is(audit_dpath):

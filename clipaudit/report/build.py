@@ -34,6 +34,7 @@ from clipaudit.report.model import (
     Num,
     ReportConfig,
     ReportData,
+    RuleCount,
     SliceRow,
     Thumbnail,
     VerdictRow,
@@ -109,6 +110,26 @@ def _verdict_rows(result: AuditResult) -> tuple[VerdictRow, ...]:
     rows.sort(key=lambda r: (r.waived is not None, _STATUS_ORDER[r.status], r.rule, r.head,
                              r.class_name))
     return tuple(rows)
+
+
+def _reasons(rows: tuple[VerdictRow, ...],
+             config: ReportConfig) -> tuple[tuple[VerdictRow, ...], tuple[RuleCount, ...]]:
+    """The reasons listed under the verdict (rows in their order, at most
+    ``max_reasons_per_rule`` of a rule, ``max_reasons`` in all) and, per rule, how many
+    of its rows are not listed."""
+    shown: list[VerdictRow] = []
+    per_rule: dict[str, list[int]] = {}  # rule -> [listed, total]
+    worst: dict[str, Status] = {}
+    for r in rows:
+        counts = per_rule.setdefault(r.rule, [0, 0])
+        counts[1] += 1
+        worst.setdefault(r.rule, r.status)  # rows come worst first
+        if counts[0] < config.max_reasons_per_rule and len(shown) < config.max_reasons:
+            counts[0] += 1
+            shown.append(r)
+    more = tuple(RuleCount(worst[rule], rule, total - listed)
+                 for rule, (listed, total) in per_rule.items() if total > listed)
+    return tuple(shown), more
 
 
 def _not_evaluated_rows(result: AuditResult) -> tuple[NotEvaluatedRow, ...]:
@@ -401,6 +422,7 @@ def build_report_data(result: AuditResult, audit_dpath: Path | str,
     finding_rows = tuple(_finding_row(f, card_anchor(f) if card_anchor(f) in carded else None)
                          for f in findings)
     reasons = tuple(r for r in verdicts if r.waived is None and r.status != "pass" and not r.not_evaluated)
+    shown, more = _reasons(reasons, config)
     listed = verdicts if len(verdicts) <= config.max_verdict_rows else tuple(
         r for r in verdicts if r.status != "pass" or r.waived is not None)
     comparison_heads, comparison_rows = _comparison(result)
@@ -412,7 +434,7 @@ def build_report_data(result: AuditResult, audit_dpath: Path | str,
             if any(c is not None for c in r.cells) else 0.0))
     return ReportData(
         audit_id=result.audit_id, verdict=result.verdict,
-        reasons=reasons[:config.max_reasons], n_reasons=len(reasons),
+        reasons=shown, n_reasons=len(reasons), reasons_more=more,
         not_evaluated=_not_evaluated_rows(result),
         verdict_rows=listed[:cut], n_verdicts=len(verdicts),
         rule_summary=rollup.rule_summary(result), statistics=rollup.statistics_view(result),

@@ -41,6 +41,9 @@ class ReportConfig:
     """Rows of each long table (classes, findings, verdicts, comparison) in the PDF."""
     max_reasons: int = 20
     """Failing and warning verdicts listed under the verdict."""
+    max_reasons_per_rule: int = 3
+    """Of those, at most this many per rule (a rule that warns on 900 classes gets a line
+    with its count instead of filling the list)."""
     max_finding_rows: int = 1000
     """Findings listed in the HTML report: backed ones first, then by the lower bound of
     their share (audit.json holds every one)."""
@@ -77,6 +80,13 @@ class VerdictRow:
     """The waiver's reason: a waived row does not count towards the verdict."""
     not_evaluated: bool = False
     """The class had too few audited instances for the rule to judge it."""
+
+
+@dataclass(frozen=True)
+class RuleCount:
+    status: Status
+    rule: str
+    n: int
 
 
 @dataclass(frozen=True)
@@ -313,6 +323,8 @@ class ReportData:
     classes not evaluated are listed in ``not_evaluated`` instead, once per class)."""
     n_reasons: int
     """All unwaived fail and warn rows."""
+    reasons_more: tuple[RuleCount, ...]
+    """Per rule with rows beyond ``reasons``: how many more (worst status first)."""
     verdict_rows: tuple[VerdictRow, ...]
     """The verdicts listed: all of them in a small audit, else the ones not passing."""
     n_verdicts: int
