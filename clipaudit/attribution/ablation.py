@@ -186,10 +186,10 @@ def _act_x_grad(h: torch.Tensor, idx: torch.Tensor, sae: SAE, head: Head, readou
         attr = z.detach() * grad_z
         slot = (codes.indices[:, :, None] == idx[:, None, :]).int().argmax(1)  # codes -> idx order
         return attr.gather(1, slot)
-    attr = attribute_cls(h, torch.arange(len(h)), sae, head, readout, gradient=gradient)
-    slot = (idx[attr.rows] == attr.components[:, None]).int().argmax(1)
+    frozen = attribute_cls(h, torch.arange(len(h)), sae, head, readout, gradient=gradient)
+    slot = (idx[frozen.rows] == frozen.components[:, None]).int().argmax(1)
     out = torch.zeros(idx.shape)
-    out[attr.rows, slot] = attr.values[torch.arange(len(attr.rows)), target[attr.rows]]
+    out[frozen.rows, slot] = frozen.values[torch.arange(len(frozen.rows)), target[frozen.rows]]
     return out
 
 
