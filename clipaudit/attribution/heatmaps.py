@@ -9,8 +9,11 @@ model's input view, from the same model, hook point and SAE as the audit. Method
   attention weight and every MLP nonlinearity's gate (``act(x) / x``) held at its clean
   value. Under that linearisation the tower is affine in its input tokens, so the
   per-token terms and one constant (biases, the class token) add up to z_j exactly: the
-  map is a decomposition of the activation, not a sensitivity. It is the attributions'
-  frozen-normalisation linearisation carried down to the pixels (the conservative
+  map is a decomposition of the activation, not a sensitivity. The tokens include their
+  position embeddings, so a patch's term holds a part that does not depend on the image
+  (the benchmark measured gradient x input at the pixels instead: the same pointing on
+  the dermatology world's findings, one image won and one lost). It is the attributions'
+  frozen-normalisation linearisation carried down to the input tokens (the conservative
   attention rule of Ali et al. 2022 and AttnLRP, which the paper's authors use for
   their concept-conditional heatmaps). At the default hook point a class's evidence
   from component j, A[n, j, c], is z_j times a per-instance constant, so the map of
