@@ -98,6 +98,11 @@ def test_a_tag_confined_to_one_class_is_confounded_and_too_few_is_said():
     thin = concept_direction(e, (np.arange(400) % 2).astype(np.int8), small)
     assert thin.status == "too-few" and "more reference images per class" in thin.note
     assert "the class with most of it has 200 with and 0 without" in confounded.note
+    # a class with 17 with and 7 without is mixed: more images of it would measure the tag
+    labels_24 = ["class 0" if i < 24 else f"class {i}" for i in range(400)]
+    few_without = concept_direction(e, np.where(np.arange(400) < 17, 1, 0).astype(np.int8),
+                                    labels_24)
+    assert few_without.status == "too-few", few_without.note
     probe = _probe(1.0, 0.0)
     x, w, b = head_inputs(probe, e)
     rows = measure_reliance(confounded, "has_tag", "column", x, w, b, probe.class_names, labels)

@@ -10,10 +10,10 @@ and one classifier head:
    with and without the concept, within each class, averaged over the classes in which
    both occur (weighted by the smaller count). Within-class differences keep a concept
    that co-occurs with a class from borrowing that class's direction. A concept with no
-   such class is not measured: ``confounded`` when it fills the classes it is common in
-   (some class holds ``MIN_INSTANCES`` with it, but not as many without: the reference
-   set cannot tell it from those classes), ``too-few`` when it is spread too thinly over
-   classes too small to hold ``MIN_INSTANCES`` of each (more images per class would do).
+   such class is not measured: ``confounded`` when it is all or nothing within every
+   class and fills at least one with ``MIN_INSTANCES`` images (the reference set cannot
+   tell it from those classes), ``too-few`` when some class mixes it (17 with, 7 without)
+   or it is spread thinly over small classes: more images per class would measure it.
 2. **Effect** on each class c (exact for linear heads): adding the concept moves the
    class scores by W v. The reliance of class c on the concept is the accuracy the head
    loses on the other classes' images when the concept is put on them (against the same
@@ -101,12 +101,14 @@ def head_inputs(head: Head, e_nD: Tensor, batch_size: int = 8192) -> tuple[Tenso
 
 def _unmeasured(n_with: np.ndarray, n_without: np.ndarray, n_present: int,
                 n_absent: int) -> Direction:
-    """Why no class gives a cell: the concept fills the classes it is common in
-    (``confounded``: the reference set cannot tell it from them), or it is spread too
-    thinly over classes too small to hold ``MIN_INSTANCES`` of each (``too-few``: more
-    reference images per class would measure it)."""
+    """Why no class gives a cell: the concept is all or nothing within every class and
+    fills at least one (``confounded``: the reference set cannot tell it from those
+    classes; one stray image on a class's minority side is not a mixture), or it is mixed
+    in some class, or spread too thinly, in classes too small to hold ``MIN_INSTANCES``
+    of each (``too-few``: more reference images per class would measure it)."""
     most_with = int(n_with.max(initial=0))
-    if most_with >= MIN_INSTANCES:
+    mixed = bool((np.minimum(n_with, n_without) >= 2).any())
+    if most_with >= MIN_INSTANCES and not mixed:
         return Direction(None, status="confounded", n_present=n_present, n_absent=n_absent,
                          note="no class has both instances with and without the concept "
                          f"(>= {MIN_INSTANCES} each; the class with most of it has "
