@@ -218,8 +218,10 @@ class TopKSAE(torch.nn.Module):
         threshold = torch.as_tensor(threshold, dtype=torch.float32)
         if threshold.numel() not in (1, self.n_latents):
             raise ValueError(f"threshold has {threshold.numel()} values; expected 1 or {self.n_latents}")
+        # a copy: a view would keep the storage it came from alive (a whole memory-mapped
+        # weights file, for a threshold read from one)
         self.threshold = (threshold.reshape(()) if threshold.numel() == 1 else threshold.reshape(-1)
-                          ).to(self.scale.device)
+                          ).to(self.scale.device, copy=True)
         return self
 
     @torch.no_grad()
