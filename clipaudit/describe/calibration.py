@@ -176,8 +176,9 @@ def _anchors(class_names: Sequence[str], class_alpha: Callable[[Tensor], Tensor]
         n = int(mask.sum())
         if n < MIN_ANCHOR_IMAGES:
             anchors.append(None)
+            given = "no reference images" if n == 0 else f"only {n} reference image(s)"
             sources.append(f"uncalibrated: no labels for the class, and the reference CLIP "
-                           f"assigns only {n} reference images to it")
+                           f"assigns {given} to it (at least {MIN_ANCHOR_IMAGES} are needed)")
         else:
             anchors.append(_unit(unit[mask].sum(0)))
             sources.append("zero-shot")
