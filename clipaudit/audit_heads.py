@@ -26,12 +26,17 @@ import torch
 from clipaudit.attribution.ablation import deletion_curves
 from clipaudit.attribution.audit_pass import FirstPass, HeadPass, relevance_over_spill
 from clipaudit.attribution.patching import Relevance
-from clipaudit.attribution.sparse_ablation import AblationContext, ablate_component, class_effect
+from clipaudit.attribution.sparse_ablation import (
+    AblationContext,
+    ComponentAblation,
+    ablate_component,
+    class_effect,
+)
 from clipaudit.describe.components import ComponentDescriptions
 from clipaudit.extraction.cache_reader import ActivationCache
 from clipaudit.extraction.readout import PooledReadout
 from clipaudit.findings import Candidate, make_finding, scatter_points, select_candidates
-from clipaudit.findings.evidence import binary_columns, firing_rows, sparse_metadata_aucs
+from clipaudit.findings.evidence import Firing, binary_columns, firing_rows, sparse_metadata_aucs
 from clipaudit.findings.statistics import (
     ClassEvidence,
     StatisticsConfig,
@@ -54,6 +59,9 @@ log = logging.getLogger(__name__)
 
 RELIED_ON_LISTED = 50
 """Components kept in a head's roll-up of components relied on by several classes."""
+ABLATION_ROWS = 8192
+"""Rows of a component's firing instances ablated at a time (activations and scores of
+a chunk in memory, whatever the data set's size)."""
 SCATTER_POINTS_TOTAL = 20_000
 """Scatter points shared by the classes without backed findings (each keeps at least 10;
 in heads of at most 100 classes every class with findings keeps ``scatter_points``)."""
@@ -177,20 +185,37 @@ def gather_evidence(selections: Sequence[Selection], also_aucs_for: Sequence[int
             for j, firing in group.items():
                 aucs[j] = sparse_metadata_aucs(firing, columns)
                 if j in wanted:
-                    acts = ctx.cache.take("acts", firing.positions)
-                    for s in selections:
-                        p = s.head_pass
-                        of_j = [c for c in s.candidates if c.component == j]
-                        if not of_j:
-                            continue
-                        ablation = ablate_component(contexts[p.index], p.head, ctx.tower, ctx.sae, j,
-                                                    firing, acts)
-                        for cand in of_j:
-                            ablations[(p.index, cand.class_name, j)] = class_effect(
-                                contexts[p.index], ablation, j, p.head.class_names.index(cand.class_name),
-                                cand.class_name)
+                    ablations |= _ablations(j, firing, selections, contexts, ctx)
                 task.advance()
     return Evidence(aucs, ablations)
+
+
+def _ablations(j: int, firing: Firing, selections: Sequence[Selection],
+               contexts: dict[int, AblationContext], ctx: AuditContext
+               ) -> dict[tuple[int, str, int], AblationEffect]:
+    """Every candidate's ablation effect for component ``j``, over the rows where it
+    fires in chunks of ``ABLATION_ROWS`` (its activations read once per chunk for every
+    head): memory bounded by the chunk, not by how often ``j`` fires."""
+    jobs = [(s.head_pass, [c for c in s.candidates if c.component == j]) for s in selections]
+    jobs = [(p, cands) for p, cands in jobs if cands]
+    classes = {p.index: sorted({p.head.class_names.index(c.class_name) for c in cands})
+               for p, cands in jobs}
+    parts: dict[int, list[ComponentAblation]] = {p.index: [] for p, _ in jobs}
+    for start in range(0, max(len(firing.positions), 1), ABLATION_ROWS):
+        chunk = Firing(firing.positions[start:start + ABLATION_ROWS],
+                       firing.values[start:start + ABLATION_ROWS])
+        acts = ctx.cache.take("acts", chunk.positions)
+        for p, _ in jobs:
+            parts[p.index].append(ablate_component(contexts[p.index], p.head, ctx.tower, ctx.sae,
+                                                   j, chunk, acts, classes[p.index]))
+    out = {}
+    for p, cands in jobs:
+        ablation = ComponentAblation.concat(parts[p.index])
+        for cand in cands:
+            out[(p.index, cand.class_name, j)] = class_effect(
+                contexts[p.index], ablation, j, p.head.class_names.index(cand.class_name),
+                cand.class_name)
+    return out
 
 
 # ------------------------------------------------------------------ head audit

@@ -12,7 +12,13 @@ from sklearn.metrics import roc_auc_score
 from clipaudit.attribution.ablation import ablation_effect
 from clipaudit.attribution.audit_pass import relevance_over_spill
 from clipaudit.attribution.patching import attribute_cls, class_relevance
-from clipaudit.attribution.sparse_ablation import AblationContext, ablation_effect_sparse
+from clipaudit.attribution.sparse_ablation import (
+    AblationContext,
+    ComponentAblation,
+    ablate_component,
+    ablation_effect_sparse,
+    class_effect,
+)
 from clipaudit.attribution.spill import CodeSpill
 from clipaudit.attribution.stream import RelevanceAccumulator, attribute_batch
 from clipaudit.attribution.table import AttributionTableWriter, kept_classes
@@ -233,6 +239,37 @@ def test_sparse_ablation_equals_the_dense_ablation(setup, labelled):
             for a, b in zip(got.slices, want.slices):
                 assert a.score_delta == pytest.approx(b.score_delta, abs=1e-5)
                 assert a.accuracy_after == pytest.approx(b.accuracy_after)
+
+
+def test_ablation_in_row_chunks_for_some_classes_equals_the_whole_ablation(setup):
+    """The audit ablates a component's firing rows in chunks, keeping the candidates'
+    classes' score changes only: the effects must not change."""
+    sae, tower, acts, head = setup["sae"], setup["tower"], setup["acts"], setup["heads"]["probe"]
+    rng = np.random.default_rng(2)
+    meta = pd.DataFrame({"site": rng.choice(["a", "b"], N)})
+    with torch.no_grad():
+        codes = sae.encode(acts)
+        pred = head.scores(tower.readout_cls(acts)).argmax(1).numpy()
+    ctx = AblationContext.build(pred, _truth(setup["labels"], head.class_names).numpy(), meta)
+    j = int(torch.mode(codes.indices.flatten()).values)  # fires on many rows
+    column = (codes.values * (codes.indices == j)).sum(1)
+    positions = torch.nonzero(column).flatten().numpy()
+    firing = Firing(positions, column[positions].numpy())
+    assert len(positions) > 10
+    whole = ablate_component(ctx, head, tower, sae, j, firing, acts[torch.from_numpy(positions)])
+    classes = [3, 0]
+    chunks = [ablate_component(ctx, head, tower, sae, j, Firing(positions[a:a + 7], firing.values[a:a + 7]),
+                               acts[torch.from_numpy(positions[a:a + 7])], classes)
+              for a in range(0, len(positions), 7)]
+    joined = ComponentAblation.concat(chunks)
+    assert joined.delta.shape == (len(positions), 2)
+    for c in classes:
+        want = class_effect(ctx, whole, j, c, f"class {c}")
+        got = class_effect(ctx, joined, j, c, f"class {c}")
+        assert got.flipped == want.flipped and got.accuracy_after == want.accuracy_after
+        assert got.score_delta == pytest.approx(want.score_delta, abs=1e-9)
+        assert [(x.score_delta, x.flipped) for x in got.slices] == \
+            [pytest.approx((x.score_delta, x.flipped), abs=1e-9) for x in want.slices]
 
 
 def test_the_audits_descriptions_file_keeps_what_a_reuse_needs(tmp_path):

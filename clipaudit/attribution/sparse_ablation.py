@@ -11,6 +11,7 @@ nothing dense over the data set is needed.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -78,18 +79,38 @@ class ComponentAblation:
 
     positions: np.ndarray
     delta: torch.Tensor
-    """[f, C] change of every class score."""
+    """[f, C'] change of the class scores in ``classes`` (every class when None)."""
     flipped: np.ndarray
     """bool [f]: the predicted class changed."""
     correct_before: np.ndarray
     correct_after: np.ndarray
+    classes: tuple[int, ...] | None = None
+    """The head's class indices of ``delta``'s columns; None: all, in order."""
+
+    def column(self, c: int) -> torch.Tensor:
+        """[f]: the change of class ``c``'s score."""
+        return self.delta[:, c if self.classes is None else self.classes.index(c)]
+
+    @staticmethod
+    def concat(parts: Sequence[ComponentAblation]) -> ComponentAblation:
+        """The ablation over consecutive row chunks, as one."""
+        return ComponentAblation(
+            positions=np.concatenate([p.positions for p in parts]),
+            delta=torch.cat([p.delta for p in parts]),
+            flipped=np.concatenate([p.flipped for p in parts]),
+            correct_before=np.concatenate([p.correct_before for p in parts]),
+            correct_after=np.concatenate([p.correct_after for p in parts]),
+            classes=parts[0].classes)
 
 
 @torch.no_grad()
 def ablate_component(ctx: AblationContext, head: Head, tower: Tower | PooledReadout, sae: SAE,
-                     component: int, firing: Firing, acts_fd: torch.Tensor) -> ComponentAblation:
+                     component: int, firing: Firing, acts_fd: torch.Tensor,
+                     classes: Sequence[int] | None = None) -> ComponentAblation:
     """Scores before and after removing ``component`` from the rows where it fires
-    (``firing``, activations ``acts_fd`` [f, d])."""
+    (``firing``, activations ``acts_fd`` [f, d]); the score changes of ``classes`` only
+    (None: every class; at 1,000 classes and rows where a component fires often, [f, C]
+    is gigabytes), predictions over every class."""
     h = acts_fd.float()
     readout = as_readout(tower)
     mult, _ = decoder_rows_for(sae, h)  # 1 / scale, times each row's norm where the SAE has one
@@ -99,15 +120,17 @@ def ablate_component(ctx: AblationContext, head: Head, tower: Tower | PooledRead
     after = head.scores(readout(h - removed[:, None] * atom))
     pred_b, pred_a = before.argmax(1).numpy(), after.argmax(1).numpy()
     truth = ctx.truth[firing.positions]
-    return ComponentAblation(firing.positions, (after - before).double(), pred_b != pred_a,
-                             (pred_b == truth) & (truth >= 0), (pred_a == truth) & (truth >= 0))
+    delta = after - before if classes is None else after[:, list(classes)] - before[:, list(classes)]
+    return ComponentAblation(firing.positions, delta.double(), pred_b != pred_a,
+                             (pred_b == truth) & (truth >= 0), (pred_a == truth) & (truth >= 0),
+                             classes=None if classes is None else tuple(int(c) for c in classes))
 
 
 def class_effect(ctx: AblationContext, ablation: ComponentAblation, component: int,
                  c: int, class_name: str) -> AblationEffect:
     """``ablation.ablation_effect`` for class ``c`` from a component's ablation."""
     pos = ablation.positions
-    delta = ablation.delta[:, c].numpy()
+    delta = ablation.column(c).numpy()
     of_class = ctx.of_class(c)
     n_class = int(of_class.sum())
     known = int((ctx.truth >= 0).sum())
