@@ -59,13 +59,21 @@ def _batches(ids, indices, values, sizes):
 
 @pytest.mark.parametrize("seed", range(4))
 @pytest.mark.parametrize("m", [1, 5])
-def test_top_activations_equals_dense_top_m(seed, m):
+@pytest.mark.parametrize("blocked", [False, True])
+def test_top_activations_equals_dense_top_m(seed, m, blocked, monkeypatch):
     n, n_latents, k = 60, 12, 3
     indices, values, dense = _random_codes(n, n_latents, k, seed)
     # instance ids in shuffled order and non-contiguous, so tie-breaking is by id, not position
     ids = torch.randperm(n, generator=torch.Generator().manual_seed(seed)) * 3 + 1
     sizes = [7, 1, 20, 13, 19]
-    top = top_activations(_batches(ids, indices, values, sizes), n_latents, m)
+    if blocked:  # merges every few firings, a few components at a time
+        monkeypatch.setattr("clipaudit.describe.components.MERGE_BLOCK_ENTRIES", 7)
+        acc = TopActivationsAccumulator(n_latents, m, merge_at=10)
+        for batch_ids, codes in _batches(ids, indices, values, sizes):
+            acc.update(batch_ids, codes)
+        top = acc.result()
+    else:
+        top = top_activations(_batches(ids, indices, values, sizes), n_latents, m)
     want_ids, want_vals, want_counts = _brute_force(dense, ids, m)
     assert torch.equal(top.ids, want_ids)
     torch.testing.assert_close(top.values, want_vals)
