@@ -62,7 +62,8 @@ def main() -> None:
           f"batch={args.batch}, 1 thread")
     print(f"  {large['seconds']:.2f} s, {large['per_s']:,.0f} instances/s")
     # top-m state + at most merge_at pending firings + one batch's (component, value, id)
-    bound = args.latents * (args.m * 12 + 8) + (args.latents * args.m + args.batch * args.k) * 20
+    merge_at = max(args.latents * args.m // 4, 1 << 16)  # TopActivationsAccumulator's default
+    bound = args.latents * (args.m * 12 + 8) + (merge_at + args.batch * args.k) * 20
     print(f"  peak state {large['state_bytes'] / 2**20:.2f} MiB after N={args.n}, "
           f"{small['state_bytes'] / 2**20:.2f} MiB after N={args.n // 10}; bound whatever N is "
           f"{bound / 2**20:.2f} MiB (peak / bound {large['state_bytes'] / bound:.2f}, want <= 1)")
