@@ -137,8 +137,9 @@ def time_extract(source, out: Path, args: argparse.Namespace, engine: str = "loc
                  backbone=None) -> tuple[float, float, float]:
     """(seconds, peak RSS growth of this process over its RSS just before the run in MiB,
     peak RSS of the processes below it in MiB: Ray's, or the decoding workers')."""
-    config = ExtractConfig(backbone=BackboneSpec(model=args.model), batch_size=args.batch_size,
-                           num_workers=args.workers, shard_size=args.shard_size, device="cpu",
+    config = ExtractConfig(backbone=BackboneSpec(model=args.model, pretrained="random"),
+                           batch_size=args.batch_size, num_workers=args.workers,
+                           shard_size=args.shard_size, device="cpu",
                            engine=engine, ray=RayConfig(actors=args.ray_actors))
     before = _status_mib("VmRSS")
     reset = _reset_peak_rss()
