@@ -130,6 +130,31 @@ def test_iter_batches_streams_and_shuffles_deterministically(images, tmp_path):
     assert torch.equal(torch.cat([b["acts"] for b in first]), expected)
 
 
+def test_take_maps_one_shard_at_a_time_and_returns_rows_in_the_order_asked(images, tmp_path):
+    """A sample spread over every shard must not keep every shard's pages resident: each
+    shard ``take`` maps is unmapped once its rows are copied (a million-row cache held
+    600 MB of mapped pages until the last shard was read)."""
+    cache = extract(images, tmp_path / "c", _config()).cache
+    acts, embeds = cache.load_acts(), cache.load_embeds()
+    cache._maps.clear()
+    held = []
+    shard = type(cache)._shard
+
+    def counting(self, k):
+        held.append(len(self._maps))
+        return shard(self, k)
+
+    rows = np.array([11, 0, 6, 5, 1, 10, 3])  # every shard (5 rows each), out of order
+    type(cache)._shard = counting
+    try:
+        got_acts, got_embeds = cache.take("acts", rows), cache.take("embeds", rows)
+    finally:
+        type(cache)._shard = shard
+    assert torch.equal(got_acts, acts[rows]) and torch.equal(got_embeds, embeds[rows])
+    assert len(held) == 6 and max(held) == 0  # 3 shards per field, none mapped alongside
+    assert not cache._maps
+
+
 def test_float16_store_is_close_to_float32(images, tmp_path):
     full = extract(images, tmp_path / "f32", _config()).cache
     half = extract(images, tmp_path / "f16", _config(store_dtype="float16")).cache

@@ -186,10 +186,7 @@ class ActivationCache:
         out = torch.empty((len(rows), *self._field_tail(name)),
                           dtype=torch.int64 if name == "ids" else torch.float32)
         if len(rows):
-            mapped = set(self._maps)
-            out[torch.from_numpy(order)] = self._tensor(name, rows[order])
-            for k in set(self._maps) - mapped:
-                del self._maps[k]
+            out[torch.from_numpy(order)] = self._tensor(name, rows[order], release=True)
         return out
 
     def iter_shards(self, fields: Sequence[str] = ("acts",)) -> Iterator[dict[str, torch.Tensor]]:
@@ -211,12 +208,17 @@ class ActivationCache:
 
     # ------------------------------------------------------------ streaming
 
-    def _rows(self, name: str, rows: np.ndarray) -> np.ndarray:
-        """Values of ``name`` at global row numbers ``rows`` (sorted ascending)."""
+    def _rows(self, name: str, rows: np.ndarray, release: bool = False) -> np.ndarray:
+        """Values of ``name`` at global row numbers ``rows`` (sorted ascending).
+        ``release``: unmap each shard this call mapped as soon as its rows are copied, so
+        that the pages read (and read ahead) count against resident memory one shard at a
+        time: a sample of 20,000 rows spread over a million-row cache touched most of its
+        pages, 600 MB of it resident until the last shard was read."""
         t = self.tokens_per_image
         images = rows // t if name != "acts" else rows
         starts = self._shard_start * (t if name == "acts" else 1)
         shard_of = np.searchsorted(starts, images, side="right") - 1
+        mapped = set(self._maps)
         parts = []
         for k in np.unique(shard_of):
             arr = self._shard(int(k))[name]
@@ -227,6 +229,9 @@ class ActivationCache:
                 parts.append(np.array(arr[local[0]:local[-1] + 1]))
             else:
                 parts.append(arr[local])
+            del arr
+            if release and int(k) not in mapped:
+                self._maps.pop(int(k), None)
         return np.concatenate(parts)
 
     def iter_batches(self, batch_size: int, *, shuffle: bool = False, seed: int = 0,
@@ -292,6 +297,6 @@ class ActivationCache:
     def _field_tail(self, name: str) -> tuple[int, ...]:
         return {"acts": (self.d,), "embeds": (self.embed_dim,), "ids": ()}[name]
 
-    def _tensor(self, name: str, rows: np.ndarray) -> torch.Tensor:
-        values = torch.from_numpy(np.ascontiguousarray(self._rows(name, rows)))
+    def _tensor(self, name: str, rows: np.ndarray, release: bool = False) -> torch.Tensor:
+        values = torch.from_numpy(np.ascontiguousarray(self._rows(name, rows, release)))
         return values if name == "ids" else values.float()
