@@ -141,3 +141,54 @@ def test_the_lower_bound_separates_a_weak_reliance_from_noise():
         assert got.reliance_low <= got.reliance
         bounds[n_ref] = got.reliance - got.reliance_low
     assert bounds[60] > 2 * bounds[4000]
+
+
+def test_each_class_is_moved_by_its_own_direction_not_the_average():
+    """A tag that pushes pneumonia images towards normal and leaves normal images alone:
+    the pooled direction would halve its effect; the pneumonia cell's direction gives the
+    drop that putting the tag on pneumonia images really causes."""
+    g = torch.Generator().manual_seed(5)
+    n = 4000
+    labels = ["pneumonia" if i % 2 else "normal" for i in range(n)]
+    is_pneu = torch.tensor([x == "pneumonia" for x in labels])
+    e = 0.5 * torch.randn(n, D, generator=g)
+    e[:, CLASS_AXIS] += torch.where(is_pneu, 1.0, -1.0)
+    tag = torch.rand(n, generator=g) < 0.3
+    e[:, CLASS_AXIS] -= (tag & is_pneu).float() * 1.2  # the tag acts on pneumonia images only
+    e[:, TAG_AXIS] += tag.float() * 2.0
+    present = tag.numpy().astype(np.int8)
+    probe = _probe(1.0, 0.0)
+    x, w, b = head_inputs(probe, e)
+    direction = concept_direction(x, present, labels)
+    assert set(direction.by_class) == {"normal", "pneumonia"}
+    got = {r.class_name: r for r in measure_reliance(direction, "has_tag", "column", x, w, b,
+                                                     probe.class_names, labels, present,
+                                                     same_set=True)}
+    # the counterfactual: the same pneumonia images without the tag, then with it
+    clean = e[is_pneu].clone()
+    clean[:, CLASS_AXIS] += (tag[is_pneu]).float() * 1.2
+    clean[:, TAG_AXIS] -= (tag[is_pneu]).float() * 2.0
+    tagged = clean.clone()
+    tagged[:, CLASS_AXIS] -= 1.2
+    tagged[:, TAG_AXIS] += 2.0
+    pneumonia = probe.class_names.index("pneumonia")
+    drop = float((probe.scores(clean).argmax(1) == pneumonia).float().mean()
+                 - (probe.scores(tagged).argmax(1) == pneumonia).float().mean())
+    assert drop > 0.3
+    assert got["normal"].reliance == pytest.approx(drop, abs=0.06)  # noise of the cell mean
+    assert got["normal"].reliance_low <= got["normal"].reliance
+    pooled = concept_direction(x, present, None)  # no classes: one direction for all
+    flat = {r.class_name: r for r in measure_reliance(pooled, "has_tag", "column", x, w, b,
+                                                      probe.class_names, labels, present)}
+    assert flat["normal"].reliance < drop - 0.1
+
+
+def test_a_set_names_the_heads_classes_when_half_its_images_carry_one():
+    from clipaudit.findings.concept_evidence import names_head_classes
+
+    head = ["cat", "dog"]
+    assert names_head_classes(["cat", "dog", "cat", None], head)
+    assert not names_head_classes(["cat", "cat", "cat"], head)  # one class: no others
+    assert not names_head_classes(["cat", "dog", "car", "bus", "van"], head)
+    assert not names_head_classes([None, None], head)
+    assert names_head_classes(["cat"], ["cat"])
