@@ -30,11 +30,9 @@ class ConceptRelianceParams(CheckSpec):
     read through the reference CLIP's ``text``."""
     reliance_min: Share | None = None
     """Accuracy drop that counts as reliance (default: ``thresholds.reliance_min``)."""
-    bound: Literal["lower", "estimate"] = "estimate"
-    """Judge the reliance ``estimate`` (the default: a PASS must not hide a reliance that
-    the estimate puts at the limit) or its one-sided 95% ``lower`` bound (fail only on what
-    the data establish: fewer alarms on small reference sets, and every reliance between
-    the limit and about 1.65 standard errors above it passes)."""
+    bound: Literal["lower", "estimate"] = "lower"
+    """Judge the one-sided 95% ``lower`` bound of the reliance (fail only on what is
+    established) or the ``estimate`` itself (e.g. for a warning on borderline cases)."""
 
 
 _INDEXED: list[tuple[list[ConceptReliance], dict[str, dict[tuple[str, str], ConceptReliance]]]] = []
