@@ -95,10 +95,6 @@ def test_its_control_with_the_artifact_on_half_of_each_class_passes(world):
     assert not [f for f in probe.findings if "ruler" in f.concept]
     measured = [r for r in probe.concept_reliance if r.concept == "has_ruler"]
     assert measured and all(abs(r.reliance) < 0.05 for r in measured)
-    # the reference set is labelled with the probe's classes: the reliance is measured
-    # there, on clean images, and the slices are the audited data's
-    assert all("measured on the reference set (800 images)" in r.detail for r in measured)
-    assert sum(s.n for r in measured for s in r.slices) == 400  # the 400 audited images
 
 
 def test_an_sae_blind_to_the_artifacts_never_passes_silently(world):

@@ -16,7 +16,6 @@ measure (``clipaudit.gate.columns``) and where each one's presence comes from:
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,7 +35,6 @@ from clipaudit.findings.reliance import (
     measure_reliance,
     presence_from_activation,
     presence_from_scores,
-    slice_accuracies,
 )
 from clipaudit.findings.select import ForbiddenReliance
 from clipaudit.heads.base import Head
@@ -180,55 +178,19 @@ def concept_presences(inputs: ConceptInputs, keys: Sequence[tuple[str, str]],
     return out
 
 
-def names_head_classes(labels: Sequence[str | None], class_names: Sequence[str]) -> bool:
-    """Whether a set's labels are the head's classes: at least half of its instances carry
-    one, and they span two classes (one for a one-class head)."""
-    names = set(class_names)
-    known = [x for x in labels if x in names]
-    return len(known) > 0 and 2 * len(known) >= len(labels) \
-        and len(set(known)) >= min(2, len(names))
-
-
 def head_reliance(head: Head, inputs: ConceptInputs,
                   presences: Sequence[ConceptPresence]) -> list[ConceptReliance]:
-    """The head's reliance, per class, on every concept of ``presences``.
-
-    Measured on the set the concept's direction came from when its labels are the head's
-    classes (the reference set, usually: clean images, as the causal test's counterfactual
-    pairs are; one bootstrap resamples the direction and the effect together), else on
-    the audited data. Where the audited data are one class's images with a planted
-    artifact, the other class's images there sit far from the boundary and hide a reliance
-    that clean images show (detection benchmark, band-aid planted on malignant images: a
-    ruler that costs 0.12 of the accuracy on re-rendered clean malignant images measured
-    0.02 on the audited ones, 0.12 on the reference set). The slices (class x presence)
-    are the audited data's."""
+    """The head's reliance, per class, on every concept of ``presences``."""
     ref, aud = inputs.reference, inputs.audited
     x_ref, weight, bias = head_inputs(head, ref.embeds)
     x_aud, _, _ = head_inputs(head, aud.embeds)
-    names = list(head.class_names)
-    on_labelled = {"reference": names_head_classes(ref.labels, names),
-                   "audited": names_head_classes(aud.labels, names)}
     out: list[ConceptReliance] = []
     for cp in presences:
-        which = "reference" if cp.on_reference else "audited"
         on, x_on = (ref, x_ref) if cp.on_reference else (aud, x_aud)
         direction = concept_direction(x_on, cp.presence.values, on.labels)
-        if on_labelled[which] or which == "audited":
-            where = f"measured on the {which} set ({len(on.labels)} images)"
-            measured = measure_reliance(direction, cp.presence.concept, cp.presence.source, x_on,
-                                        weight, bias, names, on.labels, cp.presence.values,
-                                        f"{cp.presence.detail}; {where}", same_set=True)
-            if which == "reference":  # the slices: the audited data's
-                slices = slice_accuracies(x_aud, weight, bias, names, aud.labels, cp.audited)
-                measured = [dataclasses.replace(r, slices=slices.get(r.class_name, []))
-                            for r in measured]
-            out += measured
-        else:
-            out += measure_reliance(direction, cp.presence.concept, cp.presence.source, x_aud,
-                                    weight, bias, names, aud.labels, cp.audited,
-                                    f"{cp.presence.detail}; measured on the audited set "
-                                    f"({len(aud.labels)} images; the reference set's labels "
-                                    "are not the head's classes)")
+        out += measure_reliance(direction, cp.presence.concept, cp.presence.source, x_aud, weight,
+                                bias, list(head.class_names), aud.labels, cp.audited,
+                                cp.presence.detail)
     return out
 
 

@@ -19,15 +19,10 @@ and one classifier head:
    loses on the other classes' images when the concept is put on them (against the same
    images without it: the concept is taken off those that carry it): the embedding-space
    twin of the causal test that the detection benchmark runs on re-rendered counterfactual
-   images (``benchmarks/detection.py``). An image of class k is moved by k's own direction
-   (its cell's difference of means) where k has a cell, by the pooled direction otherwise:
-   a concept does not act alike on every class (a ruler moved a dermatology probe's
-   margin by 0.45 on malignant images and by 0.00 on benign ones; the pooled 0.23 put its
-   drop at 0.02 where re-rendered images showed 0.08, and the malignant cell at 0.07).
-   Reported beside it: the flip rate
-   (share of those images the head would then call c), the shift of c's margin (pooled
-   direction), that shift over the distance between the classes' mean margins, and the
-   accuracy per slice (class x presence).
+   images (``benchmarks/detection.py``). Reported beside it: the flip rate (share of those
+   images the head would then call c), the shift of c's margin, that shift over the
+   distance between the classes' mean margins, and the accuracy per slice (class x
+   presence).
 
 The unit is a fraction of images, the same on any CLIP, so one threshold
 (``thresholds.reliance_min``) serves every model.
@@ -44,7 +39,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -88,14 +83,6 @@ class Direction:
     n_present: int = 0
     n_absent: int = 0
     note: str = ""
-    by_class: dict[str, Tensor] = field(default_factory=dict)
-    """Per class with a cell, the concept's direction within it (float [D])."""
-    by_class_replicates: dict[str, Tensor] = field(default_factory=dict)
-    """Per class with a cell, its direction on the bootstrap resamples (float16 [B, D]:
-    bounded memory at a thousand classes; a bootstrap quantile does not need more)."""
-    weights: Tensor | None = None
-    """uint8 [B, n]: the Poisson weights of the resamples, per row of the set the direction
-    came from (reused when the reliance is measured on that same set)."""
 
 
 def head_inputs(head: Head, e_nD: Tensor, batch_size: int = 8192) -> tuple[Tensor, Tensor, Tensor]:
@@ -151,7 +138,6 @@ def concept_direction(x_nD: Tensor, presence: np.ndarray, labels: Sequence[str |
                          f"(at least {MIN_INSTANCES} of each are needed)")
     note = ""
     cells: list[tuple[np.ndarray, np.ndarray, float]] = []
-    cell_names: list[str] = []
     n_with = n_without = np.zeros(0, dtype=np.int64)
     if labels is None or all(x is None for x in labels):
         cells.append((present, absent, 1.0))
@@ -167,7 +153,6 @@ def concept_direction(x_nD: Tensor, presence: np.ndarray, labels: Sequence[str |
             of_class = of_row == i
             cells.append((present & of_class, absent & of_class,
                           float(min(n_with[i], n_without[i]))))
-            cell_names.append(names[i])
     if not cells:
         return _unmeasured(n_with, n_without, n_present, n_absent)
     x = x_nD.float()
@@ -188,41 +173,23 @@ def concept_direction(x_nD: Tensor, presence: np.ndarray, labels: Sequence[str |
     sizes = torch.bincount(g, minlength=len(coef)).double()
     vector = ((signed / sizes[g]) @ xs).float()
     replicates = None
-    by_class: dict[str, Tensor] = {}
-    by_class_replicates: dict[str, Tensor] = {}
-    sign = torch.from_numpy(np.where(np.arange(len(coef)) % 2 == 0, 1.0, -1.0))[g]
     if weights is not None:
         w_rows = weights[:, rows].double()  # [B, r]
         side = torch.zeros(len(w_rows), len(coef), dtype=torch.float64).index_add_(1, g, w_rows)
         replicates = ((w_rows * signed / side[:, g].clamp(min=1.0)) @ xs).float()
-    if cell_names:  # each cell's own difference of means (and replicates), cell by cell
-        for k, name in enumerate(cell_names):
-            mine = torch.nonzero((g == 2 * k) | (g == 2 * k + 1)).flatten()
-            coef_k = sign[mine] / sizes[g[mine]]
-            by_class[name] = (coef_k @ xs[mine]).float()
-            if weights is not None:
-                w_k = w_rows[:, mine]
-                by_class_replicates[name] = ((w_k * sign[mine] / side[:, g[mine]].clamp(min=1.0))
-                                             @ xs[mine]).to(torch.float16)
-    return Direction(vector, replicates, "measured", n_present, n_absent, note, by_class,
-                     by_class_replicates,
-                     weights.to(torch.uint8) if weights is not None else None)
+    return Direction(vector, replicates, "measured", n_present, n_absent, note)
 
 
 def measure_reliance(direction: Direction, concept: str, source: RelianceSource,
                      x_nD: Tensor, weight_CD: Tensor, bias_C: Tensor, class_names: Sequence[str],
                      labels: Sequence[str | None], presence: np.ndarray | None = None,
-                     detail: str = "", seed: int = 0, *,
-                     same_set: bool = False) -> list[ConceptReliance]:
-    """Per class of the head, its reliance on the concept over a set of instances
-    (``x_nD`` from ``head_inputs``; ``labels`` their labels, predictions standing in
-    where none match the head's classes; ``presence`` their observed presence, or None
-    when unknown), with the lower bound of its bootstrap replicates (the direction's
-    replicates, each on a Poisson-weighted resample of the instances: the direction's own
-    resamples when ``same_set`` says the instances are the ones the direction came from,
-    so each replicate resamples both at once). An instance of a class with a cell of its
-    own is moved by that cell's direction, any other by the pooled one. Each class's
-    record carries its own slices (class x presence).
+                     detail: str = "", seed: int = 0) -> list[ConceptReliance]:
+    """Per class of the head, its reliance on the concept over the audited instances
+    (``x_nD`` from ``head_inputs``; ``labels`` the audited labels, predictions standing in
+    where none match the head's classes; ``presence`` the audited instances' observed
+    presence, or None when unknown), with the lower bound of its bootstrap replicates
+    (the direction's replicates, each on a Poisson-weighted resample of the audited
+    instances). Each class's record carries its own slices (class x presence).
 
     Every per-class figure is a count or sum over "the other classes' images", i.e. over
     the instances of a known class minus the class's own; they are all computed at once
@@ -235,21 +202,20 @@ def measure_reliance(direction: Direction, concept: str, source: RelianceSource,
                 for name in class_names]
     n_classes = len(class_names)
     scores = x_nD @ weight_CD.T + bias_C
-    truth, stand_in = _truth(scores, labels, class_names)
+    position: dict[str | None, int] = {}
+    for c, name in enumerate(class_names):
+        position.setdefault(name, c)
+    truth = torch.tensor([position.get(x, -1) for x in labels], dtype=torch.long)
     note = direction.note
-    if stand_in:
+    if not bool((truth >= 0).any()):
+        truth = scores.argmax(dim=1)
         note = _join(note, "no labels match the head's classes: its predictions stand in")
     known = truth >= 0
     shift = weight_CD @ direction.vector  # [C]: score change when the concept is added
-    group, group_shifts = _groups(direction, weight_CD, labels)
-    row_shift = group_shifts[group]  # [n, C]: each instance's class's cell, else pooled
     has = torch.zeros(len(x_nD), dtype=torch.bool) if presence is None \
         else torch.from_numpy(presence == 1)
-    clean = scores - has[:, None].float() * row_shift
-    shared = direction.weights if same_set and direction.weights is not None \
-        and direction.weights.shape[1] == len(x_nD) else None
-    lost_Bn, weights_Bn = _lost_replicates(direction, weight_CD, scores, truth, has, known, seed,
-                                           group, shared)
+    clean = scores - has[:, None].float() * shift
+    lost_Bn, weights_Bn = _lost_replicates(direction, weight_CD, scores, truth, has, known, seed)
 
     # per-instance outcomes over the instances of a known class, then per-class counts:
     # "the other classes' images" of class c are all of them minus c's own
@@ -261,7 +227,7 @@ def measure_reliance(direction: Direction, concept: str, source: RelianceSource,
         """Per class, how many of the other classes' images ``hit`` (bool [n_known])."""
         return int(hit.sum()) - torch.bincount(t[hit], minlength=n_classes)
 
-    pred_clean, pred_swapped = clean[known].argmax(1), (clean[known] + row_shift[known]).argmax(1)
+    pred_clean, pred_swapped = clean[known].argmax(1), (clean[known] + shift).argmax(1)
     acc_clean = _ratio(others_count(pred_clean == t), n_others)
     acc_swapped = _ratio(others_count(pred_swapped == t), n_others)
     # images of another class called c: every image called c minus c's own images called c
@@ -295,31 +261,6 @@ def measure_reliance(direction: Direction, concept: str, source: RelianceSource,
     return out
 
 
-def _truth(scores: Tensor, labels: Sequence[str | None],
-           class_names: Sequence[str]) -> tuple[Tensor, bool]:
-    """Each instance's class index (-1: none of the head's), and whether the head's
-    predictions stand in because no label names one of its classes."""
-    position: dict[str | None, int] = {}
-    for c, name in enumerate(class_names):
-        position.setdefault(name, c)
-    truth = torch.tensor([position.get(x, -1) for x in labels], dtype=torch.long)
-    if not bool((truth >= 0).any()):
-        return scores.argmax(dim=1), True
-    return truth, False
-
-
-def slice_accuracies(x_nD: Tensor, weight_CD: Tensor, bias_C: Tensor,
-                     class_names: Sequence[str], labels: Sequence[str | None],
-                     presence: np.ndarray | None) -> dict[str, list[SliceAccuracy]]:
-    """Per class, its accuracy on its instances with and without the concept (empty when
-    the presence is unknown): what ``measure_reliance`` attaches, for another set."""
-    if presence is None:
-        return {}
-    scores = x_nD @ weight_CD.T + bias_C
-    flat = _slices(scores, _truth(scores, labels, class_names)[0], presence, class_names)
-    return {name: flat[2 * c:2 * c + 2] for c, name in enumerate(class_names)}
-
-
 def _ratio(count: Tensor, total: Tensor) -> Tensor:
     """float32 count / total (what a float mean of booleans gives; 0 where total is 0)."""
     return count.float() / total.clamp(min=1).float()
@@ -340,59 +281,34 @@ def _lower_bounds(lost_Bn: Tensor | None, weights_Bn: Tensor, known: Tensor, t: 
     return torch.quantile(values, LOWER_QUANTILE, dim=0)
 
 
-def _groups(direction: Direction, weight_CD: Tensor,
-            labels: Sequence[str | None]) -> tuple[Tensor, Tensor]:
-    """Which direction moves each instance (long [n]: the index of its class's cell in
-    ``direction.by_class``, or the last index, the pooled direction) and each direction's
-    score change (float [G + 1, C])."""
-    assert direction.vector is not None
-    names = list(direction.by_class)
-    position = {name: k for k, name in enumerate(names)}
-    group = torch.tensor([position.get(x, len(names)) if x is not None else len(names)
-                          for x in labels], dtype=torch.long)
-    vectors = [direction.by_class[name] for name in names] + [direction.vector]
-    return group, torch.stack(vectors) @ weight_CD.T
-
-
 def _lost_replicates(direction: Direction, weight_CD: Tensor, scores: Tensor, truth: Tensor,
-                     has: Tensor, known: Tensor, seed: int, group: Tensor | None = None,
-                     weights: Tensor | None = None) -> tuple[Tensor | None, Tensor]:
-    """Per bootstrap replicate of the direction and instance: 1 where the instance is
-    classified correctly without the concept and wrongly with it, -1 the other way
+                     has: Tensor, known: Tensor, seed: int) -> tuple[Tensor | None, Tensor]:
+    """Per bootstrap replicate of the direction and audited instance: 1 where the instance
+    is classified correctly without the concept and wrongly with it, -1 the other way
     round, 0 otherwise (``[B, n]``, 0 for instances without a known class), and the
-    replicates' Poisson weights of the instances (``[B, n]``: ``weights`` when given, the
-    direction's own resamples of the same set, else drawn with ``seed``). ``group`` says
-    which direction moves each instance (``_groups``; all the pooled one when None).
-    Whether an image loses its class does not depend on which class relies on the
-    concept, so this is computed once per concept; a class's replicate is the weighted
-    mean over the other classes' images (its ``LOWER_QUANTILE`` is the lower bound)."""
+    replicates' Poisson weights of the audited instances (``[B, n]``). Whether an image
+    loses its class does not depend on which class relies on the concept, so this is
+    computed once per concept; a class's replicate is the weighted mean over the other
+    classes' images (its ``LOWER_QUANTILE`` is the lower bound)."""
     n = len(scores)
     if direction.replicates is None or not bool(known.any()):
         return None, torch.zeros(0, n, dtype=torch.uint8)
-    n_boot = len(direction.replicates)
-    if weights is None:
-        weights = torch.poisson(torch.ones(n_boot, n),
-                                generator=torch.Generator().manual_seed(seed)).to(torch.uint8)
-    names = list(direction.by_class)
-    if group is None:
-        group = torch.full((n,), len(names), dtype=torch.long)
-    lost = torch.zeros(n_boot, n, dtype=torch.int8)  # compact: B x n can be large
-    for k in torch.unique(group[known]).tolist():
-        replicates = direction.replicates if k == len(names) \
-            else direction.by_class_replicates[names[k]].float()
-        shifts = replicates @ weight_CD.T  # [B, C]
-        rows = torch.nonzero(known & (group == k)).flatten()
-        # without the concept an image's clean scores are its scores, the same in every
-        # replicate: only whether the shifted scores keep its class depends on the replicate
-        plain, tagged = rows[~has[rows]], rows[has[rows]]
-        if len(plain):
-            y, t = scores[plain], truth[plain]
-            lost[:, plain] = ((y.argmax(1) == t).to(torch.int8)[None]
-                              - _argmax_is(y, t, shifts).to(torch.int8))
-        if len(tagged):  # the concept taken off (clean), then put back (swapped)
-            y, t = scores[tagged], truth[tagged]
-            lost[:, tagged] = (_argmax_is(y, t, shifts, tagged=True, back=False).to(torch.int8)
-                               - _argmax_is(y, t, shifts, tagged=True, back=True).to(torch.int8))
+    shifts = direction.replicates @ weight_CD.T  # [B, C]
+    weights = torch.poisson(torch.ones(len(shifts), n),
+                            generator=torch.Generator().manual_seed(seed)).to(torch.uint8)
+    lost = torch.zeros(len(shifts), n, dtype=torch.int8)  # compact: B x n can be large
+    rows = torch.nonzero(known).flatten()
+    # without the concept an image's clean scores are its scores, the same in every
+    # replicate: only whether the shifted scores keep its class depends on the replicate
+    plain, tagged = rows[~has[rows]], rows[has[rows]]
+    if len(plain):
+        y, t = scores[plain], truth[plain]
+        lost[:, plain] = ((y.argmax(1) == t).to(torch.int8)[None]
+                          - _argmax_is(y, t, shifts).to(torch.int8))
+    if len(tagged):  # the concept taken off (clean), then put back (swapped)
+        y, t = scores[tagged], truth[tagged]
+        lost[:, tagged] = (_argmax_is(y, t, shifts, tagged=True, back=False).to(torch.int8)
+                           - _argmax_is(y, t, shifts, tagged=True, back=True).to(torch.int8))
     return lost, weights
 
 
