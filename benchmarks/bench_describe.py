@@ -15,7 +15,11 @@ from types import SimpleNamespace
 
 import torch
 
-from clipaudit.describe.components import TopActivationsAccumulator, describe_components
+from clipaudit.describe.components import (
+    TopActivationsAccumulator,
+    default_merge_at,
+    describe_components,
+)
 from clipaudit.describe.concepts import list_vocabularies, load_vocabularies
 
 
@@ -62,7 +66,7 @@ def main() -> None:
           f"batch={args.batch}, 1 thread")
     print(f"  {large['seconds']:.2f} s, {large['per_s']:,.0f} instances/s")
     # top-m state + at most merge_at pending firings + one batch's (component, value, id)
-    merge_at = max(args.latents * args.m // 4, 1 << 16)  # TopActivationsAccumulator's default
+    merge_at = default_merge_at(args.latents, args.m)
     bound = args.latents * (args.m * 12 + 8) + (merge_at + args.batch * args.k) * 20
     print(f"  peak state {large['state_bytes'] / 2**20:.2f} MiB after N={args.n}, "
           f"{small['state_bytes'] / 2**20:.2f} MiB after N={args.n // 10}; bound whatever N is "

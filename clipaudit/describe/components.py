@@ -78,6 +78,11 @@ MERGE_BLOCK_ENTRIES = 1 << 20
 """Top-m state entries (component x rank) merged at a time."""
 
 
+def default_merge_at(n_latents: int, m: int) -> int:
+    """Pending firings that trigger a merge by default: a quarter of what the state holds."""
+    return max(n_latents * m // 4, 1 << 16)
+
+
 class TopActivationsAccumulator:
     """Streaming top-m per component: memory O(n_latents x m + batch), whatever N is.
 
@@ -101,8 +106,7 @@ class TopActivationsAccumulator:
         self.counts = torch.zeros(n_latents, dtype=torch.long)
         self._pending: list[tuple[Tensor, Tensor, Tensor]] = []
         self._n_pending = 0
-        # pending firings that trigger a merge (default: a quarter of what the state holds)
-        self._merge_at = merge_at or max(n_latents * m // 4, 1 << 16)
+        self._merge_at = merge_at or default_merge_at(n_latents, m)
 
     def update(self, ids: Tensor, codes: Any) -> None:
         """Add a batch: instance ids long [b] (unique) and sparse codes with
