@@ -12,6 +12,7 @@ from clipaudit.findings.reliance import (
     LOWER_QUANTILE,
     Direction,
     _lost_replicates,
+    head_scores,
     measure_reliance,
 )
 
@@ -166,3 +167,28 @@ def test_the_direction_of_many_cells_at_once_equals_the_cell_by_cell_means():
     assert got.status == "measured" and 5 < n_cells < 60  # some classes make cells, some not
     torch.testing.assert_close(got.vector, vector, atol=1e-5, rtol=1e-4)
     torch.testing.assert_close(got.replicates, replicates, atol=1e-5, rtol=1e-4)
+
+
+def test_one_head_scores_shared_by_several_concepts_gives_what_each_computed_alone():
+    """``head_reliance`` computes the head's scores once and passes them to every concept;
+    each concept's records must be those ``measure_reliance`` gives on its own (a concept
+    that took itself off the shared scores in place would change the next ones)."""
+    g = torch.Generator().manual_seed(3)
+    rng = np.random.default_rng(3)
+    n, dim, n_classes = 500, 10, 6
+    names = [f"class {c}" for c in range(n_classes)]
+    labels = [names[c] for c in rng.integers(0, n_classes, n)]
+    weight, bias = torch.randn(n_classes, dim, generator=g), torch.randn(n_classes, generator=g)
+    x = torch.randn(n, dim, generator=g)
+    base = head_scores(x, weight, bias, names, labels)
+    for k in range(3):
+        vector = torch.randn(dim, generator=g)
+        direction = Direction(vector, vector + 0.3 * torch.randn(50, dim, generator=g),
+                              "measured", 40, 40)
+        presence = (rng.random(n) < 0.3).astype(np.int8) if k != 1 else None
+        alone = measure_reliance(direction, f"c{k}", "column", x, weight, bias, names, labels,
+                                 presence)
+        shared = measure_reliance(direction, f"c{k}", "column", x, weight, bias, names, labels,
+                                  presence, base=base)
+        assert shared == alone
+        assert any(r.reliance for r in alone)

@@ -69,11 +69,12 @@ class AuditConcepts:
     def component_terms(self) -> list[tuple[str, list[int]]]:
         """Each forbidden term with the live, coherent components labelled with it."""
         d = self.inputs.descriptions
+        matcher, clarity = self.ruleset.matcher, d.clarity.tolist()
         out = []
         for term in self.ruleset.forbidden_terms():
             members = [j for j, label in enumerate(d.concept)
-                       if label and float(d.clarity[j]) >= self.clarity_min
-                       and self.ruleset.matcher.matches(label, [term])]
+                       if label and clarity[j] >= self.clarity_min
+                       and matcher.matches(label, [term])]
             if members:
                 out.append((term, members))
         return out

@@ -32,6 +32,7 @@ from clipaudit.findings.reliance import (
     Presence,
     concept_direction,
     head_inputs,
+    head_scores,
     measure_reliance,
     presence_from_activation,
     presence_from_scores,
@@ -184,13 +185,14 @@ def head_reliance(head: Head, inputs: ConceptInputs,
     ref, aud = inputs.reference, inputs.audited
     x_ref, weight, bias = head_inputs(head, ref.embeds)
     x_aud, _, _ = head_inputs(head, aud.embeds)
+    base = head_scores(x_aud, weight, bias, list(head.class_names), aud.labels)
     out: list[ConceptReliance] = []
     for cp in presences:
         on, x_on = (ref, x_ref) if cp.on_reference else (aud, x_aud)
         direction = concept_direction(x_on, cp.presence.values, on.labels)
         out += measure_reliance(direction, cp.presence.concept, cp.presence.source, x_aud, weight,
                                 bias, list(head.class_names), aud.labels, cp.audited,
-                                cp.presence.detail)
+                                cp.presence.detail, base=base)
     return out
 
 

@@ -37,6 +37,7 @@ world: 12-19% false flips for hair, which the re-rendered images put at 0).
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -156,8 +157,7 @@ def concept_direction(x_nD: Tensor, presence: np.ndarray, labels: Sequence[str |
     if not cells:
         return _unmeasured(n_with, n_without, n_present, n_absent)
     x = x_nD.float()
-    weights = torch.poisson(torch.ones(bootstrap, len(x)),
-                            generator=torch.Generator().manual_seed(seed)) if bootstrap else None
+    weights = _poisson_weights(bootstrap, len(x), seed) if bootstrap else None
     total = sum(w for _, _, w in cells)
     # every cell's two means at once: row i (with or without the concept in cell k) enters
     # with the coefficient +-(w_k / total) / (the weight of its side of the cell), so the
@@ -180,10 +180,52 @@ def concept_direction(x_nD: Tensor, presence: np.ndarray, labels: Sequence[str |
     return Direction(vector, replicates, "measured", n_present, n_absent, note)
 
 
+@dataclass(frozen=True)
+class HeadScores:
+    """What every concept's reliance reads and no concept changes: the head's scores on
+    the audited instances, their classes and the classes' margin separation. Computed
+    once per head (``head_scores``), not once per concept."""
+
+    scores: Tensor  # [n, C]
+    truth: Tensor  # [n]: class position, -1 for no known class
+    known: Tensor  # [n] bool
+    t: Tensor  # [n_known]: truth of the known instances
+    own: Tensor  # [C]: instances of each class
+    n_others: Tensor  # [C]: instances of the other classes
+    separation: Tensor  # [C] float64: own mean margin minus the others' mean margin
+    note: str = ""
+
+
+def head_scores(x_nD: Tensor, weight_CD: Tensor, bias_C: Tensor, class_names: Sequence[str],
+                labels: Sequence[str | None]) -> HeadScores:
+    """The concept-independent part of ``measure_reliance`` (see there)."""
+    n_classes = len(class_names)
+    scores = x_nD @ weight_CD.T + bias_C
+    position: dict[str | None, int] = {}
+    for c, name in enumerate(class_names):
+        position.setdefault(name, c)
+    truth = torch.tensor([position.get(x, -1) for x in labels], dtype=torch.long)
+    note = ""
+    if not bool((truth >= 0).any()):
+        truth = scores.argmax(dim=1)
+        note = "no labels match the head's classes: its predictions stand in"
+    known = truth >= 0
+    t = truth[known]
+    own = torch.bincount(t, minlength=n_classes)
+    n_others = len(t) - own
+    margins = _margins(scores[known])  # [n_known, C]
+    column_sums = margins.sum(0, dtype=torch.float64)
+    own_sums = torch.zeros(n_classes, dtype=torch.float64).index_add_(
+        0, t, margins.gather(1, t[:, None])[:, 0].double())
+    separation = own_sums / own.clamp(min=1) - (column_sums - own_sums) / n_others.clamp(min=1)
+    return HeadScores(scores, truth, known, t, own, n_others, separation, note)
+
+
 def measure_reliance(direction: Direction, concept: str, source: RelianceSource,
                      x_nD: Tensor, weight_CD: Tensor, bias_C: Tensor, class_names: Sequence[str],
                      labels: Sequence[str | None], presence: np.ndarray | None = None,
-                     detail: str = "", seed: int = 0) -> list[ConceptReliance]:
+                     detail: str = "", seed: int = 0,
+                     base: HeadScores | None = None) -> list[ConceptReliance]:
     """Per class of the head, its reliance on the concept over the audited instances
     (``x_nD`` from ``head_inputs``; ``labels`` the audited labels, predictions standing in
     where none match the head's classes; ``presence`` the audited instances' observed
@@ -194,40 +236,33 @@ def measure_reliance(direction: Direction, concept: str, source: RelianceSource,
     Every per-class figure is a count or sum over "the other classes' images", i.e. over
     the instances of a known class minus the class's own; they are all computed at once
     from per-instance outcomes (which do not depend on the class asked about) and per-class
-    sums (``bincount``), so the cost is O(n x C), not O(n x C^2)."""
+    sums (``bincount``), so the cost is O(n x C), not O(n x C^2). ``base``: the head's
+    ``head_scores`` on these instances, when the caller measures several concepts."""
     if direction.vector is None:
         return [ConceptReliance(concept, source, name, direction.status,  # type: ignore[arg-type]
                                 n_present=direction.n_present, n_absent=direction.n_absent,
                                 detail=_join(detail, direction.note))
                 for name in class_names]
     n_classes = len(class_names)
-    scores = x_nD @ weight_CD.T + bias_C
-    position: dict[str | None, int] = {}
-    for c, name in enumerate(class_names):
-        position.setdefault(name, c)
-    truth = torch.tensor([position.get(x, -1) for x in labels], dtype=torch.long)
-    note = direction.note
-    if not bool((truth >= 0).any()):
-        truth = scores.argmax(dim=1)
-        note = _join(note, "no labels match the head's classes: its predictions stand in")
-    known = truth >= 0
+    base = base or head_scores(x_nD, weight_CD, bias_C, class_names, labels)
+    scores, truth, known, t, own, n_others = (base.scores, base.truth, base.known, base.t,
+                                              base.own, base.n_others)
+    note = _join(direction.note, base.note)
     shift = weight_CD @ direction.vector  # [C]: score change when the concept is added
     has = torch.zeros(len(x_nD), dtype=torch.bool) if presence is None \
         else torch.from_numpy(presence == 1)
-    clean = scores - has[:, None].float() * shift
     lost_Bn, weights_Bn = _lost_replicates(direction, weight_CD, scores, truth, has, known, seed)
 
     # per-instance outcomes over the instances of a known class, then per-class counts:
     # "the other classes' images" of class c are all of them minus c's own
-    t = truth[known]
-    own = torch.bincount(t, minlength=n_classes)
-    n_others = len(t) - own
-
     def others_count(hit: Tensor) -> Tensor:
         """Per class, how many of the other classes' images ``hit`` (bool [n_known])."""
         return int(hit.sum()) - torch.bincount(t[hit], minlength=n_classes)
 
-    pred_clean, pred_swapped = clean[known].argmax(1), (clean[known] + shift).argmax(1)
+    clean = scores[known]
+    if bool(has.any()):  # the concept taken off the instances that carry it
+        clean[has[known]] -= shift  # (scores[known] is a copy)
+    pred_clean, pred_swapped = clean.argmax(1), (clean + shift).argmax(1)
     acc_clean = _ratio(others_count(pred_clean == t), n_others)
     acc_swapped = _ratio(others_count(pred_swapped == t), n_others)
     # images of another class called c: every image called c minus c's own images called c
@@ -237,11 +272,7 @@ def measure_reliance(direction: Direction, concept: str, source: RelianceSource,
                           - torch.bincount(t[pred_clean == t], minlength=n_classes), n_others)
     flips = called_swapped - called_clean
     margin_shift = _margins(shift[None])[0]
-    margins = _margins(scores[known])  # [n_known, C]
-    column_sums = margins.sum(0, dtype=torch.float64)
-    own_sums = torch.zeros(n_classes, dtype=torch.float64).index_add_(
-        0, t, margins.gather(1, t[:, None])[:, 0].double())
-    separation = own_sums / own.clamp(min=1) - (column_sums - own_sums) / n_others.clamp(min=1)
+    separation = base.separation
     low = _lower_bounds(lost_Bn, weights_Bn, known, t, n_classes)
     slices = _slices(scores, truth, presence, class_names) if presence is not None else None
     out = []
@@ -294,8 +325,7 @@ def _lost_replicates(direction: Direction, weight_CD: Tensor, scores: Tensor, tr
     if direction.replicates is None or not bool(known.any()):
         return None, torch.zeros(0, n, dtype=torch.uint8)
     shifts = direction.replicates @ weight_CD.T  # [B, C]
-    weights = torch.poisson(torch.ones(len(shifts), n),
-                            generator=torch.Generator().manual_seed(seed)).to(torch.uint8)
+    weights = _poisson_weights(len(shifts), n, seed).to(torch.uint8)
     lost = torch.zeros(len(shifts), n, dtype=torch.int8)  # compact: B x n can be large
     rows = torch.nonzero(known).flatten()
     # without the concept an image's clean scores are its scores, the same in every
@@ -348,6 +378,13 @@ def _argmax_is(y_nC: Tensor, t_n: Tensor, shifts_BC: Tensor, *, tagged: bool = F
         b, i = b_idx[start:start + step], n_idx[start:start + step]
         out[b, i] = value(y_nC[i], shifts_BC[b]).argmax(1) == t_n[i]
     return out
+
+
+@functools.lru_cache(maxsize=4)
+def _poisson_weights(replicates: int, n: int, seed: int) -> Tensor:
+    """[replicates, n] Poisson(1) resampling weights (read-only: shared by every concept
+    an audit measures on the same instances, as drawing them again would give them)."""
+    return torch.poisson(torch.ones(replicates, n), generator=torch.Generator().manual_seed(seed))
 
 
 def _margins(scores: Tensor) -> Tensor:
