@@ -66,8 +66,9 @@ def judged_keys(views: Sequence[KeyView], ruleset: RuleSet, class_name: str | No
 
 def key_for_term(views: Sequence[KeyView], ruleset: RuleSet, term: str) -> KeyView | None:
     """The first key (of a column not ignored) whose concept is the forbidden ``term``."""
+    matcher = ruleset.matcher
     for view in views:
-        if view.role != "ignore" and ruleset.matcher.matches(view.concept, [term]):
+        if view.role != "ignore" and matcher.matches(view.concept, [term]):
             return view
     return None
 

@@ -101,6 +101,9 @@ class ConceptMatcher:
 
     def __init__(self, synonyms: Mapping[str, Iterable[str]] | None = None):
         self._groups = SynonymGroups(synonyms or {})
+        # first_match by (label, terms): the gate asks the same question for each of
+        # 1,000 classes that share their forbidden lists
+        self._memo: dict[tuple[str, tuple[str, ...]], str | None] = {}
 
     def expand(self, terms: Iterable[str]) -> set[Words]:
         out: set[Words] = set()
@@ -118,6 +121,12 @@ class ConceptMatcher:
     def first_match(self, label: str, terms: Iterable[str]) -> str | None:
         """The first of ``terms`` that ``label`` matches (directly or via a synonym).
         An ``unlabelled (closest: ...)`` label matches nothing: no term describes it."""
+        key = (label, tuple(terms))
+        if key not in self._memo:
+            self._memo[key] = self._first_match(label, key[1])
+        return self._memo[key]
+
+    def _first_match(self, label: str, terms: tuple[str, ...]) -> str | None:
         if is_unlabelled(label):
             return None
         label_words = words_of(label)
