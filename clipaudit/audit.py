@@ -317,7 +317,8 @@ def write_outputs(result: AuditResult, out_dpath: Path,
     if outputs.html or outputs.pdf:
         from clipaudit.report import write_report
 
-        paths = write_report(out_dpath, html=outputs.html, pdf=outputs.pdf, config=outputs.report)
+        paths = write_report(out_dpath, html=outputs.html, pdf=outputs.pdf, config=outputs.report,
+                             result=result)
         files |= {k: v for k, v in (("html", paths.html), ("pdf", paths.pdf)) if v is not None}
     return files
 

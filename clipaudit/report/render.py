@@ -24,7 +24,7 @@ from clipaudit.artifacts import atomic_path
 from clipaudit.errors import InputError
 from clipaudit.report.model import ReportConfig, ReportData
 from clipaudit.resources import templates_dpath
-from clipaudit.results import AUDIT_FNAME, load_audit
+from clipaudit.results import AUDIT_FNAME, AuditResult, load_audit
 from clipaudit.staging import staged_output
 
 log = logging.getLogger(__name__)
@@ -103,11 +103,13 @@ def _offline_fetcher() -> Any:
 # both reports change together, or (a killed or failed render) neither does
 @staged_output("audit_dpath", command="report", copy=True, replaces=AUDIT_FNAME)
 def write_report(audit_dpath: Path | str, *, html: bool = True, pdf: bool = True,
-                 config: ReportConfig | None = None) -> ReportPaths:
+                 config: ReportConfig | None = None,
+                 result: AuditResult | None = None) -> ReportPaths:
     """(Re-)render ``report.html`` and/or ``report.pdf`` from a finished audit folder.
 
-    Reads ``audit.json`` and the thumbnails only; recomputes nothing. Each file is
-    written atomically, so a reader never sees a half-written report.
+    Reads ``audit.json`` (unless ``result``, the audit it holds, is given: the audit
+    passes the result it has just written) and the thumbnails only; recomputes nothing.
+    Each file is written atomically, so a reader never sees a half-written report.
     """
     from clipaudit.report.build import build_report_data
 
@@ -118,7 +120,8 @@ def write_report(audit_dpath: Path | str, *, html: bool = True, pdf: bool = True
         audit_dpath = audit_dpath.parent
     if not audit_dpath.is_dir():
         raise InputError(f"{audit_dpath}: not an audit folder (expected a folder with audit.json)")
-    result = load_audit(audit_dpath)
+    if result is None:
+        result = load_audit(audit_dpath)
     html_fpath = pdf_fpath = None
     if html:
         html_fpath = audit_dpath / HTML_FNAME
