@@ -35,7 +35,13 @@ from clipaudit.attribution.sparse_ablation import (
 from clipaudit.describe.components import ComponentDescriptions
 from clipaudit.extraction.cache_reader import ActivationCache
 from clipaudit.extraction.readout import PooledReadout
-from clipaudit.findings import Candidate, make_finding, scatter_points, select_candidates
+from clipaudit.findings import (
+    Candidate,
+    largest_shares,
+    make_finding,
+    scatter_points,
+    select_candidates,
+)
 from clipaudit.findings.evidence import Firing, binary_columns, firing_rows, sparse_metadata_aucs
 from clipaudit.findings.statistics import (
     ClassEvidence,
@@ -276,6 +282,7 @@ def head_audit(s: Selection, evidence: Evidence, ctx: AuditContext,
     labelled = truth[known]
     n_labelled = torch.bincount(labelled, minlength=n_classes)
     n_right = torch.bincount(labelled[pred[known] == labelled], minlength=n_classes)
+    largest = largest_shares(rel.share, max(ctx.scatter_points, quiet_points)).T.tolist()
     classes = []
     for c, name in enumerate(head.class_names):
         of_class = by_class.get(name, [])
@@ -287,7 +294,7 @@ def head_audit(s: Selection, evidence: Evidence, ctx: AuditContext,
             spurious_share=float(sum(f.share for f in of_class)),
             unexplained_share=float(unexplained[c]),
             components=scatter_points(rel.share[:, c], s.alignment[:, c], d.clarity, d.concept,
-                                      ctx.scatter_points if detailed else quiet_points,
+                                      largest[c][:ctx.scatter_points if detailed else quiet_points],
                                       [f.component for f in of_class])))
     return HeadAudit(name=head.name, kind=head.kind, class_names=list(head.class_names),
                      accuracy=accuracy, classes=classes, findings=findings,

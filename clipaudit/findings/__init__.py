@@ -2,10 +2,12 @@
 
 from clipaudit.findings.select import (
     Candidate,
+    largest_shares,
     make_finding,
     metadata_aucs,
     scatter_points,
     select_candidates,
 )
 
-__all__ = ["Candidate", "make_finding", "metadata_aucs", "scatter_points", "select_candidates"]
+__all__ = ["Candidate", "largest_shares", "make_finding", "metadata_aucs", "scatter_points",
+           "select_candidates"]

@@ -165,10 +165,17 @@ def make_finding(head: str, cand: Candidate, rank: int, top_instances: list[int]
     )
 
 
+def largest_shares(share_JC: torch.Tensor, limit: int) -> torch.Tensor:
+    """[min(limit, J), C]: per class (column), its components by |share|, largest first
+    (one ``topk`` for every class: a full sort of 32,768 components per class is not)."""
+    return share_JC.abs().topk(min(limit, share_JC.shape[0]), dim=0).indices
+
+
 def scatter_points(share_c: torch.Tensor, alignment_c: torch.Tensor, clarity_j: torch.Tensor,
-                   concepts: Sequence[str], limit: int, must_include: Sequence[int]) -> list[ComponentPoint]:
-    """The components with the largest |share| for one class (plus every finding)."""
-    order = share_c.abs().argsort(descending=True)[:limit].tolist()
+                   concepts: Sequence[str], order: Sequence[int],
+                   must_include: Sequence[int]) -> list[ComponentPoint]:
+    """The components ``order`` names for one class (its largest |share| first, from
+    ``largest_shares``), after every finding's."""
     chosen = list(dict.fromkeys([*must_include, *order]))
     points = []
     for j in chosen:
