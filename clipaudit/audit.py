@@ -263,7 +263,8 @@ def run_audit(cache_dpath: Path | str, sae_fpath: Path | str, out_dpath: Path | 
         descriptions = described.descriptions
         files["descriptions"] = save_descriptions_for_audit(descriptions, out_dpath)
         concepts = audit_concepts(cache, audited_sample, reference_sample, described, sae, ruleset,
-                                  reporter, seed=config.seed)
+                                  reporter, seed=config.seed,
+                                  label_maps={h.name: matched[h.name].label_to_class for h in audited})
         ctx = stages.AuditContext(
             sae, tower, cache, first, descriptions, instances.metadata, ruleset.finding_config(),
             config.statistics, config.seed, config.outputs.thumbnails_per_finding,

@@ -141,3 +141,39 @@ def test_the_lower_bound_separates_a_weak_reliance_from_noise():
         assert got.reliance_low <= got.reliance
         bounds[n_ref] = got.reliance - got.reliance_low
     assert bounds[60] > 2 * bounds[4000]
+
+
+def test_head_reliance_reads_labels_through_the_label_map():
+    """With ``--label-map`` the data's labels are not the head's class names; reliance must
+    map them as the attributions do, not fall back to the head's predictions."""
+    import pandas as pd
+
+    from clipaudit.findings.concept_evidence import (
+        ConceptInputs,
+        ConceptPresence,
+        InstanceSet,
+        head_reliance,
+    )
+    from clipaudit.findings.reliance import Presence
+
+    e_ref, labels_ref, tag_ref = _data(400, {"normal": 0.5, "pneumonia": 0.5}, seed=1)
+    e_aud, labels_aud, tag_aud = _data(400, {"normal": 0.0, "pneumonia": 0.0}, seed=2)
+    probe = _probe(1.0, 1.5)
+    raw = {"normal": "healthy", "pneumonia": "sick"}  # what the data calls the classes
+
+    def instances(e, labels):
+        return InstanceSet(torch.arange(len(e)), e, e, labels, pd.DataFrame(index=range(len(e))),
+                           torch.zeros(len(e), 1, dtype=torch.long), torch.zeros(len(e), 1))
+
+    def reliance(labels_of, to_class):
+        inputs = ConceptInputs(instances(e_ref, [labels_of(x) for x in labels_ref]),
+                               instances(e_aud, [labels_of(x) for x in labels_aud]),
+                               None, None, None, [], torch.zeros(0, D))  # type: ignore[arg-type]
+        presence = ConceptPresence(Presence("has_tag", "column", tag_ref), True, tag_aud)
+        return head_reliance(probe, inputs, [presence], to_class)
+
+    named = reliance(lambda x: x, None)
+    mapped = reliance(lambda x: raw[x], {v: k for k, v in raw.items()})
+    assert mapped == named
+    assert not any("predictions stand in" in r.detail for r in mapped)
+    assert max(r.reliance for r in named) > 0.05  # the probe leans on the tag: labels matter

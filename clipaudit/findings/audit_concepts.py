@@ -48,6 +48,8 @@ class AuditConcepts:
     ruleset: RuleSet
     views: list[KeyView]
     clarity_min: float
+    label_maps: dict[str, dict[str, str]] = field(default_factory=dict)
+    """Per head, its classes of the data's labels (``--label-map``)."""
     _reliance: dict[str, list[ConceptReliance]] = field(default_factory=dict)
     _presences: list[ConceptPresence] | None = None
 
@@ -60,7 +62,8 @@ class AuditConcepts:
                      for t in text_terms(self.views, self.ruleset, None)]
             self._presences = concept_presences(self.inputs, keys, texts, self.component_terms())
         if head.name not in self._reliance:
-            self._reliance[head.name] = head_reliance(head, self.inputs, self._presences)
+            self._reliance[head.name] = head_reliance(head, self.inputs, self._presences,
+                                                      self.label_maps.get(head.name))
         return self._reliance[head.name]
 
     def _is(self, term: str) -> Callable[[str], bool]:
@@ -91,14 +94,16 @@ class AuditConcepts:
 
 def audit_concepts(cache: Any, audited: InstanceSet, reference: InstanceSet, described: Any,
                    sae: Any, ruleset: RuleSet, reporter: Reporter = NULL_REPORTER,
-                   seed: int = 0) -> AuditConcepts:
+                   seed: int = 0,
+                   label_maps: dict[str, dict[str, str]] | None = None) -> AuditConcepts:
     """Columns, coverage and the inputs of reliance for one audit.
 
     ``cache``: the audited cache (where its data set's declared column roles are found);
     ``audited``/``reference``: samples of the audited data and of the reference set
     (``audit.sample_instances``; the same object when the audited data is the reference
     set); ``described``: ``audit.Described`` (descriptions, the reference set's image
-    embeddings by id and the text encoder of their model)."""
+    embeddings by id and the text encoder of their model); ``label_maps``: per head, its
+    classes of the data's labels (``HeadLabels.label_to_class``)."""
     source_root = (cache.manifest.get("source") or {}).get("root")
     declared = find_declared_roles(Path(source_root) if source_root else None)
     if declared.source:
@@ -120,4 +125,4 @@ def audit_concepts(cache: Any, audited: InstanceSet, reference: InstanceSet, des
                                       seed=seed)
         task.advance(len(judged))
     return AuditConcepts(columns, coverage, inputs, ruleset, views,
-                         ruleset.thresholds.clarity_min)
+                         ruleset.thresholds.clarity_min, label_maps or {})

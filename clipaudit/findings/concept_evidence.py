@@ -179,19 +179,23 @@ def concept_presences(inputs: ConceptInputs, keys: Sequence[tuple[str, str]],
     return out
 
 
-def head_reliance(head: Head, inputs: ConceptInputs,
-                  presences: Sequence[ConceptPresence]) -> list[ConceptReliance]:
-    """The head's reliance, per class, on every concept of ``presences``."""
+def head_reliance(head: Head, inputs: ConceptInputs, presences: Sequence[ConceptPresence],
+                  label_to_class: Mapping[str, str] | None = None) -> list[ConceptReliance]:
+    """The head's reliance, per class, on every concept of ``presences``.
+    ``label_to_class``: the head's classes of the data's labels (``--label-map``; a label
+    it does not name is its own class name), as the audit's attributions use them."""
     ref, aud = inputs.reference, inputs.audited
     x_ref, weight, bias = head_inputs(head, ref.embeds)
     x_aud, _, _ = head_inputs(head, aud.embeds)
-    base = head_scores(x_aud, weight, bias, list(head.class_names), aud.labels)
+    to_class = label_to_class or {}
+    labels = [None if x is None else to_class.get(x, x) for x in aud.labels]
+    base = head_scores(x_aud, weight, bias, list(head.class_names), labels)
     out: list[ConceptReliance] = []
     for cp in presences:
         on, x_on = (ref, x_ref) if cp.on_reference else (aud, x_aud)
         direction = concept_direction(x_on, cp.presence.values, on.labels)
         out += measure_reliance(direction, cp.presence.concept, cp.presence.source, x_aud, weight,
-                                bias, list(head.class_names), aud.labels, cp.audited,
+                                bias, list(head.class_names), labels, cp.audited,
                                 cp.presence.detail, base=base)
     return out
 
