@@ -119,7 +119,7 @@ def train_clip_cmd(
                                  "shipped weights)."),
     world: str = typer.Option(argument_default(train_tiny_clip, "world"), help=_WORLD_HELP),
     seed: int = option(TrainConfig, "seed", "--seed"),
-    steps: int = typer.Option(None, help="Optimiser steps [default: the shipped model's]."),
+    steps: int = typer.Option(None, help="Optimiser steps (default: the shipped model's)."),
     threads: int = typer.Option(2, help="CPU threads torch may use."),
     as_json: bool = json_option("the provenance"),
     quiet: bool = quiet_option(),
