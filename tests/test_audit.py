@@ -211,3 +211,21 @@ def test_a_registered_head_type_is_audited_and_descriptions_are_reused(pipeline)
         run_audit(pipeline["cache"], pipeline["sae"], pipeline["root"] / "reg3", probe=pipeline["probe"],
                   config=dataclasses.replace(config, describe=DescribeConfig(
                       vocabularies=("general",), top_m=50, reuse=pipeline["root"] / "reg1")))
+
+
+@pytest.mark.slow
+def test_the_report_the_audit_renders_from_memory_is_the_one_audit_json_gives(pipeline, tmp_path):
+    """The audit renders report.html from the result it holds rather than reading
+    audit.json back; `clipaudit report` reads the file. Both must show the same thing."""
+    from clipaudit.report.build import build_report_data
+    from clipaudit.report.model import ReportConfig
+    from clipaudit.report.render import render_html
+
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["audit", str(pipeline["cache"]), "--sae", str(pipeline["sae"]),
+                                   "--probe", str(pipeline["probe"]), "--prompts", str(pipeline["prompts"]),
+                                   "--rules", "dermatology",
+                                   "--no-pdf", "--top-m", "50", "--out", str(out)])
+    assert res.exit_code in (0, 1), res.output
+    from_file = render_html(build_report_data(load_audit(out), out, ReportConfig()))
+    assert (out / "report.html").read_text(encoding="utf-8") == from_file
